@@ -1,0 +1,288 @@
+//! Compressed cluster descriptors and their payloads.
+//!
+//! Layout (x = 62 - (cluster_bits - 8)): bits 0..x-1 are the host *byte*
+//! offset of the stream, bits x..61 the number of *additional* 512-byte
+//! sectors after the one holding that offset. The host range is therefore
+//! `offset .. (offset & !511) + (additional + 1) * 512`, which can cross a
+//! host cluster boundary (with 512-byte clusters the count is a single bit
+//! and a stream starting at byte 510 of a sector needs the next one).
+//!
+//! QEMU only writes a compressed cluster whose data is smaller than one
+//! cluster, so a range longer than cluster_size + 511 is never QEMU's
+//! doing: we call that inflation and reject it.
+
+use crate::error::{Error, Result};
+use crate::header::{CompressionType, Geometry};
+use crate::qemu;
+
+/// Bit 62 of an L2 entry: the cluster is compressed.
+pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+/// Bit 63 of an L2 entry: refcount is exactly one (never for compressed).
+pub const OFLAG_COPIED: u64 = 1 << 63;
+
+const SECTOR: u64 = 512;
+
+/// A decoded compressed cluster descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Host byte offset where the compressed stream starts.
+    pub host_offset: u64,
+    /// Number of 512-byte sectors the stream may occupy, counting the
+    /// sector that holds `host_offset` (the stored field plus one).
+    pub sectors: u64,
+}
+
+impl Descriptor {
+    /// Decode the descriptor bits (0..61) of an L2 entry.
+    pub fn decode(entry: u64, g: &Geometry) -> Descriptor {
+        // cluster_bits is 9..=21 for a valid geometry, so the shift is 49..=61.
+        let count_bits = g.cluster_bits.saturating_sub(8);
+        let shift = 62u32.saturating_sub(count_bits);
+        let offset_mask = low_mask(shift);
+        let count_mask = low_mask(count_bits);
+        let extra = entry.checked_shr(shift).unwrap_or(0) & count_mask;
+        Descriptor {
+            host_offset: entry & offset_mask,
+            sectors: extra.saturating_add(1),
+        }
+    }
+
+    /// Encode as L2 entry bits (with bit 62 set). The caller must keep
+    /// `sectors` in 1..=2^(cluster_bits-8).
+    pub fn encode(&self, g: &Geometry) -> u64 {
+        let count_bits = g.cluster_bits.saturating_sub(8);
+        let shift = 62u32.saturating_sub(count_bits);
+        let extra = self.sectors.saturating_sub(1) & low_mask(count_bits);
+        OFLAG_COMPRESSED
+            | (self.host_offset & low_mask(shift))
+            | extra.checked_shl(shift).unwrap_or(0)
+    }
+
+    /// First host byte of the range.
+    pub fn start(&self) -> u64 {
+        self.host_offset
+    }
+
+    /// One past the last host byte the descriptor covers (saturating).
+    pub fn end(&self) -> u64 {
+        (self.host_offset & !(SECTOR - 1)).saturating_add(self.sectors.saturating_mul(SECTOR))
+    }
+
+    /// Length of the host range in bytes.
+    pub fn span(&self) -> u64 {
+        self.end().saturating_sub(self.start())
+    }
+
+    /// The longest span QEMU ever writes: one cluster plus the head of a
+    /// sector.
+    pub fn max_span(g: &Geometry) -> u64 {
+        g.cluster_size.saturating_add(SECTOR - 1)
+    }
+
+    /// Check the descriptor found at file offset `entry_at` against the
+    /// format and the file: offset bits above 55, a range past the end of
+    /// the file, or inflation beyond `max_span`.
+    pub fn validate(&self, entry_at: u64, g: &Geometry, file_len: u64) -> Result<()> {
+        if self.host_offset >> qemu::MAX_HOST_OFFSET_BITS != 0 {
+            return Err(Error::CompressedOffsetTooHigh {
+                offset: entry_at,
+                host_offset: self.host_offset,
+            });
+        }
+        let max = Self::max_span(g);
+        if self.span() > max {
+            return Err(Error::CompressedInflation {
+                offset: entry_at,
+                span: self.span(),
+                max,
+            });
+        }
+        if self.end() > file_len {
+            return Err(Error::CompressedPastEof {
+                offset: entry_at,
+                start: self.start(),
+                end: self.end(),
+                file_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Host clusters the range touches (for refcount accounting).
+    pub fn host_clusters(&self, g: &Geometry) -> std::ops::RangeInclusive<u64> {
+        let first = g.cluster_index(self.start());
+        let last = g.cluster_index(self.end().saturating_sub(1).max(self.start()));
+        first..=last
+    }
+}
+
+fn low_mask(bits: u32) -> u64 {
+    1u64.checked_shl(bits)
+        .map_or(u64::MAX, |v| v.wrapping_sub(1))
+}
+
+/// Decompress `input` into `out`, which must be exactly one cluster long.
+///
+/// The stream must fill `out` completely. A stream that ends early or is
+/// corrupt is an error; a stream that would produce more than `out.len()`
+/// bytes is an error too (QEMU silently drops the excess for deflate; a
+/// hardened reader reports it). Never allocates more than `out`.
+pub fn decompress(
+    kind: CompressionType,
+    input: &[u8],
+    out: &mut [u8],
+) -> std::result::Result<(), String> {
+    match kind {
+        CompressionType::Deflate => inflate(input, out),
+        CompressionType::Zstd => unzstd(input, out),
+    }
+}
+
+fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+    use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
+    use miniz_oxide::inflate::TINFLStatus;
+
+    let mut state = DecompressorOxide::new();
+    // Raw deflate (no zlib header), all input present, `out` is the whole
+    // output window: the decoder can never write past it.
+    let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
+    let (status, _read, written) = decompress(&mut state, input, out, 0, flags);
+    let want = out.len();
+    match status {
+        TINFLStatus::Done if written == want => Ok(()),
+        TINFLStatus::Done => Err(format!(
+            "deflate stream ended after {written} of {want} bytes"
+        )),
+        // The cluster is full and the stream still has symbols to emit.
+        // QEMU silently drops them; we call it what it is.
+        TINFLStatus::HasMoreOutput => Err(format!(
+            "deflate stream inflates past one cluster ({want} bytes)"
+        )),
+        TINFLStatus::NeedsMoreInput | TINFLStatus::FailedCannotMakeProgress => Err(format!(
+            "deflate stream truncated after {written} of {want} bytes"
+        )),
+        other => Err(format!(
+            "corrupt deflate stream ({other:?}) after {written} bytes"
+        )),
+    }
+}
+
+/// Largest zstd window we let a frame declare. The decoder reserves the
+/// window up front, so this bounds its memory; QEMU's own frames for one
+/// cluster need at most the cluster size.
+const MAX_ZSTD_WINDOW: u64 = 8 << 20;
+
+fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+    use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
+    use std::io::Read;
+
+    let want = out.len();
+    let mut src = input;
+    let mut frames = FrameDecoder::new();
+    frames.set_max_window_size(MAX_ZSTD_WINDOW.max(u64::try_from(want).unwrap_or(u64::MAX)));
+    let mut filled = 0usize;
+    // Like QEMU, frames are decoded one after another until the cluster is
+    // full; the frame that fills it must end exactly there.
+    while filled < want {
+        if src.is_empty() {
+            return Err(format!("zstd stream ended after {filled} of {want} bytes"));
+        }
+        let mut dec = StreamingDecoder::new_with_decoder(&mut src, &mut frames)
+            .map_err(|e| format!("corrupt zstd frame header after {filled} bytes: {e}"))?;
+        loop {
+            let rest = out.get_mut(filled..).unwrap_or(&mut []);
+            if rest.is_empty() {
+                let mut probe = [0u8; 1];
+                let more = dec
+                    .read(&mut probe)
+                    .map_err(|e| format!("corrupt zstd stream after {filled} bytes: {e}"))?;
+                if more != 0 {
+                    return Err(format!(
+                        "zstd stream inflates past one cluster ({want} bytes)"
+                    ));
+                }
+                break;
+            }
+            let n = dec
+                .read(rest)
+                .map_err(|e| format!("corrupt zstd stream after {filled} bytes: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            filled = filled.saturating_add(n);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_bit_count_of_512_byte_clusters() {
+        let g = Geometry::new(9, false, 4);
+        // offset 0xbfe, one additional sector: bit 61 set.
+        let entry = OFLAG_COMPRESSED | (1 << 61) | 0xbfe;
+        let d = Descriptor::decode(entry, &g);
+        assert_eq!(
+            d,
+            Descriptor {
+                host_offset: 0xbfe,
+                sectors: 2
+            }
+        );
+        assert_eq!((d.start(), d.end(), d.span()), (0xbfe, 0xe00, 0x202));
+        assert_eq!(d.encode(&g), entry);
+        assert_eq!(d.host_clusters(&g), 5..=6);
+        d.validate(0, &g, 0xe00).unwrap();
+        assert_eq!(
+            d.validate(8, &g, 0xdff).unwrap_err().code(),
+            "compressed_past_eof"
+        );
+    }
+
+    #[test]
+    fn count_field_width_follows_cluster_bits() {
+        for bits in 9..=21 {
+            let g = Geometry::new(bits, false, 4);
+            let max_sectors = 1u64 << (bits - 8);
+            let d = Descriptor {
+                host_offset: 0x1234567,
+                sectors: max_sectors,
+            };
+            let aligned = Descriptor {
+                host_offset: 0x1234400,
+                sectors: max_sectors,
+            };
+            let e = d.encode(&g);
+            assert_eq!(Descriptor::decode(e, &g), d, "cluster_bits {bits}");
+            // The largest field value describes two clusters: inflation.
+            assert_eq!(d.span(), 2 * g.cluster_size - 0x167);
+            assert_eq!(aligned.span(), 2 * g.cluster_size);
+            assert_eq!(
+                aligned.validate(0, &g, u64::MAX).unwrap_err().code(),
+                "compressed_inflation"
+            );
+            // One sector more than a cluster, from mid-sector: what QEMU writes.
+            let qemu = Descriptor {
+                host_offset: 0x1234567,
+                sectors: (g.cluster_size >> 9) + 1,
+            };
+            assert!(qemu.span() <= Descriptor::max_span(&g));
+            qemu.validate(0, &g, u64::MAX).unwrap();
+        }
+    }
+
+    #[test]
+    fn offset_bits_above_55() {
+        let g = Geometry::new(9, false, 4);
+        let d = Descriptor::decode(OFLAG_COMPRESSED | (1 << 58), &g);
+        assert_eq!(d.host_offset, 1 << 58);
+        assert_eq!(
+            d.validate(0, &g, u64::MAX).unwrap_err().code(),
+            "compressed_offset_too_high"
+        );
+    }
+}

@@ -1,0 +1,569 @@
+//! An opened image: the header, its extensions and the top-level tables,
+//! tied together, with L2 tables loaded on demand through a bounded cache.
+//!
+//! Opening reads and checks everything that is small and fixed (header,
+//! extensions, backing file name, L1 table, refcount table, snapshot table,
+//! bitmap directory). Per-entry checks happen when an entry is used
+//! ([`Image::cluster`]) or when `check` walks everything.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::bitmap::{self, Bitmap};
+use crate::error::{Error, Result, What};
+use crate::extensions::{Extensions, StoredString};
+use crate::finding::Finding;
+use crate::header::{self, field, Geometry, Header, AUTOCLEAR_BITMAPS};
+use crate::l1l2::{Cluster, L1Entry, L2Table};
+use crate::limits::Limits;
+use crate::metadata::MetadataMap;
+use crate::policy::Policy;
+use crate::refcount;
+use crate::snapshot::{self, Snapshot};
+use crate::source::{be_u64s, read_vec, span, Source};
+
+/// Bytes read up front to decode the fixed header (the longest v3 header
+/// field ends at byte 105).
+const HEADER_PROBE: u64 = 112;
+
+/// An opened qcow2 image over a [`Source`].
+pub struct Image<S> {
+    src: S,
+    file_len: u64,
+    header: Header,
+    geometry: Geometry,
+    extensions: Extensions,
+    backing_file: Option<StoredString>,
+    l1: Vec<u64>,
+    refcount_table: Vec<u64>,
+    snapshots: Vec<Snapshot>,
+    bitmaps: Vec<Bitmap>,
+    limits: Limits,
+    data_file: Option<Arc<dyn Source>>,
+    l2_cache: Mutex<L2Cache>,
+    metadata: OnceLock<MetadataMap>,
+}
+
+impl<S: Source> std::fmt::Debug for Image<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("file_len", &self.file_len)
+            .field("header", &self.header)
+            .field("extensions", &self.extensions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Source> Image<S> {
+    /// Open with the default [`Limits`].
+    pub fn open(src: S) -> Result<Self> {
+        Self::open_with(src, Limits::default())
+    }
+
+    /// Open, bounding every allocation by `limits` (and the file length,
+    /// and QEMU's caps).
+    pub fn open_with(src: S, limits: Limits) -> Result<Self> {
+        let file_len = src.len();
+        if file_len < 4 {
+            return Err(Error::FileTooShort { file_len });
+        }
+        let probe = read_vec(
+            &src,
+            What::Header,
+            0,
+            0,
+            file_len.min(HEADER_PROBE),
+            HEADER_PROBE,
+        )?;
+        let header = Header::decode(&probe)?;
+        if file_len < header.length() {
+            return Err(Error::PastEof {
+                what: What::Header,
+                offset: field::HEADER_LENGTH,
+                start: 0,
+                len: header.length(),
+                file_len,
+            });
+        }
+        let geometry = header.validate(file_len, &limits)?;
+        let first = read_vec(
+            &src,
+            What::Header,
+            0,
+            0,
+            file_len.min(geometry.cluster_size),
+            geometry.cluster_size,
+        )?;
+        let extensions = Extensions::decode(&header, &first)?;
+
+        let backing_file = if header.has_backing_file() {
+            let bytes = read_vec(
+                &src,
+                What::BackingFileName,
+                field::BACKING_FILE_OFFSET,
+                header.backing_file_offset,
+                u64::from(header.backing_file_size),
+                limits.max_backing_file_name,
+            )?;
+            Some(StoredString {
+                offset: header.backing_file_offset,
+                bytes,
+            })
+        } else {
+            None
+        };
+
+        if let Some(c) = &extensions.crypto {
+            if !header::is_aligned(c.header_offset, geometry.cluster_size) || c.header_offset == 0 {
+                return Err(Error::Unaligned {
+                    what: What::CryptoHeader,
+                    offset: c.offset,
+                    value: c.header_offset,
+                });
+            }
+            span(
+                What::CryptoHeader,
+                c.offset,
+                c.header_offset,
+                c.header_length,
+                file_len,
+            )?;
+        }
+
+        // Sizes were checked against QEMU's caps, the limits and the file
+        // by Header::validate.
+        let l1 = be_u64s(&read_vec(
+            &src,
+            What::L1Table,
+            field::L1_TABLE_OFFSET,
+            header.l1_table_offset,
+            u64::from(header.l1_size).saturating_mul(8),
+            limits.max_l1_entries.saturating_mul(8),
+        )?);
+        let refcount_table = be_u64s(&read_vec(
+            &src,
+            What::RefcountTable,
+            field::REFCOUNT_TABLE_OFFSET,
+            header.refcount_table_offset,
+            u64::from(header.refcount_table_clusters).saturating_mul(geometry.cluster_size),
+            limits.max_refcount_table_bytes,
+        )?);
+        let snapshots = snapshot::read_table(
+            &src,
+            header.snapshots_offset,
+            header.nb_snapshots,
+            header.version,
+            &geometry,
+            &limits,
+        )?;
+        // Like QEMU, a bitmaps extension without autoclear bit 0 is stale
+        // and ignored (a program without bitmap support wrote the image).
+        let bitmaps = match &extensions.bitmaps {
+            Some(ext) if header.autoclear_features & AUTOCLEAR_BITMAPS != 0 => {
+                bitmap::read_directory(&src, ext, header.size, &geometry, &limits)?
+            }
+            _ => Vec::new(),
+        };
+        let cache = L2Cache::new(limits.max_cache_bytes, geometry.cluster_size);
+        Ok(Image {
+            src,
+            file_len,
+            header,
+            geometry,
+            extensions,
+            backing_file,
+            l1,
+            refcount_table,
+            snapshots,
+            bitmaps,
+            limits,
+            data_file: None,
+            l2_cache: Mutex::new(cache),
+            metadata: OnceLock::new(),
+        })
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Sizes derived from the header.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// The header extensions.
+    pub fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+
+    /// The backing file name, if the image names one. Never opened here.
+    pub fn backing_file(&self) -> Option<&StoredString> {
+        self.backing_file.as_ref()
+    }
+
+    /// Internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// Persistent bitmaps (empty when the extension is absent or stale).
+    pub fn bitmaps(&self) -> &[Bitmap] {
+        &self.bitmaps
+    }
+
+    /// Whether a bitmaps extension is present but stale (autoclear bit 0
+    /// clear), so its bitmaps were ignored.
+    pub fn bitmaps_stale(&self) -> bool {
+        self.extensions.bitmaps.is_some() && self.header.autoclear_features & AUTOCLEAR_BITMAPS == 0
+    }
+
+    /// Length of the image file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// The limits the image was opened with.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The underlying source.
+    pub fn source(&self) -> &S {
+        &self.src
+    }
+
+    /// Raw entries of the active L1 table.
+    pub fn l1_table(&self) -> &[u64] {
+        &self.l1
+    }
+
+    /// Raw entries of the refcount table.
+    pub fn refcount_table(&self) -> &[u64] {
+        &self.refcount_table
+    }
+
+    /// Apply a safety policy to this image's header.
+    pub fn policy_findings(&self, policy: &Policy) -> Vec<Finding> {
+        policy.evaluate(&self.header, &self.extensions, self.limits.max_virtual_size)
+    }
+
+    /// Supply the external data file (the caller opened it; the library
+    /// never opens a path named inside an image).
+    pub fn set_data_file(&mut self, data_file: Arc<dyn Source>) {
+        self.data_file = Some(data_file);
+    }
+
+    /// The external data file, if one was supplied.
+    pub fn data_file(&self) -> Option<&Arc<dyn Source>> {
+        self.data_file.as_ref()
+    }
+
+    /// Decode active L1 entry `index`.
+    pub fn l1_entry(&self, index: u64) -> Result<L1Entry> {
+        let at = self.l1_entry_offset(index);
+        let raw = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .copied()
+            .ok_or(Error::OutOfVirtualBounds {
+                offset: index.saturating_mul(self.geometry.l2_span()),
+                len: 0,
+                size: self.header.size,
+            })?;
+        L1Entry::decode(raw, at, &self.geometry)
+    }
+
+    /// File offset of active L1 entry `index`.
+    pub fn l1_entry_offset(&self, index: u64) -> u64 {
+        self.header
+            .l1_table_offset
+            .saturating_add(index.saturating_mul(8))
+    }
+
+    /// Read (through the cache) the L2 table at `l2_offset`, referenced by
+    /// the L1 entry at file offset `l1_at`. Checks that the table is inside
+    /// the file and does not overlap other metadata.
+    pub fn l2_table(&self, l2_offset: u64, l1_at: u64) -> Result<Arc<L2Table>> {
+        if let Ok(cache) = self.l2_cache.lock() {
+            if let Some(t) = cache.get(l2_offset) {
+                return Ok(t);
+            }
+        }
+        let g = &self.geometry;
+        span(
+            What::L2Table,
+            l1_at,
+            l2_offset,
+            g.cluster_size,
+            self.file_len,
+        )?;
+        if let Some(r) = self
+            .metadata()
+            .find(l2_offset, g.cluster_size, &[What::L2Table])
+        {
+            return Err(Error::MetadataOverlap {
+                what: What::L1Entry,
+                offset: l1_at,
+                target: l2_offset,
+                other: r.what,
+            });
+        }
+        let bytes = read_vec(
+            &self.src,
+            What::L2Table,
+            l1_at,
+            l2_offset,
+            g.cluster_size,
+            g.cluster_size,
+        )?;
+        let table = Arc::new(L2Table::new(l2_offset, &bytes, g));
+        if let Ok(mut cache) = self.l2_cache.lock() {
+            cache.insert(l2_offset, Arc::clone(&table));
+        }
+        Ok(table)
+    }
+
+    /// What guest cluster containing `guest_offset` maps to, with every
+    /// pointer it depends on checked: L1 and L2 entries well formed, the L2
+    /// table and any data it points to inside the file (or the supplied
+    /// data file) and outside other metadata, compressed ranges within the
+    /// file and the permitted inflation.
+    pub fn cluster(&self, guest_offset: u64) -> Result<Cluster> {
+        let g = self.geometry;
+        if guest_offset >= self.header.size {
+            return Err(Error::OutOfVirtualBounds {
+                offset: guest_offset,
+                len: 1,
+                size: self.header.size,
+            });
+        }
+        let l1_index = guest_offset >> g.l2_span_bits();
+        let l2_index = g.cluster_index(guest_offset) & g.l2_entries.wrapping_sub(1);
+        let l1_at = self.l1_entry_offset(l1_index);
+        let Some(l2_offset) = self.l1_entry(l1_index)?.l2_offset else {
+            return Ok(Cluster::Unallocated);
+        };
+        let table = self.l2_table(l2_offset, l1_at)?;
+        let idx = usize::try_from(l2_index).unwrap_or(usize::MAX);
+        let (raw, bitmap, at) = table.raw(idx).ok_or(Error::Truncated {
+            what: What::L2Table,
+            offset: l2_offset,
+        })?;
+        let cluster = Cluster::decode(raw, bitmap, at, &g, self.header.has_data_file())?;
+        self.check_data_pointer(&cluster, at)?;
+        Ok(cluster)
+    }
+
+    /// Check that the data a cluster points to can be read safely.
+    fn check_data_pointer(&self, cluster: &Cluster, at: u64) -> Result<()> {
+        let g = &self.geometry;
+        let reads_host = match *cluster {
+            Cluster::Data { host, .. } => Some(host),
+            Cluster::Subclusters {
+                host: Some(host),
+                alloc,
+                ..
+            } if alloc != 0 => Some(host),
+            Cluster::Compressed(d) => {
+                if self.header.has_data_file() {
+                    return Err(Error::InvalidCompressedEntry {
+                        offset: at,
+                        reason: "compressed cluster in an image with an external data file",
+                    });
+                }
+                d.validate(at, g, self.file_len)?;
+                if let Some(r) = self.metadata().find(d.start(), d.span(), &[]) {
+                    return Err(Error::MetadataOverlap {
+                        what: What::CompressedCluster,
+                        offset: at,
+                        target: d.start(),
+                        other: r.what,
+                    });
+                }
+                return Ok(());
+            }
+            _ => None,
+        };
+        let Some(host) = reads_host else {
+            return Ok(());
+        };
+        if self.header.has_data_file() {
+            let Some(df) = &self.data_file else {
+                return Err(Error::DataFileRequired { offset: at });
+            };
+            span(What::DataFile, at, host, g.cluster_size, df.len()).map(|_| ())
+        } else {
+            span(What::DataCluster, at, host, g.cluster_size, self.file_len)?;
+            match self.metadata().find(host, g.cluster_size, &[]) {
+                Some(r) => Err(Error::MetadataOverlap {
+                    what: What::L2Entry,
+                    offset: at,
+                    target: host,
+                    other: r.what,
+                }),
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// Decode refcount table entry `index`: the block's offset, if any.
+    pub fn refcount_block_offset(&self, index: u64) -> Result<Option<u64>> {
+        let at = self
+            .header
+            .refcount_table_offset
+            .saturating_add(index.saturating_mul(8));
+        let raw = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.refcount_table.get(i))
+            .copied()
+            .unwrap_or(0);
+        refcount::table_entry(raw, at, &self.geometry)
+    }
+
+    /// Read the refcount block for refcount table entry `index`.
+    pub fn refcount_block(&self, index: u64) -> Result<Option<Vec<u8>>> {
+        let Some(off) = self.refcount_block_offset(index)? else {
+            return Ok(None);
+        };
+        let at = self
+            .header
+            .refcount_table_offset
+            .saturating_add(index.saturating_mul(8));
+        let cs = self.geometry.cluster_size;
+        read_vec(&self.src, What::RefcountBlock, at, off, cs, cs).map(Some)
+    }
+
+    /// The stored refcount of host cluster `cluster_index`.
+    pub fn refcount(&self, cluster_index: u64) -> Result<u64> {
+        let per = self.geometry.refcount_block_entries;
+        let (Some(table_index), Some(block_index)) = (
+            cluster_index.checked_div(per),
+            cluster_index.checked_rem(per),
+        ) else {
+            return Ok(0);
+        };
+        let block = self.refcount_block(table_index)?;
+        Ok(block
+            .and_then(|b| refcount::get(&b, self.geometry.refcount_order, block_index))
+            .unwrap_or(0))
+    }
+
+    /// Metadata ranges known from the header and top-level tables: header
+    /// cluster, L1 table, active L2 tables, refcount table and blocks,
+    /// snapshot table and snapshot L1 tables, bitmap directory and tables,
+    /// encryption header. Built once, on first use.
+    pub fn metadata(&self) -> &MetadataMap {
+        self.metadata.get_or_init(|| self.build_metadata())
+    }
+
+    fn build_metadata(&self) -> MetadataMap {
+        let g = &self.geometry;
+        let h = &self.header;
+        let mut m = MetadataMap::default();
+        m.add(What::Header, 0, g.cluster_size);
+        m.add(
+            What::L1Table,
+            h.l1_table_offset,
+            u64::from(h.l1_size).saturating_mul(8),
+        );
+        m.add(
+            What::RefcountTable,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters).saturating_mul(g.cluster_size),
+        );
+        for i in 0..self.l1.len() {
+            if let Ok(L1Entry {
+                l2_offset: Some(off),
+                ..
+            }) = self.l1_entry(u64::try_from(i).unwrap_or(u64::MAX))
+            {
+                m.add(What::L2Table, off, g.cluster_size);
+            }
+        }
+        for i in 0..self.refcount_table.len() {
+            if let Ok(Some(off)) = self.refcount_block_offset(u64::try_from(i).unwrap_or(u64::MAX))
+            {
+                m.add(What::RefcountBlock, off, g.cluster_size);
+            }
+        }
+        if let Some(last) = self.snapshots.last() {
+            let end = snapshot_entry_end(last);
+            m.add(
+                What::SnapshotTable,
+                h.snapshots_offset,
+                end.saturating_sub(h.snapshots_offset),
+            );
+        }
+        for s in &self.snapshots {
+            m.add(
+                What::SnapshotL1Table,
+                s.l1_table_offset,
+                u64::from(s.l1_size).saturating_mul(8),
+            );
+        }
+        if let Some(b) = &self.extensions.bitmaps {
+            m.add(What::BitmapDirectory, b.directory_offset, b.directory_size);
+        }
+        for b in &self.bitmaps {
+            m.add(
+                What::BitmapTable,
+                b.table_offset,
+                u64::from(b.table_size).saturating_mul(8),
+            );
+        }
+        if let Some(c) = &self.extensions.crypto {
+            m.add(What::CryptoHeader, c.header_offset, c.header_length);
+        }
+        m.finish();
+        m
+    }
+}
+
+/// One past the last byte of a snapshot table entry (padded to 8).
+pub(crate) fn snapshot_entry_end(s: &Snapshot) -> u64 {
+    s.entry_offset.saturating_add(s.entry_len)
+}
+
+/// A FIFO cache of L2 tables bounded by a byte budget.
+#[derive(Debug)]
+struct L2Cache {
+    capacity: usize,
+    map: HashMap<u64, Arc<L2Table>>,
+    order: VecDeque<u64>,
+}
+
+impl L2Cache {
+    fn new(budget: u64, cluster_size: u64) -> L2Cache {
+        let n = budget.checked_div(cluster_size).unwrap_or(0).max(2);
+        L2Cache {
+            capacity: usize::try_from(n).unwrap_or(usize::MAX),
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn get(&self, offset: u64) -> Option<Arc<L2Table>> {
+        self.map.get(&offset).cloned()
+    }
+
+    fn insert(&mut self, offset: u64, table: Arc<L2Table>) {
+        if self.map.insert(offset, table).is_none() {
+            self.order.push_back(offset);
+        }
+        while self.map.len() > self.capacity {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Caller-tunable bounds on everything an image can make us allocate.
+//!
+//! These sit on top of two other bounds that always apply: the file length
+//! (no table may claim more bytes than the file has) and QEMU's own caps
+//! (see [`crate::qemu`]). Defaults equal QEMU's caps, so an image QEMU opens
+//! is accepted; a caller facing hostile uploads can tighten any of them.
+
+/// Bounds on allocations and work sized from the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Entries in any L1 table (active or snapshot). QEMU: 4 Mi (32 MiB).
+    pub max_l1_entries: u64,
+    /// Bytes of the refcount table. QEMU: 8 MiB.
+    pub max_refcount_table_bytes: u64,
+    /// Number of internal snapshots. QEMU: 65536.
+    pub max_snapshots: u64,
+    /// Bytes of the whole snapshot table. QEMU: 64 MiB.
+    pub max_snapshot_table_bytes: u64,
+    /// Extra data bytes in one snapshot table entry. QEMU: 1024.
+    pub max_snapshot_extra_data: u64,
+    /// Number of persistent bitmaps. QEMU: 65535.
+    pub max_bitmaps: u64,
+    /// Bytes of the bitmap directory. QEMU: 64 MiB (65535 x 1 KiB).
+    pub max_bitmap_directory_bytes: u64,
+    /// Bytes of the backing file name. QEMU: 1023.
+    pub max_backing_file_name: u64,
+    /// Largest virtual disk the safety policy accepts. Default 64 TiB.
+    pub max_virtual_size: u64,
+    /// Byte budget for metadata caches (L2 tables, refcount blocks).
+    pub max_cache_bytes: u64,
+    /// Total bytes a full check may decompress; past this, compressed
+    /// payloads are no longer verified and a finding says so.
+    pub max_decompressed_bytes: u64,
+}
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const TIB: u64 = 1 << 40;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_l1_entries: 4 * MIB,
+            max_refcount_table_bytes: 8 * MIB,
+            max_snapshots: 65536,
+            max_snapshot_table_bytes: 64 * MIB,
+            max_snapshot_extra_data: KIB,
+            max_bitmaps: 65535,
+            max_bitmap_directory_bytes: 65535 * KIB,
+            max_backing_file_name: 1023,
+            max_virtual_size: 64 * TIB,
+            max_cache_bytes: 16 * MIB,
+            max_decompressed_bytes: 1 << 50,
+        }
+    }
+}
+
+impl Limits {
+    /// Set [`Limits::max_virtual_size`].
+    pub fn with_max_virtual_size(mut self, bytes: u64) -> Self {
+        self.max_virtual_size = bytes;
+        self
+    }
+
+    /// Set [`Limits::max_cache_bytes`].
+    pub fn with_max_cache_bytes(mut self, bytes: u64) -> Self {
+        self.max_cache_bytes = bytes;
+        self
+    }
+
+    /// Tight limits for fuzzing: small tables, small caches.
+    pub fn fuzzing() -> Self {
+        Limits {
+            max_l1_entries: 64 * KIB,
+            max_refcount_table_bytes: MIB,
+            max_snapshots: 256,
+            max_snapshot_table_bytes: MIB,
+            max_snapshot_extra_data: KIB,
+            max_bitmaps: 256,
+            max_bitmap_directory_bytes: MIB,
+            max_backing_file_name: 1023,
+            max_virtual_size: 64 * TIB,
+            max_cache_bytes: 4 * MIB,
+            max_decompressed_bytes: 64 * MIB,
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The internal snapshot table.
+//!
+//! Entries are variable length (40 fixed bytes, extra data, id, name,
+//! padding to 8), so the table is read entry by entry, each read checked
+//! against the file and the running total against the table limits.
+
+use crate::codec::{Need, Reader, Writer};
+use crate::error::{Error, Result, What};
+use crate::header::{is_aligned, Geometry};
+use crate::limits::Limits;
+use crate::qemu;
+use crate::source::{read_vec, span, Source};
+
+/// Size of the fixed part of a snapshot table entry.
+pub const FIXED_ENTRY_BYTES: u64 = 40;
+/// Extra data a version 3 image must carry (vm_state_size_large, disk_size).
+pub const V3_MIN_EXTRA_DATA: u32 = 16;
+
+/// One internal snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// File offset of this table entry.
+    pub entry_offset: u64,
+    pub l1_table_offset: u64,
+    pub l1_size: u32,
+    pub id: String,
+    pub name: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    /// VM state size (the 64-bit extra field when present).
+    pub vm_state_size: u64,
+    /// Virtual disk size at snapshot time, when the extra data holds it.
+    pub disk_size: Option<u64>,
+    /// Record/replay instruction count, when present (-1 when disabled).
+    pub icount: Option<u64>,
+    /// Length of the extra data.
+    pub extra_data_size: u32,
+    /// Length of the whole table entry, padding included.
+    pub entry_len: u64,
+}
+
+impl Snapshot {
+    /// Encode as a table entry (for building images).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut extra = Writer::default();
+        extra
+            .u64(self.vm_state_size)
+            .u64(self.disk_size.unwrap_or(0));
+        if let Some(ic) = self.icount {
+            extra.u64(ic);
+        }
+        let mut w = Writer::default();
+        let len16 = |s: &str| u16::try_from(s.len()).unwrap_or(u16::MAX);
+        w.u64(self.l1_table_offset)
+            .u32(self.l1_size)
+            .u16(len16(&self.id))
+            .u16(len16(&self.name))
+            .u32(self.date_sec)
+            .u32(self.date_nsec)
+            .u64(self.vm_clock_nsec)
+            .u32(u32::try_from(self.vm_state_size).unwrap_or(0))
+            .u32(u32::try_from(extra.buf.len()).unwrap_or(0))
+            .bytes(&extra.buf)
+            .bytes(self.id.as_bytes())
+            .bytes(self.name.as_bytes())
+            .pad_to(8);
+        w.buf
+    }
+}
+
+/// Read and check the snapshot table: `count` entries from `offset`.
+pub fn read_table<S: Source + ?Sized>(
+    src: &S,
+    offset: u64,
+    count: u32,
+    version: u32,
+    g: &Geometry,
+    limits: &Limits,
+) -> Result<Vec<Snapshot>> {
+    let table_limit = limits
+        .max_snapshot_table_bytes
+        .min(qemu::MAX_SNAPSHOT_TABLE_BYTES);
+    let file_len = src.len();
+    let mut out = Vec::new();
+    let mut pos = offset;
+    for _ in 0..count {
+        let at = pos;
+        let bad = |reason| Error::InvalidSnapshot { offset: at, reason };
+        let fixed = read_vec(
+            src,
+            What::SnapshotTable,
+            at,
+            at,
+            FIXED_ENTRY_BYTES,
+            FIXED_ENTRY_BYTES,
+        )?;
+        let mut r = Reader::new(&fixed, at);
+        let t = Need(What::SnapshotTable, at);
+        let l1_table_offset = t.get(r.u64())?;
+        let l1_size = t.get(r.u32())?;
+        let id_len = t.get(r.u16())?;
+        let name_len = t.get(r.u16())?;
+        let date_sec = t.get(r.u32())?;
+        let date_nsec = t.get(r.u32())?;
+        let vm_clock_nsec = t.get(r.u64())?;
+        let vm_state_32 = t.get(r.u32())?;
+        let extra_data_size = t.get(r.u32())?;
+
+        let extra_cap = limits
+            .max_snapshot_extra_data
+            .min(qemu::MAX_SNAPSHOT_EXTRA_DATA);
+        if u64::from(extra_data_size) > qemu::MAX_SNAPSHOT_EXTRA_DATA {
+            return Err(Error::TooLarge {
+                what: What::SnapshotTable,
+                offset: at.saturating_add(36),
+                value: u64::from(extra_data_size),
+                limit: qemu::MAX_SNAPSHOT_EXTRA_DATA,
+            });
+        }
+        if version >= 3 && extra_data_size < V3_MIN_EXTRA_DATA {
+            return Err(bad(
+                "version 3 snapshot without vm_state_size_large and disk_size",
+            ));
+        }
+        let var_len = u64::from(extra_data_size)
+            .saturating_add(u64::from(id_len))
+            .saturating_add(u64::from(name_len));
+        let var_at = at.saturating_add(FIXED_ENTRY_BYTES);
+        let var = read_vec(
+            src,
+            What::SnapshotTable,
+            at,
+            var_at,
+            var_len,
+            extra_cap.saturating_add(2 * u64::from(u16::MAX)),
+        )?;
+        let mut r = Reader::new(&var, var_at);
+        let extra = t.get(r.take(usize::try_from(extra_data_size).unwrap_or(usize::MAX)))?;
+        let id = t.get(r.take(usize::from(id_len)))?;
+        let name = t.get(r.take(usize::from(name_len)))?;
+        let mut x = Reader::new(extra, var_at);
+        let vm_state_size = x.u64().unwrap_or(u64::from(vm_state_32));
+        let disk_size = x.u64();
+        let icount = x.u64();
+
+        // Entry length rounded up to 8.
+        let entry_len = FIXED_ENTRY_BYTES.saturating_add(var_len).saturating_add(7) & !7;
+        pos = at.checked_add(entry_len).ok_or(Error::Overflow {
+            what: What::SnapshotTable,
+            offset: at,
+        })?;
+        let total = pos.saturating_sub(offset);
+        if total > table_limit {
+            return Err(Error::TooLarge {
+                what: What::SnapshotTable,
+                offset: at,
+                value: total,
+                limit: table_limit,
+            });
+        }
+
+        // The snapshot's L1 table: QEMU's cap, alignment, inside the file.
+        let l1_bytes = u64::from(l1_size).saturating_mul(8);
+        if l1_bytes > qemu::MAX_L1_BYTES {
+            return Err(Error::TooLarge {
+                what: What::SnapshotL1Table,
+                offset: at.saturating_add(8),
+                value: l1_bytes,
+                limit: qemu::MAX_L1_BYTES,
+            });
+        }
+        if l1_size > 0 {
+            if !is_aligned(l1_table_offset, g.cluster_size) || l1_table_offset == 0 {
+                return Err(Error::Unaligned {
+                    what: What::SnapshotL1Table,
+                    offset: at,
+                    value: l1_table_offset,
+                });
+            }
+            span(
+                What::SnapshotL1Table,
+                at,
+                l1_table_offset,
+                l1_bytes,
+                file_len,
+            )?;
+        }
+        out.push(Snapshot {
+            entry_offset: at,
+            l1_table_offset,
+            l1_size,
+            id: String::from_utf8_lossy(id).into_owned(),
+            name: String::from_utf8_lossy(name).into_owned(),
+            date_sec,
+            date_nsec,
+            vm_clock_nsec,
+            vm_state_size,
+            disk_size,
+            icount,
+            extra_data_size,
+            entry_len,
+        });
+    }
+    // The padding of the last entry must be in the file too.
+    span(
+        What::SnapshotTable,
+        offset,
+        offset,
+        pos.saturating_sub(offset),
+        file_len,
+    )?;
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
+mod tests {
+    use super::*;
+
+    fn snap() -> Snapshot {
+        Snapshot {
+            entry_offset: 0x1000,
+            l1_table_offset: 0x2000,
+            l1_size: 2,
+            id: "1".into(),
+            name: "before upgrade".into(),
+            date_sec: 1,
+            date_nsec: 2,
+            vm_clock_nsec: 3,
+            vm_state_size: 0,
+            disk_size: Some(1 << 20),
+            icount: Some(u64::MAX),
+            extra_data_size: 24,
+            entry_len: 80,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let g = Geometry::new(12, false, 4);
+        let mut file = vec![0u8; 0x3000];
+        let e = snap().encode();
+        file[0x1000..0x1000 + e.len()].copy_from_slice(&e);
+        let got = read_table(&file, 0x1000, 1, 3, &g, &Limits::default()).unwrap();
+        assert_eq!(got, vec![snap()]);
+    }
+
+    #[test]
+    fn hostile_entries() {
+        let g = Geometry::new(12, false, 4);
+        let mut file = vec![0u8; 0x3000];
+        let mut e = snap().encode();
+        e[36..40].copy_from_slice(&2000u32.to_be_bytes());
+        file[0x1000..0x1000 + e.len()].copy_from_slice(&e);
+        let err = read_table(&file, 0x1000, 1, 3, &g, &Limits::default()).unwrap_err();
+        assert_eq!((err.code(), err.offset()), ("too_large", 0x1000 + 36));
+        let mut e = snap().encode();
+        e[36..40].copy_from_slice(&8u32.to_be_bytes());
+        file[0x1000..0x1000 + e.len()].copy_from_slice(&e);
+        let err = read_table(&file, 0x1000, 1, 3, &g, &Limits::default()).unwrap_err();
+        assert_eq!(err.code(), "invalid_snapshot");
+        let mut e = snap().encode();
+        e[0..8].copy_from_slice(&0x100_0000u64.to_be_bytes());
+        file[0x1000..0x1000 + e.len()].copy_from_slice(&e);
+        let err = read_table(&file, 0x1000, 1, 3, &g, &Limits::default()).unwrap_err();
+        assert_eq!(err.code(), "past_eof");
+        // Many entries claimed, few present.
+        let err = read_table(&file, 0x1000, 65536, 3, &g, &Limits::default()).unwrap_err();
+        assert!(matches!(
+            err.code(),
+            "past_eof" | "invalid_snapshot" | "too_large"
+        ));
+    }
+}

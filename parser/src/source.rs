@@ -1,0 +1,240 @@
+//! Positional reads over an image file or an in-memory byte slice.
+//!
+//! A [`Source`] knows its length up front and reads exact byte ranges at
+//! absolute offsets. Everything above it goes through [`span`] and
+//! [`read_vec`], which check `offset + len <= file length` with checked
+//! arithmetic *before* anything is allocated, so a header that claims a
+//! terabyte table costs nothing but an error.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, Result, What};
+
+/// Random-access, read-only bytes of known length.
+///
+/// Implementations must be safe to share between threads: reads take
+/// `&self` and carry their own offset.
+pub trait Source: Send + Sync {
+    /// Total length in bytes.
+    fn len(&self) -> u64;
+
+    /// Whether the source holds no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fill `buf` from `offset`. Fails (never zero-fills) when the range is
+    /// not entirely inside the source.
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// A file opened read-only, with its length taken once at open time.
+#[derive(Debug)]
+pub struct FileSource {
+    file: File,
+    len: u64,
+}
+
+impl FileSource {
+    /// Open `path` read-only.
+    pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        Self::new(File::open(path)?)
+    }
+
+    /// Wrap an already opened file.
+    pub fn new(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        Ok(FileSource { file, len })
+    }
+}
+
+impl Source for FileSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = u64::try_from(buf.len())
+            .ok()
+            .and_then(|n| offset.checked_add(n));
+        match end {
+            Some(end) if end <= self.len => self.file.read_exact_at(buf, offset),
+            _ => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the file",
+            )),
+        }
+    }
+}
+
+fn slice_read(data: &[u8], offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let src = usize::try_from(offset)
+        .ok()
+        .and_then(|start| Some(start..start.checked_add(buf.len())?))
+        .and_then(|range| data.get(range))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the data",
+            )
+        })?;
+    buf.copy_from_slice(src);
+    Ok(())
+}
+
+fn slice_len(data: &[u8]) -> u64 {
+    u64::try_from(data.len()).unwrap_or(u64::MAX)
+}
+
+impl Source for [u8] {
+    fn len(&self) -> u64 {
+        slice_len(self)
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        slice_read(self, offset, buf)
+    }
+}
+
+impl Source for Vec<u8> {
+    fn len(&self) -> u64 {
+        slice_len(self)
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        slice_read(self, offset, buf)
+    }
+}
+
+impl<T: Source + ?Sized> Source for &T {
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_exact_at(offset, buf)
+    }
+}
+
+impl<T: Source + ?Sized> Source for Arc<T> {
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_exact_at(offset, buf)
+    }
+}
+
+impl<T: Source + ?Sized> Source for Box<T> {
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_exact_at(offset, buf)
+    }
+}
+
+/// Check that `start .. start + len` lies inside a file of `file_len` bytes
+/// and return its end. `field` is where the reference to it was found.
+pub(crate) fn span(what: What, field: u64, start: u64, len: u64, file_len: u64) -> Result<u64> {
+    let end = start.checked_add(len).ok_or(Error::Overflow {
+        what,
+        offset: field,
+    })?;
+    if end > file_len {
+        return Err(Error::PastEof {
+            what,
+            offset: field,
+            start,
+            len,
+            file_len,
+        });
+    }
+    Ok(end)
+}
+
+/// `count * size` in bytes, or an overflow error.
+pub(crate) fn table_bytes(what: What, field: u64, count: u64, size: u64) -> Result<u64> {
+    count.checked_mul(size).ok_or(Error::Overflow {
+        what,
+        offset: field,
+    })
+}
+
+/// Read `len` bytes at `start` into a new buffer, after checking the range
+/// against the file and `len` against `cap` (the caller's bound for this
+/// structure).
+pub(crate) fn read_vec<S: Source + ?Sized>(
+    src: &S,
+    what: What,
+    field: u64,
+    start: u64,
+    len: u64,
+    cap: u64,
+) -> Result<Vec<u8>> {
+    if len > cap {
+        return Err(Error::LimitExceeded {
+            what,
+            offset: field,
+            value: len,
+            limit: cap,
+        });
+    }
+    span(what, field, start, len, src.len())?;
+    let n = usize::try_from(len).map_err(|_| Error::Overflow {
+        what,
+        offset: field,
+    })?;
+    let mut buf = vec![0u8; n];
+    read_into(src, start, &mut buf)?;
+    Ok(buf)
+}
+
+/// Fill `buf` from `start`, mapping I/O failures to [`Error::Io`].
+pub(crate) fn read_into<S: Source + ?Sized>(src: &S, start: u64, buf: &mut [u8]) -> Result<()> {
+    src.read_exact_at(start, buf).map_err(|source| Error::Io {
+        offset: start,
+        len: u64::try_from(buf.len()).unwrap_or(u64::MAX),
+        source,
+    })
+}
+
+/// Decode big-endian u64 words from a byte buffer (trailing bytes ignored).
+pub(crate) fn be_u64s(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            u64::from_be_bytes(w)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slice_reads_are_bounded() {
+        let data = vec![1u8, 2, 3, 4];
+        let mut b = [0u8; 2];
+        data.read_exact_at(2, &mut b).unwrap();
+        assert_eq!(b, [3, 4]);
+        assert!(data.read_exact_at(3, &mut b).is_err());
+        assert!(data.read_exact_at(u64::MAX, &mut b).is_err());
+    }
+
+    #[test]
+    fn read_vec_checks_before_allocating() {
+        let data = vec![0u8; 16];
+        let e = read_vec(&data, What::L1Table, 40, 8, 16, 1 << 20).unwrap_err();
+        assert_eq!(e.code(), "past_eof");
+        assert_eq!(e.offset(), 40);
+        let e = read_vec(&data, What::L1Table, 40, u64::MAX, 16, u64::MAX).unwrap_err();
+        assert_eq!(e.code(), "offset_overflow");
+        let e = read_vec(&data, What::L1Table, 40, 0, 1 << 40, 1 << 20).unwrap_err();
+        assert_eq!(e.code(), "limit_exceeded");
+    }
+}

@@ -1,0 +1,68 @@
+//! Output helpers shared by the commands: errors and findings, human and JSON.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use qcow2_guard::{Error, Finding};
+
+use crate::exit::Exit;
+
+/// JSON object for a finding.
+pub fn finding_json(f: &Finding) -> Value {
+    json!({
+        "code": f.code,
+        "severity": f.severity.as_str(),
+        "offset": f.offset,
+        "message": f.message,
+    })
+}
+
+/// Report a fatal error for `path`: one line on stderr, or with `json` an
+/// error object on stdout. Returns the exit status.
+pub fn fatal(path: &Path, e: &Error, json: bool) -> Exit {
+    let exit = Exit::for_error(e);
+    if json {
+        let v = json!({
+            "filename": path.display().to_string(),
+            "error": {
+                "code": e.code(),
+                "offset": e.offset(),
+                "message": e.to_string(),
+            },
+            "exit-code": exit.code(),
+        });
+        print_json(&v);
+    } else {
+        eprintln!(
+            "qcow2-guard: {}: {} [{}] at offset {:#x}",
+            path.display(),
+            e,
+            e.code(),
+            e.offset()
+        );
+    }
+    exit
+}
+
+/// Report a file that could not be opened at all.
+pub fn unreadable(path: &Path, e: &std::io::Error, json: bool) -> Exit {
+    if json {
+        print_json(&json!({
+            "filename": path.display().to_string(),
+            "error": { "code": "unreadable", "offset": 0, "message": e.to_string() },
+            "exit-code": Exit::NotChecked.code(),
+        }));
+    } else {
+        eprintln!("qcow2-guard: {}: cannot open: {e}", path.display());
+    }
+    Exit::NotChecked
+}
+
+/// Pretty-print JSON on stdout, ignoring a closed pipe.
+pub fn print_json(v: &Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer_pretty(&mut out, v);
+    let _ = writeln!(out);
+}

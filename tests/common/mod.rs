@@ -1,0 +1,164 @@
+//! Helpers shared by the integration tests: make images with qemu-img and
+//! qemu-io, run the `qcow2-guard` binary, patch bytes.
+//!
+//! qemu-img is the oracle; it must be installed (CI has qemu-utils). A
+//! missing qemu-img fails the tests rather than skipping them.
+
+#![allow(dead_code)]
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub use tempfile::TempDir;
+
+/// A fresh temporary directory.
+pub fn tmpdir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("qcow2-guard-test")
+        .tempdir()
+        .expect("create temp dir")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is qemu-utils installed?)"));
+    out
+}
+
+/// Run `qemu-img` with `args`; panics with its stderr when it fails.
+pub fn qemu_img(args: &[&str]) -> Output {
+    let out = run(Command::new("qemu-img").args(args));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run `qemu-img` and return its output whatever the exit status.
+pub fn qemu_img_status(args: &[&str]) -> Output {
+    run(Command::new("qemu-img").args(args))
+}
+
+/// Run `qemu-io` commands (each a `-c` argument) on a qcow2 image.
+pub fn qemu_io(image: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "qcow2"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(image);
+    let out = run(&mut c);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !stdout.contains("error") && !stdout.contains("failed"),
+        "qemu-io {cmds:?} failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img create -f qcow2 -o OPTS PATH SIZE`; returns PATH.
+pub fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
+    let path = dir.join(name);
+    let p = path.to_str().expect("utf-8 path");
+    if opts.is_empty() {
+        qemu_img(&["create", "-q", "-f", "qcow2", p, size]);
+    } else {
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p, size]);
+    }
+    path
+}
+
+/// Write a raw file of `len` bytes from a deterministic pattern generator.
+pub fn write_raw(path: &Path, len: usize, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut data = vec![0u8; len];
+    for (i, chunk) in data.chunks_mut(4096).enumerate() {
+        match i % 4 {
+            // Compressible text.
+            0 => {
+                for (j, b) in chunk.iter_mut().enumerate() {
+                    *b = b"qcow2-guard test pattern "[j % 25];
+                }
+            }
+            // Incompressible.
+            1 | 2 => {
+                for b in chunk.iter_mut() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }
+            }
+            // Zeros.
+            _ => {}
+        }
+    }
+    std::fs::write(path, data).expect("write raw");
+}
+
+/// Path of the `qcow2-guard` binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_qcow2-guard")
+}
+
+/// Run `qcow2-guard` with `args`.
+pub fn guard(args: &[&str]) -> Output {
+    run(Command::new(bin()).args(args))
+}
+
+/// Exit code of a finished process (panics on death by signal: a bug).
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or_else(|| {
+        panic!(
+            "qcow2-guard died from a signal: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Parse stdout as JSON.
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Overwrite bytes at `offset` in `path`.
+pub fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    let f = OpenOptions::new().write(true).open(path).expect("open for patch");
+    f.write_all_at(bytes, offset).expect("patch");
+}
+
+/// Read `N` bytes at `offset`.
+pub fn peek<const N: usize>(path: &Path, offset: u64) -> [u8; N] {
+    let f = std::fs::File::open(path).expect("open for peek");
+    let mut b = [0u8; N];
+    f.read_exact_at(&mut b, offset).expect("peek");
+    b
+}
+
+/// Big-endian u64 at `offset`.
+pub fn be64(path: &Path, offset: u64) -> u64 {
+    u64::from_be_bytes(peek::<8>(path, offset))
+}
+
+/// Big-endian u32 at `offset`.
+pub fn be32(path: &Path, offset: u64) -> u32 {
+    u32::from_be_bytes(peek::<4>(path, offset))
+}
+
+/// Copy `src` to `dir/name` and return the new path.
+pub fn copy(src: &Path, dir: &Path, name: &str) -> PathBuf {
+    let dst = dir.join(name);
+    std::fs::copy(src, &dst).expect("copy image");
+    dst
+}
