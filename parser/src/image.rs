@@ -365,12 +365,17 @@ impl<S: Source> Image<S> {
     fn check_data_pointer(&self, cluster: &Cluster, at: u64) -> Result<()> {
         let g = &self.geometry;
         let reads_host = match *cluster {
-            Cluster::Data { host, .. } => Some(host),
+            Cluster::Data { host, .. } => Some((host, g.cluster_size)),
+            // QEMU allocates the subclusters of a cluster lazily: the file
+            // may end right after the last allocated one.
             Cluster::Subclusters {
                 host: Some(host),
                 alloc,
                 ..
-            } if alloc != 0 => Some(host),
+            } if alloc != 0 => {
+                let used = u32::BITS.saturating_sub(alloc.leading_zeros());
+                Some((host, u64::from(used).saturating_mul(g.subcluster_size)))
+            }
             Cluster::Compressed(d) => {
                 if self.header.has_data_file() {
                     return Err(Error::InvalidCompressedEntry {
@@ -391,16 +396,16 @@ impl<S: Source> Image<S> {
             }
             _ => None,
         };
-        let Some(host) = reads_host else {
+        let Some((host, len)) = reads_host else {
             return Ok(());
         };
         if self.header.has_data_file() {
             let Some(df) = &self.data_file else {
                 return Err(Error::DataFileRequired { offset: at });
             };
-            span(What::DataFile, at, host, g.cluster_size, df.len()).map(|_| ())
+            span(What::DataFile, at, host, len, df.len()).map(|_| ())
         } else {
-            span(What::DataCluster, at, host, g.cluster_size, self.file_len)?;
+            span(What::DataCluster, at, host, len, self.file_len)?;
             match self.metadata().find(host, g.cluster_size, &[]) {
                 Some(r) => Err(Error::MetadataOverlap {
                     what: What::L2Entry,
