@@ -85,7 +85,10 @@ fn info_json(
         let name = b.lossy();
         top.insert("backing-filename".into(), json!(name));
         // Resolved the way qemu-img does, as a path only: never opened.
-        let full = if name.starts_with('/') || name.contains(':') {
+        // Like QEMU, a colon before the first slash is a protocol prefix
+        // ("json:{...}", "nbd:..."); "dir/a:b" is a relative file name.
+        let has_protocol = name.split('/').next().is_some_and(|p| p.contains(':'));
+        let full = if name.starts_with('/') || has_protocol {
             name.clone()
         } else {
             path.parent()
