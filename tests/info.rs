@@ -1,0 +1,579 @@
+//! `qcow2-guard info` against `qemu-img info`, over a matrix of images made
+//! at test time with qemu-img and qemu-io.
+//!
+//! Each case builds one image (cluster sizes 512 B..2 MiB, compat 0.10 and
+//! 1.1, refcount widths 1..64, zlib and zstd with compressed clusters,
+//! extended L2, lazy refcounts and the dirty bit, internal snapshots,
+//! persistent bitmaps, backing files, external data files, LUKS and legacy
+//! AES encryption) and then checks:
+//!
+//! - every field both JSON documents show is equal, and every field
+//!   `qemu-img info` shows is in ours (except the few listed in
+//!   [`QEMU_ONLY`]), and every qemu-style field we show is in qemu's;
+//! - the exit code and policy findings under the default policy, and exit 0
+//!   with the matching `--allow-*` flag;
+//! - the library opens the image, and `Image::cluster` maps a few guest
+//!   offsets of each extent of `qemu-img map` the same way qemu does.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::*;
+use qcow2_guard::l1l2::SubclusterState;
+use qcow2_guard::{FileSource, Image, Source};
+use serde_json::Value;
+
+/// Fields qemu-img shows that we do not: the protocol-layer child node, and
+/// the LUKS header details (we never parse the LUKS header itself).
+const QEMU_ONLY: &[&str] = &[
+    "/children",
+    "/format-specific/data/encrypt/ivgen-alg",
+    "/format-specific/data/encrypt/ivgen-hash-alg",
+    "/format-specific/data/encrypt/hash-alg",
+    "/format-specific/data/encrypt/cipher-alg",
+    "/format-specific/data/encrypt/cipher-mode",
+    "/format-specific/data/encrypt/uuid",
+    "/format-specific/data/encrypt/slots",
+    "/format-specific/data/encrypt/payload-offset",
+    "/format-specific/data/encrypt/master-key-iters",
+    "/format-specific/data/encrypt/detached-header",
+];
+
+/// Top-level fields of ours that qemu-img does not have.
+const OURS_ONLY: &[&str] = &[
+    "/file-length",
+    "/features",
+    "/findings",
+    "/exit-code",
+    "/unknown-extensions",
+    "/bitmaps-stale",
+];
+
+/// Fields that must be compared for every image (so the walk cannot pass
+/// by comparing nothing).
+const ALWAYS: &[&str] = &[
+    "/filename",
+    "/format",
+    "/virtual-size",
+    "/actual-size",
+    "/cluster-size",
+    "/dirty-flag",
+    "/format-specific/type",
+    "/format-specific/data/compat",
+    "/format-specific/data/compression-type",
+    "/format-specific/data/refcount-bits",
+];
+
+/// Walk `a` and compare with `b` wherever `b` has the same key. A key of
+/// `a` missing from `b` is an error unless `may_miss` lists it. Scalars are
+/// compared (once, when `compare`). Returns the paths compared.
+fn walk(
+    a: &Value,
+    b: &Value,
+    path: &str,
+    may_miss: &[&str],
+    compare: bool,
+    errors: &mut Vec<String>,
+    compared: &mut Vec<String>,
+) {
+    match (a, b) {
+        (Value::Object(ao), Value::Object(bo)) => {
+            for (k, av) in ao {
+                let p = format!("{path}/{k}");
+                match bo.get(k) {
+                    Some(bv) => walk(av, bv, &p, may_miss, compare, errors, compared),
+                    None if may_miss.contains(&p.as_str()) => {}
+                    None => errors.push(format!("{p}: missing (other side has {av})")),
+                }
+            }
+        }
+        (Value::Array(aa), Value::Array(ba)) => {
+            if aa.len() != ba.len() {
+                errors.push(format!("{path}: {} vs {} elements", aa.len(), ba.len()));
+            }
+            for (i, (av, bv)) in aa.iter().zip(ba).enumerate() {
+                walk(
+                    av,
+                    bv,
+                    &format!("{path}/{i}"),
+                    may_miss,
+                    compare,
+                    errors,
+                    compared,
+                );
+            }
+        }
+        _ if compare => {
+            if a != b {
+                errors.push(format!("{path}: qemu-img says {a}, qcow2-guard says {b}"));
+            }
+            compared.push(path.to_owned());
+        }
+        _ => {}
+    }
+}
+
+/// `qemu-img info` and `qcow2-guard info --json` agree on `image`.
+fn assert_info_agrees(image: &Path, allow: &[&str]) -> Value {
+    let p = image.to_str().unwrap();
+    let ours_out = guard(&[&["info", "--json"], allow, &[p]].concat());
+    let ours = json(&ours_out);
+    let qemu = serde_json::from_slice::<Value>(
+        &qemu_img(&["info", "--output=json", "-f", "qcow2", p]).stdout,
+    )
+    .unwrap();
+    let (mut errors, mut compared) = (Vec::new(), Vec::new());
+    walk(
+        &qemu,
+        &ours,
+        "",
+        QEMU_ONLY,
+        true,
+        &mut errors,
+        &mut compared,
+    );
+    let mut unused = Vec::new();
+    walk(&ours, &qemu, "", OURS_ONLY, false, &mut errors, &mut unused);
+    assert!(
+        errors.is_empty(),
+        "{}: info disagrees:\n  {}\nqemu-img: {qemu:#}\nours: {ours:#}",
+        image.display(),
+        errors.join("\n  ")
+    );
+    for key in ALWAYS {
+        assert!(
+            compared.iter().any(|c| c == key),
+            "{key} was not compared for {}",
+            image.display()
+        );
+    }
+    ours
+}
+
+/// Compare `Image::cluster` with `qemu-img map` at both ends and the middle
+/// of every extent qemu reports.
+fn assert_map_agrees(image: &Path, data_file: Option<&Path>) {
+    let mut img = Image::open(FileSource::open(image).unwrap()).unwrap();
+    if let Some(df) = data_file {
+        img.set_data_file(Arc::new(FileSource::open(df).unwrap()));
+    }
+    let g = *img.geometry();
+    let map: Value = serde_json::from_slice(
+        &qemu_img(&[
+            "map",
+            "--output=json",
+            "-f",
+            "qcow2",
+            image.to_str().unwrap(),
+        ])
+        .stdout,
+    )
+    .unwrap();
+    let extents = map.as_array().unwrap();
+    assert!(!extents.is_empty());
+    let mut seen = [0usize; 4];
+    for e in extents {
+        let n = |k: &str| e[k].as_u64().unwrap();
+        let b = |k: &str| e[k].as_bool().unwrap();
+        let (start, len) = (n("start"), n("length"));
+        for off in [start, start + len / 2, start + len - 1] {
+            let c = img
+                .cluster(off)
+                .unwrap_or_else(|err| panic!("{}: cluster({off:#x}): {err}", image.display()));
+            let index = u32::try_from(g.offset_in_cluster(off) / g.subcluster_size).unwrap();
+            let state = c.subcluster(index, &g);
+            let what = format!(
+                "{} at guest {off:#x}: qemu {e}, ours {c:?}",
+                image.display()
+            );
+            if n("depth") > 0 || !b("present") {
+                assert_eq!(state, SubclusterState::Unallocated, "{what}");
+                seen[0] += 1;
+            } else if b("compressed") {
+                assert!(matches!(state, SubclusterState::Compressed(_)), "{what}");
+                seen[1] += 1;
+            } else if b("data") {
+                let SubclusterState::Data(host) = state else {
+                    panic!("{what}: expected data");
+                };
+                let in_sub = off & (g.subcluster_size - 1);
+                assert_eq!(host + in_sub, n("offset") + (off - start), "{what}");
+                seen[2] += 1;
+            } else {
+                assert_eq!(state, SubclusterState::Zero, "{what}");
+                seen[3] += 1;
+            }
+        }
+    }
+    // Every image of the matrix has data somewhere.
+    assert!(
+        seen[1] + seen[2] > 0,
+        "{}: no data extents",
+        image.display()
+    );
+}
+
+/// One image of the matrix, as built.
+struct Built {
+    image: PathBuf,
+    data_file: Option<PathBuf>,
+    /// Exit code under the default policy.
+    exit: i32,
+    /// Policy findings (errors) expected under the default policy.
+    refused: &'static [&'static str],
+    /// Flags that make the policy accept it.
+    allow: &'static [&'static str],
+    /// Whether `qemu-img map` can read it without a key.
+    map: bool,
+}
+
+impl Built {
+    fn plain(image: PathBuf) -> Built {
+        Built {
+            image,
+            data_file: None,
+            exit: 0,
+            refused: &[],
+            allow: &[],
+            map: true,
+        }
+    }
+}
+
+/// Data written to each image: a pattern, zeroes, a small write and a
+/// discard, spread over more than one L2 table with small clusters.
+const WRITES: &[&str] = &[
+    "write -P 0xaa 0 64k",
+    "write -z 128k 64k",
+    "write -P 0x55 300k 4k",
+    "write -P 0x11 900k 100k",
+    "discard 960k 64k",
+];
+
+fn with_data(dir: &Path, name: &str, opts: &str) -> Built {
+    let image = create(dir, name, opts, "1M");
+    qemu_io(&image, WRITES);
+    Built::plain(image)
+}
+
+/// A compressed image: `qemu-img convert -c` from a raw file.
+fn compressed(dir: &Path, opts: &str) -> Built {
+    let raw = dir.join("src.raw");
+    write_raw(&raw, 1 << 20, 7);
+    let image = dir.join("c.qcow2");
+    let mut args = vec!["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([raw.to_str().unwrap(), image.to_str().unwrap()]);
+    qemu_img(&args);
+    // Some uncompressed data on top.
+    qemu_io(&image, &["write -P 0x33 4k 4k"]);
+    Built::plain(image)
+}
+
+fn check(build: impl FnOnce(&Path) -> Built) {
+    let dir = tmpdir();
+    let b = build(dir.path());
+    let p = b.image.to_str().unwrap();
+
+    // Default policy.
+    let out = guard(&["info", "--json", p]);
+    assert_eq!(
+        code(&out),
+        b.exit,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    assert_eq!(v["exit-code"], b.exit);
+    let errors: Vec<&str> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["severity"] == "error")
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(errors, b.refused);
+
+    // With the matching --allow-* flags: accepted, and agreeing with qemu.
+    let ours = assert_info_agrees(&b.image, b.allow);
+    assert_eq!(ours["exit-code"], 0);
+    let out = guard(&[&["info", "--json"], b.allow, &[p]].concat());
+    assert_eq!(code(&out), 0);
+    // The human output works too.
+    let out = guard(&[&["info"], b.allow, &[p]].concat());
+    assert_eq!(code(&out), 0);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cluster_size: "));
+
+    // The library opens it and maps guest offsets like qemu-img map.
+    let img = Image::open(FileSource::open(&b.image).unwrap()).unwrap();
+    assert_eq!(img.virtual_size(), ours["virtual-size"].as_u64().unwrap());
+    assert_eq!(img.file_len(), img.source().len());
+    if b.map {
+        assert_map_agrees(&b.image, b.data_file.as_deref());
+    }
+}
+
+macro_rules! matrix {
+    ($($name:ident => $build:expr;)*) => {
+        $( #[test] fn $name() { check($build) } )*
+    };
+}
+
+matrix! {
+    cluster_512 => |d| with_data(d, "a.qcow2", "cluster_size=512");
+    cluster_4k => |d| with_data(d, "a.qcow2", "cluster_size=4k");
+    cluster_64k => |d| with_data(d, "a.qcow2", "");
+    cluster_2m => |d| {
+        let image = create(d, "a.qcow2", "cluster_size=2M", "8M");
+        qemu_io(&image, &["write -P 0xaa 0 1M", "write -z 4M 2M"]);
+        Built::plain(image)
+    };
+    compat_010 => |d| with_data(d, "a.qcow2", "compat=0.10");
+    compat_010_512 => |d| with_data(d, "a.qcow2", "compat=0.10,cluster_size=512");
+    refcount_1 => |d| with_data(d, "a.qcow2", "refcount_bits=1");
+    refcount_2 => |d| with_data(d, "a.qcow2", "refcount_bits=2,cluster_size=512");
+    refcount_4 => |d| with_data(d, "a.qcow2", "refcount_bits=4");
+    refcount_8 => |d| with_data(d, "a.qcow2", "refcount_bits=8,cluster_size=4k");
+    refcount_32 => |d| with_data(d, "a.qcow2", "refcount_bits=32");
+    refcount_64 => |d| with_data(d, "a.qcow2", "refcount_bits=64");
+    refcount_64_512 => |d| with_data(d, "a.qcow2", "refcount_bits=64,cluster_size=512");
+    zstd_type => |d| with_data(d, "a.qcow2", "compression_type=zstd");
+    compressed_zlib => |d| compressed(d, "");
+    compressed_zlib_512 => |d| compressed(d, "cluster_size=512");
+    compressed_zstd => |d| compressed(d, "compression_type=zstd,cluster_size=4k");
+    compressed_v2 => |d| compressed(d, "compat=0.10");
+    extended_l2_16k => |d| with_data(d, "a.qcow2", "extended_l2=on,cluster_size=16k");
+    extended_l2_64k => |d| with_data(d, "a.qcow2", "extended_l2=on");
+    extended_l2_2m => |d| {
+        let image = create(d, "a.qcow2", "extended_l2=on,cluster_size=2M", "4M");
+        qemu_io(&image, &["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 1 3M 200k"]);
+        Built::plain(image)
+    };
+    extended_l2_compressed => |d| compressed(d, "extended_l2=on,compression_type=zstd");
+    lazy_refcounts => |d| with_data(d, "a.qcow2", "lazy_refcounts=on");
+    dirty => |d| {
+        // qemu-io aborts with lazy refcounts on: the dirty bit stays set.
+        let image = create(d, "a.qcow2", "lazy_refcounts=on,cluster_size=4k", "1M");
+        let st = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 7 0 64k", "-c", "abort"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(!st.status.success());
+        assert_eq!(be64(&image, 72) & 1, 1, "dirty bit not set");
+        Built::plain(image)
+    };
+    snapshots => |d| {
+        let b = with_data(d, "a.qcow2", "cluster_size=4k");
+        let p = b.image.to_str().unwrap();
+        qemu_img(&["snapshot", "-c", "first", p]);
+        qemu_io(&b.image, &["write -P 0xbb 0 8k"]);
+        qemu_img(&["snapshot", "-c", "second one", p]);
+        qemu_img(&["snapshot", "-c", "third", p]);
+        qemu_img(&["snapshot", "-d", "second one", p]);
+        b
+    };
+    snapshots_v2 => |d| {
+        let b = with_data(d, "a.qcow2", "compat=0.10");
+        qemu_img(&["snapshot", "-c", "s1", b.image.to_str().unwrap()]);
+        qemu_io(&b.image, &["write -P 0xbb 0 8k"]);
+        b
+    };
+    bitmaps => |d| {
+        let b = with_data(d, "a.qcow2", "cluster_size=4k");
+        let p = b.image.to_str().unwrap();
+        qemu_img(&["bitmap", "--add", p, "b0"]);
+        qemu_img(&["bitmap", "--add", "-g", "512", p, "fine"]);
+        qemu_img(&["bitmap", "--add", "-g", "1M", "--disable", p, "off"]);
+        qemu_io(&b.image, &["write -P 0xcc 200k 16k"]);
+        b
+    };
+    backing => |d| {
+        let base = create(d, "base.qcow2", "", "1M");
+        qemu_io(&base, &["write -P 0x42 0 512k"]);
+        let image = create(d, "top.qcow2", "backing_file=base.qcow2,backing_fmt=qcow2", "1M");
+        qemu_io(&image, &["write -P 0xaa 64k 64k", "write -z 256k 64k"]);
+        Built {
+            exit: 4,
+            refused: &["policy_backing_file"],
+            allow: &["--allow-backing"],
+            ..Built::plain(image)
+        }
+    };
+    backing_raw_absolute => |d| {
+        let base = d.join("base.raw");
+        write_raw(&base, 1 << 20, 3);
+        let image = d.join("top.qcow2");
+        qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "raw",
+            "-o", "cluster_size=4k", image.to_str().unwrap(),
+        ]);
+        qemu_io(&image, &["write -P 0xaa 8k 8k"]);
+        Built {
+            exit: 4,
+            refused: &["policy_backing_file"],
+            allow: &["--allow-backing"],
+            ..Built::plain(image)
+        }
+    };
+    data_file => |d| {
+        let opts = format!("data_file={}", d.join("a.data").display());
+        let image = create(d, "a.qcow2", &opts, "1M");
+        qemu_io(&image, &["write -P 0xaa 0 64k", "write -P 0x55 512k 4k"]);
+        Built {
+            data_file: Some(d.join("a.data")),
+            exit: 4,
+            refused: &["policy_external_data_file"],
+            allow: &["--allow-data-file"],
+            ..Built::plain(image)
+        }
+    };
+    data_file_raw => |d| {
+        let opts = format!(
+            "data_file={},data_file_raw=on,cluster_size=4k",
+            d.join("a.data").display()
+        );
+        let image = create(d, "a.qcow2", &opts, "1M");
+        qemu_io(&image, &["write -P 0xaa 0 64k", "write -P 0x55 512k 4k"]);
+        Built {
+            data_file: Some(d.join("a.data")),
+            exit: 4,
+            refused: &["policy_external_data_file"],
+            allow: &["--allow-data-file"],
+            ..Built::plain(image)
+        }
+    };
+    luks => |d| {
+        let image = d.join("a.qcow2");
+        let p = image.to_str().unwrap();
+        qemu_img(&[
+            "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc",
+            "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4k",
+            p, "1M",
+        ]);
+        let opts = format!("driver=qcow2,file.filename={p},encrypt.key-secret=sec0");
+        let out = std::process::Command::new("qemu-io")
+            .args(["--object", "secret,id=sec0,data=abc", "--image-opts", &opts])
+            .args(["-c", "write -P 0xaa 0 64k"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Built {
+            exit: 4,
+            refused: &["policy_encryption"],
+            allow: &["--allow-encryption"],
+            map: false,
+            ..Built::plain(image)
+        }
+    };
+    aes => |d| {
+        let image = d.join("a.qcow2");
+        qemu_img(&[
+            "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc",
+            "-o", "encrypt.format=aes,encrypt.key-secret=sec0",
+            image.to_str().unwrap(), "1M",
+        ]);
+        Built {
+            exit: 4,
+            refused: &["policy_encryption"],
+            allow: &["--allow-encryption"],
+            map: false,
+            ..Built::plain(image)
+        }
+    };
+    everything => |d| {
+        // Many features at once: v3, 16k extended L2, zstd, lazy refcounts,
+        // refcount_bits=8, backing file, snapshots and bitmaps.
+        let base = create(d, "base.qcow2", "", "2M");
+        qemu_io(&base, &["write -P 0x42 0 2M"]);
+        let image = create(
+            d,
+            "top.qcow2",
+            "backing_file=base.qcow2,backing_fmt=qcow2,extended_l2=on,cluster_size=16k,\
+             compression_type=zstd,lazy_refcounts=on,refcount_bits=8",
+            "2M",
+        );
+        let p = image.to_str().unwrap();
+        qemu_io(&image, &["write -P 0xaa 4k 8k", "write -c -P 0xbb 64k 16k", "write -z 1M 32k"]);
+        qemu_img(&["snapshot", "-c", "snap", p]);
+        qemu_img(&["bitmap", "--add", p, "bm"]);
+        qemu_io(&image, &["write -P 0xcc 512k 4k"]);
+        Built {
+            exit: 4,
+            refused: &["policy_backing_file"],
+            allow: &["--allow-backing"],
+            ..Built::plain(image)
+        }
+    };
+}
+
+/// The committed sample opens, and matches qemu-img.
+#[test]
+fn sample_image() {
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sample.qcow2");
+    let img = Image::open(FileSource::open(&sample).unwrap()).unwrap();
+    assert!(img.virtual_size() > 0);
+    let dir = tmpdir();
+    let copy = copy(&sample, dir.path(), "sample.qcow2");
+    let out = guard(&["info", "--json", copy.to_str().unwrap()]);
+    let allow: Vec<&str> = json(&out)["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| match f["code"].as_str().unwrap() {
+            "policy_backing_file" => Some("--allow-backing"),
+            "policy_external_data_file" => Some("--allow-data-file"),
+            "policy_encryption" => Some("--allow-encryption"),
+            _ => None,
+        })
+        .collect();
+    assert_info_agrees(&copy, &allow);
+    if img.header().has_backing_file() || img.header().has_data_file() {
+        return;
+    }
+    assert_map_agrees(&copy, None);
+}
+
+/// `full-backing-filename` resolves a relative name against the image's
+/// directory, whatever the name looks like (qemu only treats a colon
+/// before the first slash as a protocol prefix).
+#[test]
+fn backing_names() {
+    let dir = tmpdir();
+    let d = dir.path();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    create(d, "sub/base.qcow2", "", "1M");
+    let names = [
+        "base.qcow2",
+        "./base.qcow2",
+        "../sub/base.qcow2",
+        "x/a:b.qcow2",
+        "a:b",
+        "file:base.qcow2",
+        "/absolute/base.qcow2",
+        "json:{\"file.filename\":\"/etc/passwd\"}",
+    ];
+    for name in names {
+        let image = d.join("sub/top.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            name,
+            "-F",
+            "qcow2",
+            image.to_str().unwrap(),
+            "1M",
+        ]);
+        let ours = assert_info_agrees(&image, &["--allow-backing"]);
+        assert_eq!(ours["backing-filename"], name);
+        std::fs::remove_file(&image).unwrap();
+    }
+}
