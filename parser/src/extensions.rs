@@ -240,7 +240,10 @@ impl Extensions {
                 let reserved = t.get(r.u32())?;
                 let directory_size = t.get(r.u64())?;
                 let directory_offset = t.get(r.u64())?;
-                let bad = |reason| Error::InvalidBitmapsExtension { offset: at, reason };
+                let bad = |reason| Error::InvalidBitmapsExtension {
+                    offset: data_at,
+                    reason,
+                };
                 if reserved != 0 {
                     return Err(Error::ReservedBits {
                         what: What::HeaderExtension,
