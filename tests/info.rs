@@ -377,6 +377,16 @@ matrix! {
         qemu_img(&["snapshot", "-d", "second one", p]);
         b
     };
+    snapshot_table_at_eof => |d| {
+        // QEMU does not pad the last snapshot table entry: a table written
+        // last ends the file mid-padding.
+        let b = with_data(d, "a.qcow2", "");
+        qemu_img(&["snapshot", "-c", "one", b.image.to_str().unwrap()]);
+        qemu_img(&["snapshot", "-c", "two", b.image.to_str().unwrap()]);
+        let file_len = std::fs::metadata(&b.image).unwrap().len();
+        assert_ne!(file_len % 8, 0, "snapshot table not at the end of the file");
+        b
+    };
     snapshots_v2 => |d| {
         let b = with_data(d, "a.qcow2", "compat=0.10");
         qemu_img(&["snapshot", "-c", "s1", b.image.to_str().unwrap()]);
