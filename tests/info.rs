@@ -587,3 +587,80 @@ fn backing_names() {
         std::fs::remove_file(&image).unwrap();
     }
 }
+
+/// Images patched into states qemu-img cannot create but still opens:
+/// both must still agree.
+#[test]
+fn patched_images_agree() {
+    /// Offset of the first snapshot table entry.
+    fn snap(p: &Path) -> u64 {
+        be64(p, 64)
+    }
+    /// Offset of the bitmap directory.
+    fn bitmap_dir(p: &Path) -> u64 {
+        let mut at = u64::from(be32(p, 100));
+        while be32(p, at) != 0x2385_2875 {
+            at += 8 + u64::from(be32(p, at + 4)).next_multiple_of(8);
+        }
+        be64(p, at + 8 + 16)
+    }
+    #[allow(clippy::type_complexity)]
+    let cases: &[(&str, fn(&Path), &[&str])] = &[
+        (
+            "snapshot vm_state_size_large",
+            |p| patch(p, snap(p) + 40, &12345u64.to_be_bytes()),
+            &[],
+        ),
+        (
+            "snapshot vm_state_size 32-bit",
+            |p| patch(p, snap(p) + 32, &777u32.to_be_bytes()),
+            &[],
+        ),
+        (
+            "snapshot vm_clock",
+            |p| patch(p, snap(p) + 24, &3_500_000_001u64.to_be_bytes()),
+            &[],
+        ),
+        (
+            "snapshot icount 42",
+            |p| patch(p, snap(p) + 56, &42u64.to_be_bytes()),
+            &[],
+        ),
+        (
+            "snapshot icount -1",
+            |p| patch(p, snap(p) + 56, &u64::MAX.to_be_bytes()),
+            &[],
+        ),
+        ("corrupt bit", |p| patch(p, 79, &[2]), &[]),
+        (
+            "dirty bit without lazy refcounts",
+            |p| patch(p, 79, &[1]),
+            &[],
+        ),
+        ("unknown autoclear bit", |p| patch(p, 95, &[0x81]), &[]),
+        ("stale bitmaps", |p| patch(p, 95, &[0]), &[]),
+        ("bitmap in use", |p| patch(p, bitmap_dir(p) + 15, &[3]), &[]),
+        (
+            "header_length 104",
+            |p| patch(p, 100, &104u32.to_be_bytes()),
+            &[],
+        ),
+    ];
+    let dir = tmpdir();
+    let base = create(dir.path(), "base.qcow2", "cluster_size=4k", "1M");
+    qemu_io(&base, &["write -P 0xaa 0 64k"]);
+    qemu_img(&["snapshot", "-c", "s", base.to_str().unwrap()]);
+    qemu_img(&["bitmap", "--add", base.to_str().unwrap(), "bm"]);
+    qemu_io(&base, &["write -P 0xbb 0 4k"]);
+    assert_eq!(
+        be32(&base, snap(&base) + 36),
+        24,
+        "expected 24 bytes of snapshot extra data"
+    );
+    for (n, (name, f, allow)) in cases.iter().enumerate() {
+        let image = copy(&base, dir.path(), &format!("p{n}.qcow2"));
+        f(&image);
+        let v = assert_info_agrees(&image, allow);
+        assert!(v.get("error").is_none(), "{name}: {v}");
+    }
+}
