@@ -240,6 +240,20 @@ impl Extensions {
                 let reserved = t.get(r.u32())?;
                 let directory_size = t.get(r.u64())?;
                 let directory_offset = t.get(r.u64())?;
+                let ext = BitmapsExt {
+                    offset: data_at,
+                    nb_bitmaps,
+                    directory_size,
+                    directory_offset,
+                };
+                // Like QEMU, a stale extension (autoclear bit 0 clear: a
+                // program without bitmap support wrote the image) is only
+                // recorded, to be reported; its contents are not checked
+                // and never used.
+                if header.autoclear_features & header::AUTOCLEAR_BITMAPS == 0 {
+                    self.bitmaps = Some(ext);
+                    return Ok(());
+                }
                 let bad = |reason| Error::InvalidBitmapsExtension {
                     offset: data_at,
                     reason,
@@ -278,12 +292,7 @@ impl Extensions {
                         value: directory_offset,
                     });
                 }
-                self.bitmaps = Some(BitmapsExt {
-                    offset: data_at,
-                    nb_bitmaps,
-                    directory_size,
-                    directory_offset,
-                });
+                self.bitmaps = Some(ext);
             }
             EXT_CRYPTO => {
                 if len != 16 {

@@ -513,7 +513,8 @@ impl<S: Source> Image<S> {
                 u64::from(s.l1_size).saturating_mul(8),
             );
         }
-        if let Some(b) = &self.extensions.bitmaps {
+        // A stale bitmaps extension is unchecked and its directory unused.
+        if let Some(b) = self.extensions.bitmaps.filter(|_| !self.bitmaps_stale()) {
             m.add(What::BitmapDirectory, b.directory_offset, b.directory_size);
         }
         for b in &self.bitmaps {
