@@ -596,13 +596,17 @@ fn patched_images_agree() {
     fn snap(p: &Path) -> u64 {
         be64(p, 64)
     }
-    /// Offset of the bitmap directory.
-    fn bitmap_dir(p: &Path) -> u64 {
+    /// Offset of the bitmaps extension's data.
+    fn bitmaps_ext(p: &Path) -> u64 {
         let mut at = u64::from(be32(p, 100));
         while be32(p, at) != 0x2385_2875 {
             at += 8 + u64::from(be32(p, at + 4)).next_multiple_of(8);
         }
-        be64(p, at + 8 + 16)
+        at + 8
+    }
+    /// Offset of the bitmap directory.
+    fn bitmap_dir(p: &Path) -> u64 {
+        be64(p, bitmaps_ext(p) + 16)
     }
     #[allow(clippy::type_complexity)]
     let cases: &[(&str, fn(&Path), &[&str])] = &[
@@ -638,6 +642,19 @@ fn patched_images_agree() {
             &[],
         ),
         ("unknown autoclear bit", |p| patch(p, 95, &[0x81]), &[]),
+        // QEMU ignores the contents of a stale bitmaps extension.
+        (
+            "stale bitmaps extension with invalid fields",
+            |p| {
+                patch(p, 95, &[0]);
+                let e = bitmaps_ext(p);
+                patch(p, e, &[0; 8]); // nb_bitmaps 0, reserved 0
+                patch(p, e + 4, &[1]); // reserved 0x01000000
+                patch(p, e + 8, &u64::MAX.to_be_bytes()); // directory size
+                patch(p, e + 16, &7u64.to_be_bytes()); // unaligned directory
+            },
+            &[],
+        ),
         ("stale bitmaps", |p| patch(p, 95, &[0]), &[]),
         ("bitmap in use", |p| patch(p, bitmap_dir(p) + 15, &[3]), &[]),
         (
@@ -662,5 +679,10 @@ fn patched_images_agree() {
         f(&image);
         let v = assert_info_agrees(&image, allow);
         assert!(v.get("error").is_none(), "{name}: {v}");
+        assert_eq!(
+            v.get("bitmaps-stale").is_some(),
+            name.starts_with("stale"),
+            "{name}: {v}"
+        );
     }
 }
