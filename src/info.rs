@@ -68,7 +68,12 @@ fn info_json(
     let mut top = Map::new();
     top.insert("filename".into(), json!(path.display().to_string()));
     top.insert("format".into(), json!("qcow2"));
-    top.insert("virtual-size".into(), json!(h.size));
+    // QEMU counts the disk in 512-byte sectors and drops a partial last
+    // sector; the header's own value is shown too when they differ.
+    top.insert("virtual-size".into(), json!(h.size & !511));
+    if !h.size.is_multiple_of(512) {
+        top.insert("header-virtual-size".into(), json!(h.size));
+    }
     if let Some(a) = actual_size {
         top.insert("actual-size".into(), json!(a));
     }
@@ -81,7 +86,9 @@ fn info_json(
         "dirty-flag".into(),
         json!(h.incompatible_features & INCOMPAT_DIRTY != 0),
     );
-    if let Some(b) = image.backing_file() {
+    // Like QEMU, an empty name (backing_file_size 0) names no backing
+    // file, and the backing format is shown only with a name.
+    if let Some(b) = image.backing_file().filter(|b| !b.bytes.is_empty()) {
         let name = b.lossy();
         top.insert("backing-filename".into(), json!(name));
         // Resolved the way qemu-img does, as a path only: never opened.
@@ -96,9 +103,9 @@ fn info_json(
                 .map_or(name.clone(), |p| p.join(&name).display().to_string())
         };
         top.insert("full-backing-filename".into(), json!(full));
-    }
-    if let Some(f) = &ext.backing_format {
-        top.insert("backing-filename-format".into(), json!(f.lossy()));
+        if let Some(f) = &ext.backing_format {
+            top.insert("backing-filename-format".into(), json!(f.lossy()));
+        }
     }
     if !image.snapshots().is_empty() {
         let snaps: Vec<Value> = image
