@@ -43,6 +43,7 @@ const QEMU_ONLY: &[&str] = &[
 
 /// Top-level fields of ours that qemu-img does not have.
 const OURS_ONLY: &[&str] = &[
+    "/header-virtual-size",
     "/file-length",
     "/features",
     "/findings",
@@ -662,6 +663,16 @@ fn patched_images_agree() {
             |p| patch(p, 100, &104u32.to_be_bytes()),
             &[],
         ),
+        (
+            "virtual size 1 MiB + 1",
+            |p| patch(p, 24, &((1u64 << 20) + 1).to_be_bytes()),
+            &[],
+        ),
+        (
+            "virtual size 1 MiB - 1",
+            |p| patch(p, 24, &((1u64 << 20) - 1).to_be_bytes()),
+            &[],
+        ),
     ];
     let dir = tmpdir();
     let base = create(dir.path(), "base.qcow2", "cluster_size=4k", "1M");
@@ -685,4 +696,37 @@ fn patched_images_agree() {
             "{name}: {v}"
         );
     }
+}
+
+/// Backing names QEMU does not treat as a backing file: an empty name, and
+/// a backing format extension without a name.
+#[test]
+fn no_backing_file_after_all() {
+    let dir = tmpdir();
+    let d = dir.path();
+    create(d, "base.qcow2", "", "1M");
+    let top = create(
+        d,
+        "top.qcow2",
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+        "1M",
+    );
+    patch(&top, 16, &0u32.to_be_bytes());
+    let v = assert_info_agrees(&top, &["--allow-backing"]);
+    assert!(v.get("backing-filename").is_none(), "{v}");
+    // The library still reports the (empty) name and the policy still
+    // refuses: the header does point at a backing file name.
+    let out = guard(&["info", "--json", top.to_str().unwrap()]);
+    assert_eq!(code(&out), 4);
+
+    let plain = create(d, "plain.qcow2", "", "1M");
+    // A backing format record in place of the feature name table.
+    let mut rec = Vec::new();
+    rec.extend_from_slice(&0xE279_2ACAu32.to_be_bytes());
+    rec.extend_from_slice(&5u32.to_be_bytes());
+    rec.extend_from_slice(b"qcow2\0\0\0");
+    rec.extend_from_slice(&[0; 8]);
+    patch(&plain, 112, &rec);
+    let v = assert_info_agrees(&plain, &[]);
+    assert!(v.get("backing-filename-format").is_none(), "{v}");
 }
