@@ -282,6 +282,8 @@ fn catalogue() -> Vec<Case> {
         // --- Backing file name. ---
         case("backing name inside the header", Backing, |p| { set64(p, 8, 16); 8 }, "invalid_backing_file", "inside the header"),
         case("backing name past the first cluster", Backing, |p| { set64(p, 8, 0xfffa); 8 }, "invalid_backing_file", "first cluster"),
+        case("backing name offset beyond the first cluster", Backing, |p| { set64(p, 8, 0x20000); 8 }, "invalid_backing_file", "first cluster"),
+        case("backing name offset near 2^64", Backing, |p| { set64(p, 8, u64::MAX - 3); 8 }, "invalid_backing_file", "first cluster"),
         case("backing_file_size 1024", Backing, |p| { set32(p, 16, 1024); 16 }, "too_large", "limit of 1023"),
         case("backing_file_size 0xffffffff", Backing, |p| { set32(p, 16, u32::MAX); 16 }, "too_large", ""),
         case("backing name past EOF", Backing, |p| { let o = be64(p, 8); truncate(p, o + 4); 8 }, "past_eof", ""),
@@ -711,4 +713,68 @@ fn mutations_do_not_panic() {
         (100..1600).contains(&opened),
         "{opened} of 1750 mutants opened"
     );
+}
+
+/// Hostile L1 and L2 entries, seen through `Image::cluster(0)`: the image
+/// opens (entries are checked when used) and mapping guest offset 0 fails
+/// with the exact code at the entry's file offset.
+#[test]
+fn cluster_catalogue() {
+    /// (description, extended L2, patch returning the expected offset, code)
+    type ClusterCase = (&'static str, bool, fn(&Path) -> u64, &'static str);
+    fn l1(p: &Path) -> u64 {
+        be64(p, 40)
+    }
+    fn l2(p: &Path) -> u64 {
+        be64(p, l1(p)) & 0x00ff_ffff_ffff_fe00
+    }
+    #[rustfmt::skip]
+    let cases: &[ClusterCase] = &[
+        ("L1 entry reserved bit 1", false, |p| { set64(p, l1(p), be64(p, l1(p)) | 2); l1(p) }, "reserved_bits"),
+        ("L1 entry reserved bit 56", false, |p| { set64(p, l1(p), be64(p, l1(p)) | 1 << 56); l1(p) }, "reserved_bits"),
+        ("L1 entry unaligned", false, |p| { set64(p, l1(p), be64(p, l1(p)) + 0x200); l1(p) }, "unaligned"),
+        ("L1 entry past EOF", false, |p| { set64(p, l1(p), past_end(p) | 1 << 63); l1(p) }, "past_eof"),
+        ("L1 entry pointing at the refcount table", false, |p| { set64(p, l1(p), be64(p, 48) | 1 << 63); l1(p) }, "metadata_overlap"),
+        ("L1 entry pointing at itself", false, |p| { set64(p, l1(p), l1(p) | 1 << 63); l1(p) }, "metadata_overlap"),
+        ("L2 entry reserved bit 5", false, |p| { let e = l2(p); set64(p, e, be64(p, e) | 1 << 5); e }, "reserved_bits"),
+        ("L2 entry host offset at 2^56", false, |p| { let e = l2(p); set64(p, e, 1 << 56 | 1 << 63); e }, "reserved_bits"),
+        ("L2 entry unaligned", false, |p| { let e = l2(p); set64(p, e, be64(p, e) + 0x200); e }, "unaligned"),
+        ("L2 entry past EOF", false, |p| { let e = l2(p); set64(p, e, past_end(p) | 1 << 63); e }, "past_eof"),
+        ("L2 entry pointing at the L1 table", false, |p| { let e = l2(p); set64(p, e, l1(p) | 1 << 63); e }, "metadata_overlap"),
+        ("L2 entry pointing at its own table", false, |p| { let e = l2(p); set64(p, e, e | 1 << 63); e }, "metadata_overlap"),
+        ("compressed entry with the copied bit", false, |p| { let e = l2(p); set64(p, e, 3 << 62 | 0x50000); e }, "invalid_compressed_entry"),
+        ("compressed entry past EOF", false, |p| { let e = l2(p); set64(p, e, 1 << 62 | (len(p) + 0x100)); e }, "compressed_past_eof"),
+        ("compressed entry in the header", false, |p| { let e = l2(p); set64(p, e, 1 << 62 | 0x100); e }, "metadata_overlap"),
+        ("subcluster allocated and zero", true, |p| { let e = l2(p); set64(p, e + 8, 1 << 32 | 1); e + 8 }, "invalid_subcluster_bitmap"),
+        ("subclusters allocated without a host cluster", true, |p| { let e = l2(p); set64(p, e, 0); set64(p, e + 8, 1); e + 8 }, "invalid_subcluster_bitmap"),
+        ("compressed entry with a subcluster bitmap", true, |p| { let e = l2(p); set64(p, e, 1 << 62 | 0x50000); set64(p, e + 8, 1); e }, "invalid_compressed_entry"),
+    ];
+    let dir = tmpdir();
+    let plain = build(Base::V3, dir.path());
+    let ext = create(dir.path(), "ext.qcow2", "extended_l2=on", "1M");
+    qemu_io(&ext, &["write -P 0xaa 0 64k", "write -P 0x55 512k 4k"]);
+    let mut failures = Vec::new();
+    for (n, (name, extended, f, want)) in cases.iter().enumerate() {
+        let base = if *extended { &ext } else { &plain };
+        let image = copy(base, dir.path(), &format!("cluster{n}.qcow2"));
+        let offset = f(&image);
+        let img = match Image::open(FileSource::open(&image).unwrap()) {
+            Ok(i) => i,
+            Err(e) => {
+                failures.push(format!("{name}: open failed: {e}"));
+                continue;
+            }
+        };
+        match img.cluster(0) {
+            Err(e) if (e.code(), e.offset()) == (*want, offset) => {}
+            other => failures.push(format!("{name}: want {want} at {offset:#x}, got {other:?}")),
+        }
+        // The rest of the disk still maps (another L2 entry).
+        if let Err(e) = img.cluster(512 << 10) {
+            if !name.starts_with("L1") {
+                failures.push(format!("{name}: cluster(512k): {e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

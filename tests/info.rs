@@ -347,6 +347,7 @@ matrix! {
     compressed_zlib_512 => |d| compressed(d, "cluster_size=512");
     compressed_zstd => |d| compressed(d, "compression_type=zstd,cluster_size=4k");
     compressed_v2 => |d| compressed(d, "compat=0.10");
+    compressed_2m => |d| compressed(d, "cluster_size=2M,compression_type=zstd");
     extended_l2_16k => |d| with_data(d, "a.qcow2", "extended_l2=on,cluster_size=16k");
     extended_l2_64k => |d| with_data(d, "a.qcow2", "extended_l2=on");
     extended_l2_2m => |d| {
@@ -415,6 +416,18 @@ matrix! {
             ..Built::plain(image)
         }
     };
+    backing_v2 => |d| {
+        let base = create(d, "base.qcow2", "compat=0.10", "1M");
+        qemu_io(&base, &["write -P 0x42 0 512k"]);
+        let image = create(d, "top.qcow2", "compat=0.10,backing_file=base.qcow2,backing_fmt=qcow2", "1M");
+        qemu_io(&image, &["write -P 0xaa 64k 64k"]);
+        Built {
+            exit: 4,
+            refused: &["policy_backing_file"],
+            allow: &["--allow-backing"],
+            ..Built::plain(image)
+        }
+    };
     backing_raw_absolute => |d| {
         let base = d.join("base.raw");
         write_raw(&base, 1 << 20, 3);
@@ -450,6 +463,21 @@ matrix! {
         );
         let image = create(d, "a.qcow2", &opts, "1M");
         qemu_io(&image, &["write -P 0xaa 0 64k", "write -P 0x55 512k 4k"]);
+        Built {
+            data_file: Some(d.join("a.data")),
+            exit: 4,
+            refused: &["policy_external_data_file"],
+            allow: &["--allow-data-file"],
+            ..Built::plain(image)
+        }
+    };
+    data_file_extended_l2 => |d| {
+        let opts = format!(
+            "data_file={},extended_l2=on,cluster_size=32k",
+            d.join("a.data").display()
+        );
+        let image = create(d, "a.qcow2", &opts, "1M");
+        qemu_io(&image, &["write -P 0xaa 0 4k", "write -z 8k 4k", "write -P 0x55 512k 40k"]);
         Built {
             data_file: Some(d.join("a.data")),
             exit: 4,
