@@ -778,3 +778,33 @@ fn cluster_catalogue() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Paths that are not images at all: exit 1 with a JSON error.
+#[test]
+fn not_images() {
+    let dir = tmpdir();
+    let missing = dir.path().join("missing.qcow2");
+    let cases = [
+        (missing.to_str().unwrap(), "unreadable"),
+        (dir.path().to_str().unwrap(), "io_error"),
+        ("/dev/null", "file_too_short"),
+    ];
+    for (path, want) in cases {
+        let out = guard(&["info", "--json", path]);
+        let v = json(&out);
+        assert_eq!(
+            (
+                code(&out),
+                v["error"]["code"].as_str(),
+                v["exit-code"].as_u64()
+            ),
+            (1, Some(want), Some(1)),
+            "{path}: {v}"
+        );
+        // Without --json: nothing on stdout, one line on stderr.
+        let out = guard(&["info", path]);
+        assert_eq!(code(&out), 1);
+        assert!(out.stdout.is_empty());
+        assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    }
+}
