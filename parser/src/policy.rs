@@ -47,7 +47,8 @@ impl Policy {
                 msg,
             ));
         };
-        if h.has_backing_file() && !self.allow_backing {
+        // QEMU treats an empty name as no backing file: nothing can be opened.
+        if h.has_backing_file() && h.backing_file_size > 0 && !self.allow_backing {
             refuse(
                 code::BACKING_FILE,
                 field::BACKING_FILE_OFFSET,
