@@ -1,0 +1,1119 @@
+//! `check`: walk every piece of metadata of an opened image, rebuild the
+//! refcount of every host cluster, and report what is wrong.
+//!
+//! Stricter than `qemu-img check`, which never decompresses payloads, never
+//! looks for overlaps between metadata structures, and never compares
+//! ranges with the end of the file. Where `qemu-img check` reports a
+//! corruption we report one too; where it reports only leaks we report
+//! leaks (the same definitions: a stored refcount lower than the number of
+//! references, or a referenced cluster the refcount table does not cover,
+//! is a corruption; a stored refcount higher than needed is a leak; bit 63
+//! of active L1 and L2 entries must say "refcount is exactly one").
+//!
+//! Decoding stays in the structure modules ([`crate::l1l2`],
+//! [`crate::refcount`], [`crate::bitmap`], [`crate::compressed`]); this
+//! module judges the decoded values against each other.
+//!
+//! Bounds: the rebuilt and stored refcount arrays hold one `u32` each per
+//! host cluster of the *file* (`file length / cluster size`, rounded up),
+//! never a count the header claims; an image that would need more than
+//! [`CheckOptions::max_tracked_clusters`] is refused (`too_large_to_check`,
+//! verdict `invalid`, exit 1). Each distinct L1, L2, bitmap and refcount
+//! table is read once, one cluster at a time, so time is linear in the
+//! metadata plus the compressed data. Findings are capped
+//! ([`CheckOptions::max_findings`]); past the cap only per-code counts grow.
+//!
+//! Dirty images (incompatible bit 0, lazy refcounts): their refcounts are
+//! stale by design and QEMU rebuilds them on the next read-write open, so
+//! refcount mismatches and copied-flag mismatches in a dirty image are
+//! reported as `warning`s that count towards the `leaks` verdict (exit 3,
+//! "repairable with `qemu-img check -r all`") rather than `corrupt`.
+//! Structural problems (overlaps, bad entries, bad payloads) stay errors.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::bitmap;
+use crate::compressed::{self, Descriptor};
+use crate::error::{Error, What};
+use crate::finding::{Category, Finding, Severity};
+use crate::header::{Geometry, INCOMPAT_DIRTY};
+use crate::l1l2::{Cluster, L1Entry, L2Table};
+use crate::metadata::MetadataMap;
+use crate::policy::Policy;
+use crate::refcount;
+use crate::source::{be_u64s, read_into, span, Source};
+use crate::Image;
+
+/// Finding codes of the check (decode errors keep their [`Error::code`],
+/// policy findings their [`crate::policy::code`]).
+pub mod code {
+    /// A host cluster is referenced more often than its stored refcount says.
+    pub const REFCOUNT_TOO_LOW: &str = "refcount_too_low";
+    /// A referenced host cluster is not covered by the refcount table.
+    pub const REFCOUNT_BEYOND_TABLE: &str = "refcount_beyond_table";
+    /// A host cluster's stored refcount is higher than its references.
+    pub const LEAKED_CLUSTER: &str = "leaked_cluster";
+    /// Bit 63 of an active L1 or L2 entry disagrees with the refcount.
+    pub const COPIED_FLAG_MISMATCH: &str = "copied_flag_mismatch";
+    /// Two metadata structures share host clusters.
+    pub const METADATA_OVERLAP: &str = "metadata_overlap";
+    /// A data cluster or compressed range lies in a metadata cluster.
+    pub const DATA_OVERLAPS_METADATA: &str = "data_overlaps_metadata";
+    /// One L2 table is referenced by several entries of the same L1 table.
+    pub const L2_TABLE_SHARED: &str = "l2_table_shared";
+    /// A snapshot L1 table too small for the snapshot's disk size.
+    pub const SNAPSHOT_L1_TOO_SMALL: &str = "snapshot_l1_too_small";
+    /// Two snapshots have the same ID.
+    pub const DUPLICATE_SNAPSHOT_ID: &str = "duplicate_snapshot_id";
+    /// A persistent bitmap is marked in use (not saved cleanly).
+    pub const BITMAP_IN_USE: &str = "bitmap_in_use";
+    /// The bitmaps extension is present but stale and was ignored.
+    pub const STALE_BITMAPS: &str = "stale_bitmaps";
+    /// Bit 0 (zero flag) of a standard L2 entry in a version 2 image.
+    pub const ZERO_FLAG_IN_V2: &str = "zero_flag_in_v2";
+    /// The decompression budget of [`crate::Limits`] ran out.
+    pub const DECOMPRESS_BUDGET: &str = "decompress_budget_exhausted";
+    /// The file has more clusters than the check may track.
+    pub const TOO_LARGE_TO_CHECK: &str = "too_large_to_check";
+}
+
+/// What to check and how much to spend on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOptions {
+    /// The safety policy to apply (its findings decide `unsafe`).
+    pub policy: Policy,
+    /// Decompress every compressed payload (the default). Off: only the
+    /// descriptors are checked ("metadata only").
+    pub decompress: bool,
+    /// Findings stored in the report; later ones are only counted.
+    pub max_findings: usize,
+    /// Most host clusters (file length / cluster size) the refcount
+    /// rebuild may track; 8 bytes of memory each.
+    pub max_tracked_clusters: u64,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            policy: Policy::default(),
+            decompress: true,
+            max_findings: 1000,
+            max_tracked_clusters: 1 << 26,
+        }
+    }
+}
+
+impl CheckOptions {
+    /// Metadata checks only (no decompression), under `policy`: what
+    /// `convert` runs before it writes.
+    pub fn metadata_only(policy: Policy) -> Self {
+        CheckOptions {
+            policy,
+            decompress: false,
+            ..CheckOptions::default()
+        }
+    }
+}
+
+/// The overall outcome, worst first: `invalid` > `corrupt` > `unsafe` >
+/// `leaks` > `ok`.
+///
+/// A corrupt image that is also refused by the policy is `corrupt` (exit
+/// 2), with both kinds of findings listed: corruption is a property of the
+/// bytes that no `--allow-*` flag can relax, so an import service must not
+/// be invited to retry with a relaxed policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    /// Consistent (warnings allowed). Exit 0.
+    Ok,
+    /// Only leaked clusters (or stale refcounts of a dirty image). Exit 3.
+    Leaks,
+    /// Well formed but refused by the safety policy. Exit 4.
+    Unsafe,
+    /// Corrupt. Exit 2.
+    Corrupt,
+    /// Could not be opened or checked at all. Exit 2 for a malformed
+    /// qcow2 header, 1 when not a qcow2 image, unreadable, or too large to
+    /// check.
+    Invalid,
+}
+
+impl Verdict {
+    /// `ok`, `leaks`, `unsafe`, `corrupt` or `invalid`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Leaks => "leaks",
+            Verdict::Unsafe => "unsafe",
+            Verdict::Corrupt => "corrupt",
+            Verdict::Invalid => "invalid",
+        }
+    }
+}
+
+/// Numbers about the image, in the spirit of `qemu-img check`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Guest clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Host clusters of the file (rounded up).
+    pub host_clusters: u64,
+    /// Guest clusters of the active L1 table backed by a host cluster
+    /// (data, preallocated zero, compressed).
+    pub allocated_clusters: u64,
+    /// Of those, compressed.
+    pub compressed_clusters: u64,
+    /// Of those, not contiguous with the previous one (compressed clusters
+    /// always count, as in QEMU).
+    pub fragmented_clusters: u64,
+    /// One past the last host cluster with a stored or needed refcount.
+    pub image_end_offset: u64,
+    /// Host clusters whose stored refcount is too low (or uncovered).
+    pub corruptions: u64,
+    /// Host clusters whose stored refcount is too high.
+    pub leaks: u64,
+    /// Distinct L2 tables walked.
+    pub l2_tables: u64,
+    /// Compressed payloads decompressed and verified.
+    pub decompressed_clusters: u64,
+}
+
+/// The result of a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub verdict: Verdict,
+    /// The process exit status for this verdict (shared table: 0 ok,
+    /// 1 not checked, 2 corrupt, 3 leaks, 4 unsafe).
+    pub exit_code: u8,
+    /// The first [`CheckOptions::max_findings`] findings, in walk order.
+    pub findings: Vec<Finding>,
+    /// Number of findings per code, including those not stored.
+    pub counts: BTreeMap<&'static str, u64>,
+    /// Findings counted but not stored.
+    pub omitted: u64,
+    pub stats: Stats,
+}
+
+impl Report {
+    /// The report for an image that could not be opened.
+    pub fn from_open_error(err: &Error) -> Report {
+        let mut f = Findings::new(1);
+        f.push(Finding::corruption(err));
+        let not_checked = err.is_not_qcow2() || err.is_io();
+        f.into_report(Stats::default(), Some(if not_checked { 1 } else { 2 }))
+    }
+
+    /// Whether any finding has `code`.
+    pub fn has(&self, code: &str) -> bool {
+        self.counts.contains_key(code)
+    }
+
+    /// Whether `convert` must refuse the image: error findings (corrupt,
+    /// invalid) or policy violations. Leaks and warnings do not block it.
+    pub fn blocks_convert(&self) -> bool {
+        matches!(
+            self.verdict,
+            Verdict::Corrupt | Verdict::Unsafe | Verdict::Invalid
+        )
+    }
+}
+
+/// Findings with a storage cap and per-code counts.
+struct Findings {
+    list: Vec<Finding>,
+    counts: BTreeMap<&'static str, u64>,
+    omitted: u64,
+    cap: usize,
+    corrupt: bool,
+    unsafe_: bool,
+    leaks: bool,
+    not_checked: bool,
+}
+
+impl Findings {
+    fn new(cap: usize) -> Findings {
+        Findings {
+            list: Vec::new(),
+            counts: BTreeMap::new(),
+            omitted: 0,
+            cap,
+            corrupt: false,
+            unsafe_: false,
+            leaks: false,
+            not_checked: false,
+        }
+    }
+
+    fn push(&mut self, f: Finding) {
+        match (f.category, f.severity) {
+            (Category::Corruption, Severity::Error) => self.corrupt = true,
+            (Category::Policy, Severity::Error) => self.unsafe_ = true,
+            (Category::Leak, _) => self.leaks = true,
+            (Category::Other, Severity::Error) => self.not_checked = true,
+            _ => {}
+        }
+        let n = self.counts.entry(f.code).or_insert(0);
+        *n = n.saturating_add(1);
+        if self.list.len() < self.cap {
+            self.list.push(f);
+        } else {
+            self.omitted = self.omitted.saturating_add(1);
+        }
+    }
+
+    fn error(&mut self, e: &Error) {
+        self.push(Finding::corruption(e));
+    }
+
+    fn into_report(self, stats: Stats, invalid_exit: Option<u8>) -> Report {
+        let (verdict, exit_code) = if let Some(code) = invalid_exit {
+            (Verdict::Invalid, code)
+        } else if self.not_checked {
+            (Verdict::Invalid, 1)
+        } else if self.corrupt {
+            (Verdict::Corrupt, 2)
+        } else if self.unsafe_ {
+            (Verdict::Unsafe, 4)
+        } else if self.leaks {
+            (Verdict::Leaks, 3)
+        } else {
+            (Verdict::Ok, 0)
+        };
+        Report {
+            verdict,
+            exit_code,
+            findings: self.list,
+            counts: self.counts,
+            omitted: self.omitted,
+            stats,
+        }
+    }
+}
+
+/// Check `image` completely: policy, every metadata structure, refcounts,
+/// overlaps, and (with [`CheckOptions::decompress`]) every compressed
+/// payload.
+pub fn check<S: Source>(image: &Image<S>, opts: &CheckOptions) -> Report {
+    let mut findings = Findings::new(opts.max_findings);
+    for f in image.policy_findings(&opts.policy) {
+        findings.push(f);
+    }
+    let g = *image.geometry();
+    let file_len = image.file_len();
+    let nb = file_len.div_ceil(g.cluster_size);
+    let stats = Stats {
+        total_clusters: image.virtual_size().div_ceil(g.cluster_size),
+        host_clusters: nb,
+        ..Stats::default()
+    };
+    let tracked = match usize::try_from(nb) {
+        Ok(n) if nb <= opts.max_tracked_clusters => n,
+        _ => {
+            findings.push(Finding::new(
+                code::TOO_LARGE_TO_CHECK,
+                Severity::Error,
+                Category::Other,
+                0,
+                format!(
+                    "file has {nb} host clusters; the check tracks at most {}",
+                    opts.max_tracked_clusters
+                ),
+            ));
+            return findings.into_report(stats, None);
+        }
+    };
+    let mut walk = Walk {
+        img: image,
+        g,
+        file_len,
+        nb,
+        dirty: image.header().incompatible_features & INCOMPAT_DIRTY != 0,
+        data_file: image.header().has_data_file(),
+        computed: vec![0; tracked],
+        stored: vec![0; tracked],
+        unknown_blocks: HashSet::new(),
+        meta: Vec::new(),
+        meta_bits: Bits::new(tracked),
+        map: MetadataMap::default(),
+        f: findings,
+        stats,
+        decompress: opts.decompress && image.header().crypt_method == 0,
+        decompressed: 0,
+        in_buf: Vec::new(),
+        out_buf: Vec::new(),
+        next_contiguous: None,
+    };
+    walk.run();
+    walk.f.into_report(walk.stats, None)
+}
+
+/// The metadata-only check `convert` runs before writing: everything
+/// [`check`] does except decompressing payloads. Refuse the image when
+/// [`Report::blocks_convert`] is true.
+pub fn check_metadata<S: Source>(image: &Image<S>, policy: &Policy) -> Report {
+    check(image, &CheckOptions::metadata_only(policy.clone()))
+}
+
+/// One cluster bit per tracked host cluster.
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: usize) -> Bits {
+        Bits(vec![0; n.div_ceil(64)])
+    }
+    fn set(&mut self, i: u64) {
+        if let Some(w) = usize::try_from(i / 64).ok().and_then(|w| self.0.get_mut(w)) {
+            *w |= 1u64 << (i % 64);
+        }
+    }
+    fn get(&self, i: u64) -> bool {
+        usize::try_from(i / 64)
+            .ok()
+            .and_then(|w| self.0.get(w))
+            .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
+    }
+}
+
+/// A metadata structure found during the walk.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    what: What,
+    start: u64,
+    len: u64,
+    /// Where the reference to it was found.
+    at: u64,
+}
+
+/// A table referenced from several places, walked once.
+#[derive(Debug, Clone, Copy)]
+struct TableRef {
+    /// Number of references.
+    refs: u32,
+    /// References from the active L1 table.
+    active: u32,
+    /// Where the first reference was found.
+    at: u64,
+    /// L1 index of the first reference (for guest offsets).
+    l1_index: u64,
+}
+
+struct Walk<'a, S> {
+    img: &'a Image<S>,
+    g: Geometry,
+    file_len: u64,
+    nb: u64,
+    dirty: bool,
+    data_file: bool,
+    /// References found, per host cluster (saturating).
+    computed: Vec<u32>,
+    /// Stored refcounts, per host cluster (clamped to u32::MAX).
+    stored: Vec<u32>,
+    /// Refcount table indexes whose block could not be read.
+    unknown_blocks: HashSet<u64>,
+    meta: Vec<Meta>,
+    meta_bits: Bits,
+    map: MetadataMap,
+    f: Findings,
+    stats: Stats,
+    decompress: bool,
+    decompressed: u64,
+    in_buf: Vec<u8>,
+    out_buf: Vec<u8>,
+    next_contiguous: Option<u64>,
+}
+
+fn idx(i: u64) -> usize {
+    usize::try_from(i).unwrap_or(usize::MAX)
+}
+
+impl<S: Source> Walk<'_, S> {
+    fn run(&mut self) {
+        self.stored_refcounts();
+        let h = self.img.header().clone();
+        let cs = self.g.cluster_size;
+
+        // Fixed structures.
+        self.add_meta(What::Header, 0, cs, 0);
+        self.add_meta(
+            What::L1Table,
+            h.l1_table_offset,
+            u64::from(h.l1_size).saturating_mul(8),
+            crate::header::field::L1_TABLE_OFFSET,
+        );
+        self.add_meta(
+            What::RefcountTable,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters).saturating_mul(cs),
+            crate::header::field::REFCOUNT_TABLE_OFFSET,
+        );
+        if let Some(last) = self.img.snapshots().last() {
+            let end = crate::image::snapshot_entry_end(last);
+            self.add_meta(
+                What::SnapshotTable,
+                h.snapshots_offset,
+                end.saturating_sub(h.snapshots_offset),
+                crate::header::field::SNAPSHOTS_OFFSET,
+            );
+        }
+        if let Some(b) = &self.img.extensions().bitmaps {
+            if !self.img.bitmaps_stale() {
+                self.add_meta(
+                    What::BitmapDirectory,
+                    b.directory_offset,
+                    b.directory_size,
+                    b.offset,
+                );
+            }
+        }
+        if let Some(c) = &self.img.extensions().crypto {
+            self.add_meta(
+                What::CryptoHeader,
+                c.header_offset,
+                c.header_length,
+                c.offset,
+            );
+        }
+        if self.img.bitmaps_stale() {
+            let at = self
+                .img
+                .extensions()
+                .bitmaps
+                .as_ref()
+                .map_or(0, |b| b.offset);
+            self.f.push(Finding::new(
+                code::STALE_BITMAPS,
+                Severity::Info,
+                Category::Other,
+                at,
+                "bitmaps extension without autoclear bit 0: stale, ignored",
+            ));
+        }
+
+        // L1 tables (active, then distinct snapshot tables) -> L2 tables.
+        let mut l2s: HashMap<u64, TableRef> = HashMap::new();
+        let mut l2_order: Vec<u64> = Vec::new();
+        let active = self.img.l1_table().to_vec();
+        self.l1_entries(&active, h.l1_table_offset, 1, true, &mut l2s, &mut l2_order);
+        self.snapshots(&mut l2s, &mut l2_order);
+        for &off in &l2_order {
+            if let Some(r) = l2s.get(&off).copied() {
+                self.add_meta(What::L2Table, off, cs, r.at);
+                if r.refs > 1 && off.saturating_add(cs) <= self.file_len {
+                    self.reference(off, r.refs.saturating_sub(1));
+                }
+            }
+        }
+        self.bitmaps();
+
+        // Every metadata structure is known: overlaps between them.
+        self.metadata_overlaps();
+
+        // Data clusters.
+        for off in l2_order {
+            if let Some(r) = l2s.get(&off).copied() {
+                self.l2_table(off, r);
+            }
+        }
+        self.compare_refcounts();
+    }
+
+    fn downgradable(&self, code: &'static str, offset: u64, msg: String) -> Finding {
+        if self.dirty {
+            Finding::new(
+                code,
+                Severity::Warning,
+                Category::Leak,
+                offset,
+                format!("{msg} (image is dirty: refcounts are rebuilt by `qemu-img check -r all`)"),
+            )
+        } else {
+            Finding::new(code, Severity::Error, Category::Corruption, offset, msg)
+        }
+    }
+
+    /// Load stored refcounts; account for the refcount blocks themselves.
+    fn stored_refcounts(&mut self) {
+        let g = self.g;
+        let per = g.refcount_block_entries;
+        let table_at = self.img.header().refcount_table_offset;
+        let entries = self.img.refcount_table().len();
+        let mut block = vec![0u8; idx(g.cluster_size)];
+        for t in 0..entries {
+            let t = u64::try_from(t).unwrap_or(u64::MAX);
+            let at = table_at.saturating_add(t.saturating_mul(8));
+            let off = match self.img.refcount_block_offset(t) {
+                Ok(Some(off)) => off,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.f.error(&e);
+                    self.unknown_blocks.insert(t);
+                    continue;
+                }
+            };
+            if let Err(e) = span(What::RefcountBlock, at, off, g.cluster_size, self.file_len) {
+                self.f.error(&e);
+                self.unknown_blocks.insert(t);
+                continue;
+            }
+            self.add_meta(What::RefcountBlock, off, g.cluster_size, at);
+            let first = t.saturating_mul(per);
+            if first >= self.nb {
+                continue;
+            }
+            if let Err(e) = read_into(self.img.source(), off, &mut block) {
+                self.f.error(&e);
+                self.unknown_blocks.insert(t);
+                continue;
+            }
+            let n = per.min(self.nb.saturating_sub(first));
+            for j in 0..n {
+                let v = refcount::get(&block, g.refcount_order, j).unwrap_or(0);
+                if let Some(s) = self.stored.get_mut(idx(first.saturating_add(j))) {
+                    *s = u32::try_from(v).unwrap_or(u32::MAX);
+                }
+            }
+        }
+    }
+
+    /// Stored refcount of host cluster `c`, or `None` when unknown.
+    fn stored(&self, c: u64) -> Option<u32> {
+        let t = c.checked_div(self.g.refcount_block_entries)?;
+        if self.unknown_blocks.contains(&t) {
+            return None;
+        }
+        self.stored.get(idx(c)).copied()
+    }
+
+    /// Count one reference (times `refs`) to the cluster holding `offset`.
+    fn reference(&mut self, offset: u64, refs: u32) {
+        let c = self.g.cluster_index(offset);
+        if let Some(n) = self.computed.get_mut(idx(c)) {
+            *n = n.saturating_add(refs);
+        }
+    }
+
+    /// Count references to every cluster of `start .. start + len`.
+    fn reference_range(&mut self, start: u64, len: u64, refs: u32) {
+        if len == 0 {
+            return;
+        }
+        let first = self.g.cluster_index(start);
+        let last = self
+            .g
+            .cluster_index(start.saturating_add(len).saturating_sub(1))
+            .min(self.nb.saturating_sub(1));
+        let mut c = first;
+        while c <= last {
+            if let Some(n) = self.computed.get_mut(idx(c)) {
+                *n = n.saturating_add(refs);
+            }
+            c = c.saturating_add(1);
+            if c == u64::MAX {
+                break;
+            }
+        }
+    }
+
+    /// Record a metadata structure: it must lie in the file; its clusters
+    /// are referenced once.
+    fn add_meta(&mut self, what: What, start: u64, len: u64, at: u64) {
+        if len == 0 {
+            return;
+        }
+        if let Err(e) = span(what, at, start, len, self.file_len) {
+            self.f.error(&e);
+            return;
+        }
+        self.reference_range(start, len, 1);
+        self.meta.push(Meta {
+            what,
+            start,
+            len,
+            at,
+        });
+        self.map.add(what, start, len);
+        let first = self.g.cluster_index(start);
+        let last = self
+            .g
+            .cluster_index(start.saturating_add(len).saturating_sub(1));
+        let mut c = first;
+        while c <= last && c < self.nb {
+            self.meta_bits.set(c);
+            c = c.saturating_add(1);
+        }
+    }
+
+    /// Walk the entries of an L1 table, collecting L2 tables.
+    fn l1_entries(
+        &mut self,
+        entries: &[u64],
+        table_at: u64,
+        refs: u32,
+        active: bool,
+        l2s: &mut HashMap<u64, TableRef>,
+        order: &mut Vec<u64>,
+    ) {
+        let mut seen_here: HashMap<u64, u64> = HashMap::new();
+        for (i, &raw) in entries.iter().enumerate() {
+            let i = u64::try_from(i).unwrap_or(u64::MAX);
+            let at = table_at.saturating_add(i.saturating_mul(8));
+            let e = match L1Entry::decode(raw, at, &self.g) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.f.error(&e);
+                    continue;
+                }
+            };
+            let Some(l2) = e.l2_offset else { continue };
+            if let Some(first) = seen_here.insert(l2, at) {
+                self.f.push(Finding::new(
+                    code::L2_TABLE_SHARED,
+                    Severity::Warning,
+                    Category::Other,
+                    at,
+                    format!(
+                        "L1 entry at {at:#x} points to the L2 table at {l2:#x}, like the entry at {first:#x}"
+                    ),
+                ));
+            }
+            if active {
+                self.copied_check(e.copied, l2, at, "L1 entry (L2 table)");
+            }
+            let r = l2s.entry(l2).or_insert_with(|| {
+                order.push(l2);
+                TableRef {
+                    refs: 0,
+                    active: 0,
+                    at,
+                    l1_index: i,
+                }
+            });
+            r.refs = r.refs.saturating_add(refs);
+            if active {
+                r.active = r.active.saturating_add(1);
+            }
+        }
+    }
+
+    /// Bit 63 must be set exactly when the stored refcount is one. Checked
+    /// for the active tables only, like QEMU.
+    fn copied_check(&mut self, copied: bool, host: u64, at: u64, what: &str) {
+        let c = self.g.cluster_index(host);
+        if c >= self.nb {
+            return;
+        }
+        let Some(stored) = self.stored(c) else { return };
+        if copied != (stored == 1) {
+            let msg = format!(
+                "{what} at {at:#x}: copied flag is {} but the refcount of {host:#x} is {stored}",
+                u8::from(copied)
+            );
+            let f = self.downgradable(code::COPIED_FLAG_MISMATCH, at, msg);
+            self.f.push(f);
+        }
+    }
+
+    fn snapshots(&mut self, l2s: &mut HashMap<u64, TableRef>, order: &mut Vec<u64>) {
+        let snaps = self.img.snapshots().to_vec();
+        let mut ids: HashMap<&str, u64> = HashMap::new();
+        for s in &snaps {
+            if let Some(first) = ids.insert(s.id.as_str(), s.entry_offset) {
+                self.f.push(Finding::new(
+                    code::DUPLICATE_SNAPSHOT_ID,
+                    Severity::Error,
+                    Category::Corruption,
+                    s.entry_offset,
+                    format!(
+                        "snapshot ID {:?} at {:#x} is also used at {first:#x}",
+                        s.id, s.entry_offset
+                    ),
+                ));
+            }
+            if let Some(size) = s.disk_size {
+                let needed = self.g.l1_entries_for(size);
+                if u64::from(s.l1_size) < needed {
+                    self.f.push(Finding::new(
+                        code::SNAPSHOT_L1_TOO_SMALL,
+                        Severity::Error,
+                        Category::Corruption,
+                        s.entry_offset.saturating_add(8),
+                        format!(
+                            "snapshot {:?}: L1 table has {} entries, its disk size {size} needs {needed}",
+                            s.id, s.l1_size
+                        ),
+                    ));
+                }
+            }
+        }
+        // Identical tables are walked once, with their multiplicity;
+        // overlapping different ones are reported by the overlap pass and
+        // only the first is walked (bounds the work by the file length).
+        let mut tables: Vec<(u64, u64, u64, u32)> = Vec::new(); // start, bytes, at, refs
+        let mut index: HashMap<(u64, u64), usize> = HashMap::new();
+        for s in &snaps {
+            let bytes = u64::from(s.l1_size).saturating_mul(8);
+            if bytes == 0 {
+                continue;
+            }
+            let key = (s.l1_table_offset, bytes);
+            match index.get(&key).and_then(|&i| tables.get_mut(i)) {
+                Some(t) => t.3 = t.3.saturating_add(1),
+                None => {
+                    index.insert(key, tables.len());
+                    tables.push((s.l1_table_offset, bytes, s.entry_offset, 1));
+                }
+            }
+        }
+        tables.sort_by_key(|t| t.0);
+        let mut walked_end = 0u64;
+        for (start, bytes, at, refs) in tables {
+            self.add_meta(What::SnapshotL1Table, start, bytes, at);
+            if refs > 1 {
+                self.reference_range(start, bytes, refs.saturating_sub(1));
+            }
+            if start < walked_end {
+                continue;
+            }
+            let end = start.saturating_add(bytes);
+            if end > self.file_len {
+                continue;
+            }
+            walked_end = end;
+            let mut raw =
+                vec![0u8; idx(bytes.min(self.img.limits().max_l1_entries.saturating_mul(8)))];
+            if let Err(e) = read_into(self.img.source(), start, &mut raw) {
+                self.f.error(&e);
+                continue;
+            }
+            let entries = be_u64s(&raw);
+            self.l1_entries(&entries, start, refs, false, l2s, order);
+        }
+    }
+
+    fn bitmaps(&mut self) {
+        let cs = self.g.cluster_size;
+        let mut bitmaps = self.img.bitmaps().to_vec();
+        bitmaps.sort_by_key(|b| b.table_offset);
+        let mut walked_end = 0u64;
+        let mut chunk = vec![0u8; idx(cs)];
+        for b in &bitmaps {
+            if b.flags & bitmap::FLAG_IN_USE != 0 {
+                self.f.push(Finding::new(
+                    code::BITMAP_IN_USE,
+                    Severity::Warning,
+                    Category::Other,
+                    b.entry_offset,
+                    format!("bitmap {:?} is marked in use (inconsistent)", b.name),
+                ));
+            }
+            let bytes = u64::from(b.table_size).saturating_mul(8);
+            if bytes == 0 {
+                continue;
+            }
+            self.add_meta(What::BitmapTable, b.table_offset, bytes, b.entry_offset);
+            let end = b.table_offset.saturating_add(bytes);
+            if end > self.file_len || b.table_offset < walked_end {
+                continue;
+            }
+            walked_end = end;
+            let mut pos = b.table_offset;
+            while pos < end {
+                let n = end.saturating_sub(pos).min(cs);
+                let Some(buf) = chunk.get_mut(..idx(n)) else {
+                    break;
+                };
+                if let Err(e) = read_into(self.img.source(), pos, buf) {
+                    self.f.error(&e);
+                    break;
+                }
+                let words = be_u64s(buf);
+                for (k, &raw) in words.iter().enumerate() {
+                    let at = pos.saturating_add(u64::try_from(k).unwrap_or(0).saturating_mul(8));
+                    match bitmap::table_entry(raw, at, &self.g) {
+                        Ok(Some(off)) => self.add_meta(What::BitmapData, off, cs, at),
+                        Ok(None) => {}
+                        Err(e) => self.f.error(&e),
+                    }
+                }
+                pos = pos.saturating_add(n);
+            }
+        }
+    }
+
+    fn metadata_overlaps(&mut self) {
+        self.map.finish();
+        let cs = self.g.cluster_size;
+        let mut meta = std::mem::take(&mut self.meta);
+        meta.sort_by_key(|m| (m.start, m.len));
+        // Cluster-granular: QEMU gives every structure clusters of its own.
+        let mut widest: Option<(Meta, u64)> = None;
+        for m in &meta {
+            let first = self.g.cluster_start(m.start);
+            let end = m
+                .start
+                .saturating_add(m.len)
+                .saturating_add(cs.saturating_sub(1))
+                & !cs.saturating_sub(1);
+            if let Some((w, wend)) = widest {
+                if first < wend {
+                    self.f.push(Finding::new(
+                        code::METADATA_OVERLAP,
+                        Severity::Error,
+                        Category::Corruption,
+                        m.at,
+                        format!(
+                            "{} at {:#x} (+{:#x}, referenced at {:#x}) shares host clusters with the {} at {:#x} (+{:#x}, referenced at {:#x})",
+                            m.what, m.start, m.len, m.at, w.what, w.start, w.len, w.at
+                        ),
+                    ));
+                }
+                if end > wend {
+                    widest = Some((*m, end));
+                }
+            } else {
+                widest = Some((*m, end));
+            }
+        }
+        self.meta = meta;
+    }
+
+    /// Data at host cluster `c` (referenced at `at`) must not be metadata.
+    fn data_cluster_ok(&mut self, what: What, host: u64, len: u64, at: u64) {
+        let first = self.g.cluster_index(host);
+        let last = self
+            .g
+            .cluster_index(host.saturating_add(len).saturating_sub(1));
+        let mut c = first;
+        while c <= last {
+            if self.meta_bits.get(c) {
+                let other = self
+                    .map
+                    .find(
+                        self.g.cluster_start(host),
+                        len.max(1).saturating_add(self.g.offset_in_cluster(host)),
+                        &[],
+                    )
+                    .map_or("metadata", |r| r.what.as_str());
+                self.f.push(Finding::new(
+                    code::DATA_OVERLAPS_METADATA,
+                    Severity::Error,
+                    Category::Corruption,
+                    at,
+                    format!(
+                        "{what} at {host:#x} (entry at {at:#x}) lies in a cluster of the {other}"
+                    ),
+                ));
+                return;
+            }
+            c = c.saturating_add(1);
+        }
+    }
+
+    fn l2_table(&mut self, off: u64, r: TableRef) {
+        let g = self.g;
+        self.stats.l2_tables = self.stats.l2_tables.saturating_add(1);
+        if off.saturating_add(g.cluster_size) > self.file_len {
+            return; // reported by add_meta
+        }
+        let mut bytes = vec![0u8; idx(g.cluster_size)];
+        if let Err(e) = read_into(self.img.source(), off, &mut bytes) {
+            self.f.error(&e);
+            return;
+        }
+        let table = L2Table::new(off, &bytes, &g);
+        drop(bytes);
+        let v2 = self.img.header().version < 3;
+        let active = r.active > 0;
+        for i in 0..table.len() {
+            let Some((raw, bitmap, at)) = table.raw(i) else {
+                break;
+            };
+            let guest = r
+                .l1_index
+                .saturating_mul(g.l2_span())
+                .saturating_add(u64::try_from(i).unwrap_or(0).saturating_mul(g.cluster_size));
+            let cluster = match Cluster::decode(raw, bitmap, at, &g, self.data_file) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.f.error(&e);
+                    continue;
+                }
+            };
+            if v2
+                && !g.extended_l2
+                && raw & crate::l1l2::OFLAG_ZERO != 0
+                && raw & compressed::OFLAG_COMPRESSED == 0
+            {
+                self.f.push(Finding::new(
+                    code::ZERO_FLAG_IN_V2,
+                    Severity::Error,
+                    Category::Corruption,
+                    at,
+                    format!("L2 entry at {at:#x} sets the zero flag (bit 0), reserved in version 2 images"),
+                ));
+            }
+            match cluster {
+                Cluster::Unallocated | Cluster::Zero { host: None, .. } => {}
+                Cluster::Compressed(d) => self.compressed(d, at, guest, r),
+                Cluster::Data { host, copied }
+                | Cluster::Zero {
+                    host: Some(host),
+                    copied,
+                }
+                | Cluster::Subclusters {
+                    host: Some(host),
+                    copied,
+                    ..
+                } => {
+                    if active {
+                        self.stats.allocated_clusters =
+                            self.stats.allocated_clusters.saturating_add(1);
+                        if self.next_contiguous.is_some_and(|n| n != host) {
+                            self.stats.fragmented_clusters =
+                                self.stats.fragmented_clusters.saturating_add(1);
+                        }
+                        self.next_contiguous = Some(host.saturating_add(g.cluster_size));
+                    }
+                    if self.data_file {
+                        // Data lives in the external file: no refcount here.
+                        if active && !copied {
+                            let f = self.downgradable(
+                                code::COPIED_FLAG_MISMATCH,
+                                at,
+                                format!("L2 entry at {at:#x}: clusters in an external data file must have the copied flag"),
+                            );
+                            self.f.push(f);
+                        }
+                        continue;
+                    }
+                    if let Err(e) = span(What::DataCluster, at, host, g.cluster_size, self.file_len)
+                    {
+                        self.f.error(&e);
+                        continue;
+                    }
+                    self.reference(host, r.refs);
+                    self.data_cluster_ok(What::DataCluster, host, g.cluster_size, at);
+                    if active {
+                        self.copied_check(copied, host, at, "L2 entry (data cluster)");
+                    }
+                }
+                Cluster::Subclusters { host: None, .. } => {}
+            }
+        }
+    }
+
+    fn compressed(&mut self, d: Descriptor, at: u64, guest: u64, r: TableRef) {
+        let g = self.g;
+        if r.active > 0 {
+            self.stats.allocated_clusters = self.stats.allocated_clusters.saturating_add(1);
+            self.stats.compressed_clusters = self.stats.compressed_clusters.saturating_add(1);
+            self.stats.fragmented_clusters = self.stats.fragmented_clusters.saturating_add(1);
+            self.next_contiguous = None;
+        }
+        if self.data_file {
+            self.f.error(&Error::InvalidCompressedEntry {
+                offset: at,
+                reason: "compressed cluster in an image with an external data file",
+            });
+            return;
+        }
+        if let Err(e) = d.validate(at, &g, self.file_len) {
+            self.f.error(&e);
+            return;
+        }
+        for c in d.host_clusters(&g) {
+            if let Some(n) = self.computed.get_mut(idx(c)) {
+                *n = n.saturating_add(r.refs);
+            }
+        }
+        self.data_cluster_ok(What::CompressedCluster, d.start(), d.span(), at);
+        if !self.decompress {
+            return;
+        }
+        let budget = self.img.limits().max_decompressed_bytes;
+        if self.decompressed.saturating_add(g.cluster_size) > budget {
+            if !self.f.counts.contains_key(code::DECOMPRESS_BUDGET) {
+                self.f.push(Finding::new(
+                    code::DECOMPRESS_BUDGET,
+                    Severity::Warning,
+                    Category::Other,
+                    at,
+                    format!("decompression budget of {budget} bytes spent; later compressed clusters were not verified"),
+                ));
+            }
+            return;
+        }
+        self.decompressed = self.decompressed.saturating_add(g.cluster_size);
+        let kind = self
+            .img
+            .header()
+            .compression()
+            .unwrap_or(crate::CompressionType::Deflate);
+        self.out_buf.resize(idx(g.cluster_size), 0);
+        self.in_buf.resize(idx(d.span()), 0);
+        if let Err(e) = read_into(self.img.source(), d.start(), &mut self.in_buf) {
+            self.f.error(&e);
+            return;
+        }
+        match compressed::decompress(kind, &self.in_buf, &mut self.out_buf) {
+            Ok(()) => {
+                self.stats.decompressed_clusters =
+                    self.stats.decompressed_clusters.saturating_add(1);
+            }
+            Err(reason) => self.f.error(&Error::Decompress {
+                offset: at,
+                guest_offset: guest,
+                reason,
+            }),
+        }
+    }
+
+    fn compare_refcounts(&mut self) {
+        let per = self.g.refcount_block_entries;
+        let table_len = u64::try_from(self.img.refcount_table().len()).unwrap_or(u64::MAX);
+        let cs = self.g.cluster_size;
+        let mut highest: Option<u64> = None;
+        for c in 0..self.nb {
+            let need = self.computed.get(idx(c)).copied().unwrap_or(0);
+            let Some(have) = self.stored(c) else {
+                if need > 0 {
+                    highest = Some(c);
+                }
+                continue;
+            };
+            if need > 0 || have > 0 {
+                highest = Some(c);
+            }
+            let offset = c.saturating_mul(cs);
+            if need > have && have < u32::MAX {
+                self.stats.corruptions = self.stats.corruptions.saturating_add(1);
+                let beyond = c.checked_div(per).is_none_or(|t| t >= table_len);
+                let (code, msg) = if beyond {
+                    (
+                        code::REFCOUNT_BEYOND_TABLE,
+                        format!("cluster at {offset:#x} is referenced {need} times but the refcount table does not cover it"),
+                    )
+                } else {
+                    (
+                        code::REFCOUNT_TOO_LOW,
+                        format!("cluster at {offset:#x}: refcount {have}, referenced {need} times"),
+                    )
+                };
+                let f = self.downgradable(code, offset, msg);
+                self.f.push(f);
+            } else if have > need && need < u32::MAX {
+                self.stats.leaks = self.stats.leaks.saturating_add(1);
+                self.f.push(Finding::new(
+                    code::LEAKED_CLUSTER,
+                    Severity::Warning,
+                    Category::Leak,
+                    offset,
+                    format!(
+                        "cluster at {offset:#x}: refcount {have}, referenced {need} times (leaked)"
+                    ),
+                ));
+            }
+        }
+        self.stats.image_end_offset = highest.map_or(0, |c| c.saturating_add(1).saturating_mul(cs));
+    }
+}
