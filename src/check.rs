@@ -192,10 +192,18 @@ fn print_human(path: &Path, image: Option<&Image<FileSource>>, rep: &Report) {
     match rep.verdict {
         Verdict::Ok => println!("No errors were found on the image."),
         Verdict::Leaks => {
-            println!(
-                "{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
-                s.leaks
-            );
+            if s.corruptions > 0 {
+                println!(
+                    "{} stale refcounts were found on the dirty (lazy refcounts) image.\nqemu-img check -r all repairs them; the data is not harmed.",
+                    s.corruptions
+                );
+            }
+            if s.leaks > 0 || s.corruptions == 0 {
+                println!(
+                    "{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
+                    s.leaks
+                );
+            }
         }
         Verdict::Unsafe => println!("The image is refused by the safety policy."),
         Verdict::Corrupt | Verdict::Invalid => println!(

@@ -264,8 +264,25 @@ impl Findings {
         }
     }
 
+    /// A decode error: corruption, except I/O failures, which mean the
+    /// image could not be checked.
     fn error(&mut self, e: &Error) {
-        self.push(Finding::corruption(e));
+        if e.is_io() {
+            self.push(Finding::new(
+                e.code(),
+                Severity::Error,
+                Category::Other,
+                e.offset(),
+                e.to_string(),
+            ));
+        } else {
+            self.push(Finding::corruption(e));
+        }
+    }
+
+    /// Whether the next finding will be stored (not only counted).
+    fn storing(&self) -> bool {
+        self.list.len() < self.cap
     }
 
     fn into_report(self, stats: Stats, invalid_exit: Option<u8>) -> Report {
@@ -891,14 +908,19 @@ impl<S: Source> Walk<'_, S> {
         let mut c = first;
         while c <= last {
             if self.meta_bits.get(c) {
-                let other = self
-                    .map
-                    .find(
-                        self.g.cluster_start(host),
-                        len.max(1).saturating_add(self.g.offset_in_cluster(host)),
-                        &[],
-                    )
-                    .map_or("metadata", |r| r.what.as_str());
+                // Name the structure only for findings that are stored
+                // (the lookup is not constant time).
+                let other = if !self.f.storing() {
+                    "metadata"
+                } else {
+                    self.map
+                        .find(
+                            self.g.cluster_start(host),
+                            len.max(1).saturating_add(self.g.offset_in_cluster(host)),
+                            &[],
+                        )
+                        .map_or("metadata", |r| r.what.as_str())
+                };
                 self.f.push(Finding::new(
                     code::DATA_OVERLAPS_METADATA,
                     Severity::Error,
