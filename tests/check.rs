@@ -361,6 +361,25 @@ fn compressed_write_at_end_of_file_is_clean() {
     assert_has(&v, "compressed_tail_past_eof");
 }
 
+/// A subcluster write allocates a cluster but QEMU extends the file only
+/// to the end of the subcluster.
+#[test]
+fn extended_l2_subcluster_write_at_end_of_file_is_clean() {
+    let dir = tmpdir();
+    let p = create(dir.path(), "sub.qcow2", "extended_l2=on", "8M");
+    qemu_io(&p, &["write -z 2M 2k", "write -P 3 3M 2k"]);
+    assert_ne!(file_len(&p) % cluster_size(&p), 0, "file ends mid-cluster");
+    assert_eq!(qemu_check(&p), 0);
+    let (c, v) = guard_check(&p, &[]);
+    assert_eq!(c, 0, "{v:#}");
+    // Allocating the last subcluster too reaches past the end of the file.
+    let at = l2_entry_at(&p, 0, 3 * 16) + 8;
+    put64(&p, at, be64(&p, at) | 1 << 31);
+    let (c, v) = guard_check(&p, &[]);
+    assert_eq!(c, 2, "{v:#}");
+    assert_has(&v, "past_eof");
+}
+
 // ------------------------------------ differential: qemu-img says corrupt
 
 /// qemu-img and we both report corruption.
@@ -430,6 +449,14 @@ fn refcount_block_past_end_of_file() {
         .as_str()
         .unwrap()
         .contains("refcount block"));
+}
+
+#[test]
+fn l2_table_past_end_of_file() {
+    let dir = tmpdir();
+    let p = base(dir.path(), "l2eof.qcow2");
+    put64(&p, l1_offset(&p) + 8, COPIED | 1 << 40);
+    both_corrupt(&p, "past_eof");
 }
 
 #[test]

@@ -687,6 +687,12 @@ impl<S: Source> Walk<'_, S> {
                 }
             };
             let Some(l2) = e.l2_offset else { continue };
+            // Tables past the end of the file are reported here and never
+            // remembered: the map below stays bounded by the file length.
+            if let Err(e) = span(What::L2Table, at, l2, self.g.cluster_size, self.file_len) {
+                self.f.error(&e);
+                continue;
+            }
             if let Some(first) = seen_here.insert(l2, at) {
                 self.f.push(Finding::new(
                     code::L2_TABLE_SHARED,
@@ -1015,8 +1021,20 @@ impl<S: Source> Walk<'_, S> {
                         }
                         continue;
                     }
-                    if let Err(e) = span(What::DataCluster, at, host, g.cluster_size, self.file_len)
-                    {
+                    // The bytes a guest read can reach must be in the file:
+                    // the whole cluster for standard entries, up to the last
+                    // allocated subcluster for extended ones (QEMU does not
+                    // extend the file past a subcluster write), and only the
+                    // cluster's start for preallocated zeros (never read).
+                    let reached = match cluster {
+                        Cluster::Data { .. } => g.cluster_size,
+                        Cluster::Subclusters { alloc, .. } if alloc != 0 => {
+                            u64::from(32u32.saturating_sub(alloc.leading_zeros()))
+                                .saturating_mul(g.subcluster_size)
+                        }
+                        _ => 1,
+                    };
+                    if let Err(e) = span(What::DataCluster, at, host, reached, self.file_len) {
                         self.f.error(&e);
                         continue;
                     }
