@@ -1197,3 +1197,68 @@ impl<S: Source> Walk<'_, S> {
         self.stats.image_end_offset = highest.map_or(0, |c| c.saturating_add(1).saturating_mul(cs));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(code: &'static str, severity: Severity, category: Category) -> Finding {
+        Finding::new(code, severity, category, 0, "")
+    }
+
+    fn verdict(list: &[Finding]) -> (Verdict, u8) {
+        let mut all = Findings::new(2);
+        for x in list {
+            all.push(x.clone());
+        }
+        let r = all.into_report(Stats::default(), None);
+        (r.verdict, r.exit_code)
+    }
+
+    #[test]
+    fn verdict_precedence() {
+        let corrupt = f("refcount_too_low", Severity::Error, Category::Corruption);
+        let unsafe_ = f("policy_backing_file", Severity::Error, Category::Policy);
+        let leak = f("leaked_cluster", Severity::Warning, Category::Leak);
+        let warn = f("dirty_bit", Severity::Warning, Category::Other);
+        assert_eq!(verdict(&[]), (Verdict::Ok, 0));
+        assert_eq!(verdict(std::slice::from_ref(&warn)), (Verdict::Ok, 0));
+        assert_eq!(verdict(&[leak.clone(), warn]), (Verdict::Leaks, 3));
+        assert_eq!(
+            verdict(&[leak.clone(), unsafe_.clone()]),
+            (Verdict::Unsafe, 4)
+        );
+        assert_eq!(verdict(&[unsafe_, corrupt, leak]), (Verdict::Corrupt, 2));
+        let io = f("io_error", Severity::Error, Category::Other);
+        assert_eq!(verdict(&[io]), (Verdict::Invalid, 1));
+    }
+
+    #[test]
+    fn findings_are_capped_and_counted() {
+        let mut all = Findings::new(2);
+        for _ in 0..5 {
+            all.push(f("reserved_bits", Severity::Error, Category::Corruption));
+        }
+        let r = all.into_report(Stats::default(), None);
+        assert_eq!(r.findings.len(), 2);
+        assert_eq!(r.omitted, 3);
+        assert_eq!(r.counts.get("reserved_bits"), Some(&5));
+    }
+
+    #[test]
+    fn open_errors() {
+        let r = Report::from_open_error(&Error::BadMagic { found: 0 });
+        assert_eq!((r.verdict, r.exit_code), (Verdict::Invalid, 1));
+        let r = Report::from_open_error(&Error::MissingRefcountTable { offset: 56 });
+        assert_eq!((r.verdict, r.exit_code), (Verdict::Invalid, 2));
+        assert!(r.blocks_convert());
+    }
+
+    #[test]
+    fn bits() {
+        let mut b = Bits::new(130);
+        b.set(129);
+        b.set(1000);
+        assert!(b.get(129) && !b.get(128) && !b.get(1000));
+    }
+}
