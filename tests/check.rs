@@ -724,6 +724,26 @@ fn virtual_size_over_the_maximum() {
     assert_eq!(guard_check(&p, &["--max-virtual-size", "16M"]).0, 0);
 }
 
+#[test]
+fn header_feature_bits() {
+    let dir = tmpdir();
+    let p = base(dir.path(), "bits.qcow2");
+    let (inc, auto) = (be64(&p, 72), be64(&p, 88));
+    // (field, bit, exit code, finding)
+    for (field, bit, exit, code) in [
+        (72, 1 << 1, 4, "policy_corrupt_bit"),
+        (72, 1 << 7, 4, "policy_unknown_incompatible_features"),
+        (88, 1 << 5, 0, "unknown_autoclear_features"),
+    ] {
+        put64(&p, 72, inc);
+        put64(&p, 88, auto);
+        put64(&p, field, be64(&p, field) | bit);
+        let (c, v) = guard_check(&p, &[]);
+        assert_eq!(c, exit, "{code}: {v:#}");
+        assert_has(&v, code);
+    }
+}
+
 /// Corrupt wins over unsafe (exit 2), and both findings are listed.
 #[test]
 fn corrupt_and_unsafe() {
