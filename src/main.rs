@@ -3,6 +3,7 @@
 //! Thin on purpose: argument parsing, output formatting and exit codes.
 //! Everything about the format lives in the `qcow2-guard` library.
 
+mod check;
 mod exit;
 mod info;
 mod report;
@@ -30,6 +31,9 @@ struct Cli {
 enum Command {
     /// Show what the image header and tables say (like `qemu-img info`).
     Info(info::Args),
+    /// Audit every structure, refcount and compressed payload (stricter
+    /// than `qemu-img check`).
+    Check(check::Args),
 }
 
 /// Options shared by every command that applies the safety policy.
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
     };
     let exit = match cli.command {
         Command::Info(args) => info::run(&args),
+        Command::Check(args) => check::run(&args),
     };
     exit.into()
 }

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bitmap;
+pub mod check;
 mod codec;
 pub mod compressed;
 pub mod error;
@@ -37,6 +38,7 @@ pub mod refcount;
 pub mod snapshot;
 pub mod source;
 
+pub use check::{check, check_metadata, CheckOptions, Report, Verdict};
 pub use error::{Error, Result, What};
 pub use finding::{Category, Finding, Severity};
 pub use header::{CompressionType, CryptMethod, Geometry, Header};

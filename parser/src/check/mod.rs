@@ -1,0 +1,407 @@
+//! `check`: walk every piece of metadata of an opened image, rebuild the
+//! refcount of every host cluster, and report what is wrong.
+//!
+//! Stricter than `qemu-img check`, which never decompresses payloads, never
+//! looks for overlaps between metadata structures, and never compares
+//! ranges with the end of the file. Where `qemu-img check` reports a
+//! corruption we report one too; where it reports only leaks we report
+//! leaks (the same definitions: a stored refcount lower than the number of
+//! references, or a referenced cluster the refcount table does not cover,
+//! is a corruption; a stored refcount higher than needed is a leak; bit 63
+//! of active L1 and L2 entries must say "refcount is exactly one").
+//!
+//! Decoding stays in the structure modules ([`crate::l1l2`],
+//! [`crate::refcount`], [`crate::bitmap`], [`crate::compressed`]); this
+//! module judges the decoded values against each other.
+//!
+//! Bounds: the rebuilt and stored refcount arrays hold one `u32` each per
+//! host cluster of the *file* (`file length / cluster size`, rounded up),
+//! never a count the header claims; an image that would need more than
+//! [`CheckOptions::max_tracked_clusters`] is refused (`too_large_to_check`,
+//! verdict `invalid`, exit 1). Each distinct L1, L2, bitmap and refcount
+//! table is read once, one cluster at a time, so time is linear in the
+//! metadata plus the compressed data. Findings are capped
+//! ([`CheckOptions::max_findings`]); past the cap only per-code counts grow.
+//!
+//! Dirty images (incompatible bit 0, lazy refcounts): their refcounts are
+//! stale by design and QEMU rebuilds them on the next read-write open, so
+//! refcount mismatches and copied-flag mismatches in a dirty image are
+//! reported as `warning`s that count towards the `leaks` verdict (exit 3,
+//! "repairable with `qemu-img check -r all`") rather than `corrupt`.
+//! Structural problems (overlaps, bad entries, bad payloads) stay errors.
+
+use std::collections::BTreeMap;
+
+use crate::error::Error;
+use crate::finding::{Category, Finding, Severity};
+use crate::policy::Policy;
+use crate::source::Source;
+use crate::Image;
+
+mod walk;
+
+/// Finding codes of the check (decode errors keep their [`Error::code`],
+/// policy findings their [`crate::policy::code`]).
+pub mod code {
+    /// A host cluster is referenced more often than its stored refcount says.
+    pub const REFCOUNT_TOO_LOW: &str = "refcount_too_low";
+    /// A referenced host cluster is not covered by the refcount table.
+    pub const REFCOUNT_BEYOND_TABLE: &str = "refcount_beyond_table";
+    /// A host cluster's stored refcount is higher than its references.
+    pub const LEAKED_CLUSTER: &str = "leaked_cluster";
+    /// Bit 63 of an active L1 or L2 entry disagrees with the refcount.
+    pub const COPIED_FLAG_MISMATCH: &str = "copied_flag_mismatch";
+    /// Two metadata structures share host clusters.
+    pub const METADATA_OVERLAP: &str = "metadata_overlap";
+    /// A data cluster or compressed range lies in a metadata cluster.
+    pub const DATA_OVERLAPS_METADATA: &str = "data_overlaps_metadata";
+    /// One L2 table is referenced by several entries of the same L1 table.
+    pub const L2_TABLE_SHARED: &str = "l2_table_shared";
+    /// A snapshot L1 table too small for the snapshot's disk size.
+    pub const SNAPSHOT_L1_TOO_SMALL: &str = "snapshot_l1_too_small";
+    /// Two snapshots have the same ID.
+    pub const DUPLICATE_SNAPSHOT_ID: &str = "duplicate_snapshot_id";
+    /// A persistent bitmap is marked in use (not saved cleanly).
+    pub const BITMAP_IN_USE: &str = "bitmap_in_use";
+    /// The bitmaps extension is present but stale and was ignored.
+    pub const STALE_BITMAPS: &str = "stale_bitmaps";
+    /// Bit 0 (zero flag) of a standard L2 entry in a version 2 image.
+    pub const ZERO_FLAG_IN_V2: &str = "zero_flag_in_v2";
+    /// A compressed range whose last sector is cut by the end of the file
+    /// (QEMU writes these; the payload itself is verified).
+    pub const COMPRESSED_TAIL_PAST_EOF: &str = "compressed_tail_past_eof";
+    /// The decompression budget of [`crate::Limits`] ran out.
+    pub const DECOMPRESS_BUDGET: &str = "decompress_budget_exhausted";
+    /// The file has more clusters than the check may track.
+    pub const TOO_LARGE_TO_CHECK: &str = "too_large_to_check";
+}
+
+/// What to check and how much to spend on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOptions {
+    /// The safety policy to apply (its findings decide `unsafe`).
+    pub policy: Policy,
+    /// Decompress every compressed payload (the default). Off: only the
+    /// descriptors are checked ("metadata only").
+    pub decompress: bool,
+    /// Findings stored in the report; later ones are only counted.
+    pub max_findings: usize,
+    /// Most host clusters (file length / cluster size) the refcount
+    /// rebuild may track; 8 bytes of memory each.
+    pub max_tracked_clusters: u64,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            policy: Policy::default(),
+            decompress: true,
+            max_findings: 1000,
+            max_tracked_clusters: 1 << 26,
+        }
+    }
+}
+
+impl CheckOptions {
+    /// Metadata checks only (no decompression), under `policy`: what
+    /// `convert` runs before it writes.
+    pub fn metadata_only(policy: Policy) -> Self {
+        CheckOptions {
+            policy,
+            decompress: false,
+            ..CheckOptions::default()
+        }
+    }
+}
+
+/// The overall outcome, worst first: `invalid` > `corrupt` > `unsafe` >
+/// `leaks` > `ok`.
+///
+/// A corrupt image that is also refused by the policy is `corrupt` (exit
+/// 2), with both kinds of findings listed: corruption is a property of the
+/// bytes that no `--allow-*` flag can relax, so an import service must not
+/// be invited to retry with a relaxed policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    /// Consistent (warnings allowed). Exit 0.
+    Ok,
+    /// Only leaked clusters (or stale refcounts of a dirty image). Exit 3.
+    Leaks,
+    /// Well formed but refused by the safety policy. Exit 4.
+    Unsafe,
+    /// Corrupt. Exit 2.
+    Corrupt,
+    /// Could not be opened or checked at all. Exit 2 for a malformed
+    /// qcow2 header, 1 when not a qcow2 image, unreadable, or too large to
+    /// check.
+    Invalid,
+}
+
+impl Verdict {
+    /// `ok`, `leaks`, `unsafe`, `corrupt` or `invalid`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Leaks => "leaks",
+            Verdict::Unsafe => "unsafe",
+            Verdict::Corrupt => "corrupt",
+            Verdict::Invalid => "invalid",
+        }
+    }
+}
+
+/// Numbers about the image, in the spirit of `qemu-img check`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Guest clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Host clusters of the file (rounded up).
+    pub host_clusters: u64,
+    /// Guest clusters of the active L1 table backed by a host cluster
+    /// (data, preallocated zero, compressed).
+    pub allocated_clusters: u64,
+    /// Of those, compressed.
+    pub compressed_clusters: u64,
+    /// Of those, not contiguous with the previous one (compressed clusters
+    /// always count, as in QEMU).
+    pub fragmented_clusters: u64,
+    /// One past the last host cluster with a stored or needed refcount.
+    pub image_end_offset: u64,
+    /// Host clusters whose stored refcount is too low (or uncovered).
+    pub corruptions: u64,
+    /// Host clusters whose stored refcount is too high.
+    pub leaks: u64,
+    /// Distinct L2 tables walked.
+    pub l2_tables: u64,
+    /// Compressed payloads decompressed and verified.
+    pub decompressed_clusters: u64,
+}
+
+/// The result of a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub verdict: Verdict,
+    /// The process exit status for this verdict (shared table: 0 ok,
+    /// 1 not checked, 2 corrupt, 3 leaks, 4 unsafe).
+    pub exit_code: u8,
+    /// The first [`CheckOptions::max_findings`] findings, in walk order.
+    pub findings: Vec<Finding>,
+    /// Number of findings per code, including those not stored.
+    pub counts: BTreeMap<&'static str, u64>,
+    /// Findings counted but not stored.
+    pub omitted: u64,
+    pub stats: Stats,
+}
+
+impl Report {
+    /// The report for an image that could not be opened.
+    pub fn from_open_error(err: &Error) -> Report {
+        let mut f = Findings::new(1);
+        f.push(Finding::corruption(err));
+        let not_checked = err.is_not_qcow2() || err.is_io();
+        f.into_report(Stats::default(), Some(if not_checked { 1 } else { 2 }))
+    }
+
+    /// Whether any finding has `code`.
+    pub fn has(&self, code: &str) -> bool {
+        self.counts.contains_key(code)
+    }
+
+    /// Whether `convert` must refuse the image: error findings (corrupt,
+    /// invalid) or policy violations. Leaks and warnings do not block it.
+    pub fn blocks_convert(&self) -> bool {
+        matches!(
+            self.verdict,
+            Verdict::Corrupt | Verdict::Unsafe | Verdict::Invalid
+        )
+    }
+}
+
+/// Findings with a storage cap and per-code counts.
+struct Findings {
+    list: Vec<Finding>,
+    counts: BTreeMap<&'static str, u64>,
+    omitted: u64,
+    cap: usize,
+    corrupt: bool,
+    unsafe_: bool,
+    leaks: bool,
+    not_checked: bool,
+}
+
+impl Findings {
+    fn new(cap: usize) -> Findings {
+        Findings {
+            list: Vec::new(),
+            counts: BTreeMap::new(),
+            omitted: 0,
+            cap,
+            corrupt: false,
+            unsafe_: false,
+            leaks: false,
+            not_checked: false,
+        }
+    }
+
+    fn push(&mut self, f: Finding) {
+        match (f.category, f.severity) {
+            (Category::Corruption, Severity::Error) => self.corrupt = true,
+            (Category::Policy, Severity::Error) => self.unsafe_ = true,
+            (Category::Leak, _) => self.leaks = true,
+            (Category::Other, Severity::Error) => self.not_checked = true,
+            _ => {}
+        }
+        let n = self.counts.entry(f.code).or_insert(0);
+        *n = n.saturating_add(1);
+        if self.list.len() < self.cap {
+            self.list.push(f);
+        } else {
+            self.omitted = self.omitted.saturating_add(1);
+        }
+    }
+
+    /// A decode error: corruption, except I/O failures, which mean the
+    /// image could not be checked.
+    fn error(&mut self, e: &Error) {
+        if e.is_io() {
+            self.push(Finding::new(
+                e.code(),
+                Severity::Error,
+                Category::Other,
+                e.offset(),
+                e.to_string(),
+            ));
+        } else {
+            self.push(Finding::corruption(e));
+        }
+    }
+
+    /// Whether the next finding will be stored (not only counted).
+    fn storing(&self) -> bool {
+        self.list.len() < self.cap
+    }
+
+    fn into_report(self, stats: Stats, invalid_exit: Option<u8>) -> Report {
+        let (verdict, exit_code) = if let Some(code) = invalid_exit {
+            (Verdict::Invalid, code)
+        } else if self.not_checked {
+            (Verdict::Invalid, 1)
+        } else if self.corrupt {
+            (Verdict::Corrupt, 2)
+        } else if self.unsafe_ {
+            (Verdict::Unsafe, 4)
+        } else if self.leaks {
+            (Verdict::Leaks, 3)
+        } else {
+            (Verdict::Ok, 0)
+        };
+        Report {
+            verdict,
+            exit_code,
+            findings: self.list,
+            counts: self.counts,
+            omitted: self.omitted,
+            stats,
+        }
+    }
+}
+
+/// Check `image` completely: policy, every metadata structure, refcounts,
+/// overlaps, and (with [`CheckOptions::decompress`]) every compressed
+/// payload.
+pub fn check<S: Source>(image: &Image<S>, opts: &CheckOptions) -> Report {
+    let mut findings = Findings::new(opts.max_findings);
+    for f in image.policy_findings(&opts.policy) {
+        findings.push(f);
+    }
+    let g = image.geometry();
+    let nb = image.file_len().div_ceil(g.cluster_size);
+    let stats = Stats {
+        total_clusters: image.virtual_size().div_ceil(g.cluster_size),
+        host_clusters: nb,
+        ..Stats::default()
+    };
+    let tracked = match usize::try_from(nb) {
+        Ok(n) if nb <= opts.max_tracked_clusters => n,
+        _ => {
+            findings.push(Finding::new(
+                code::TOO_LARGE_TO_CHECK,
+                Severity::Error,
+                Category::Other,
+                0,
+                format!(
+                    "file has {nb} host clusters; the check tracks at most {}",
+                    opts.max_tracked_clusters
+                ),
+            ));
+            return findings.into_report(stats, None);
+        }
+    };
+    let (findings, stats) = walk::run(image, opts, findings, stats, tracked);
+    findings.into_report(stats, None)
+}
+
+/// The metadata-only check `convert` runs before writing: everything
+/// [`check`] does except decompressing payloads. Refuse the image when
+/// [`Report::blocks_convert`] is true.
+pub fn check_metadata<S: Source>(image: &Image<S>, policy: &Policy) -> Report {
+    check(image, &CheckOptions::metadata_only(policy.clone()))
+}
+
+/// One cluster bit per tracked host cluster.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(code: &'static str, severity: Severity, category: Category) -> Finding {
+        Finding::new(code, severity, category, 0, "")
+    }
+
+    fn verdict(list: &[Finding]) -> (Verdict, u8) {
+        let mut all = Findings::new(2);
+        for x in list {
+            all.push(x.clone());
+        }
+        let r = all.into_report(Stats::default(), None);
+        (r.verdict, r.exit_code)
+    }
+
+    #[test]
+    fn verdict_precedence() {
+        let corrupt = f("refcount_too_low", Severity::Error, Category::Corruption);
+        let unsafe_ = f("policy_backing_file", Severity::Error, Category::Policy);
+        let leak = f("leaked_cluster", Severity::Warning, Category::Leak);
+        let warn = f("dirty_bit", Severity::Warning, Category::Other);
+        assert_eq!(verdict(&[]), (Verdict::Ok, 0));
+        assert_eq!(verdict(std::slice::from_ref(&warn)), (Verdict::Ok, 0));
+        assert_eq!(verdict(&[leak.clone(), warn]), (Verdict::Leaks, 3));
+        assert_eq!(
+            verdict(&[leak.clone(), unsafe_.clone()]),
+            (Verdict::Unsafe, 4)
+        );
+        assert_eq!(verdict(&[unsafe_, corrupt, leak]), (Verdict::Corrupt, 2));
+        let io = f("io_error", Severity::Error, Category::Other);
+        assert_eq!(verdict(&[io]), (Verdict::Invalid, 1));
+    }
+
+    #[test]
+    fn findings_are_capped_and_counted() {
+        let mut all = Findings::new(2);
+        for _ in 0..5 {
+            all.push(f("reserved_bits", Severity::Error, Category::Corruption));
+        }
+        let r = all.into_report(Stats::default(), None);
+        assert_eq!(r.findings.len(), 2);
+        assert_eq!(r.omitted, 3);
+        assert_eq!(r.counts.get("reserved_bits"), Some(&5));
+    }
+
+    #[test]
+    fn open_errors() {
+        let r = Report::from_open_error(&Error::BadMagic { found: 0 });
+        assert_eq!((r.verdict, r.exit_code), (Verdict::Invalid, 1));
+        let r = Report::from_open_error(&Error::MissingRefcountTable { offset: 56 });
+        assert_eq!((r.verdict, r.exit_code), (Verdict::Invalid, 2));
+        assert!(r.blocks_convert());
+    }
+}

@@ -1,0 +1,888 @@
+//! The walk behind [`super::check`]: every structure, the refcount
+//! rebuild, overlaps, payloads. Decoding stays in the structure modules;
+//! this judges decoded values against each other.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{code, CheckOptions, Findings, Stats};
+use crate::bitmap;
+use crate::compressed::{self, Descriptor};
+use crate::error::{Error, What};
+use crate::finding::{Category, Finding, Severity};
+use crate::header::{Geometry, INCOMPAT_DIRTY};
+use crate::l1l2::{Cluster, L1Entry, L2Table};
+use crate::metadata::MetadataMap;
+use crate::refcount;
+use crate::source::{be_u64s, read_into, span, Source};
+use crate::Image;
+
+/// Walk `image`, adding to `findings`; `tracked` host clusters (the file
+/// length in clusters, already bounded by the caller).
+pub(super) fn run<S: Source>(
+    image: &Image<S>,
+    opts: &CheckOptions,
+    findings: Findings,
+    stats: Stats,
+    tracked: usize,
+) -> (Findings, Stats) {
+    let g = *image.geometry();
+    let mut walk = Walk {
+        img: image,
+        g,
+        file_len: image.file_len(),
+        nb: u64::try_from(tracked).unwrap_or(u64::MAX),
+        dirty: image.header().incompatible_features & INCOMPAT_DIRTY != 0,
+        data_file: image.header().has_data_file(),
+        computed: vec![0; tracked],
+        stored: vec![0; tracked],
+        unknown_blocks: HashSet::new(),
+        meta: Vec::new(),
+        meta_bits: Bits::new(tracked),
+        map: MetadataMap::default(),
+        f: findings,
+        stats,
+        decompress: opts.decompress && image.header().crypt_method == 0,
+        decompressed: 0,
+        in_buf: Vec::new(),
+        out_buf: Vec::new(),
+        next_contiguous: None,
+    };
+    walk.run();
+    (walk.f, walk.stats)
+}
+
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: usize) -> Bits {
+        Bits(vec![0; n.div_ceil(64)])
+    }
+    fn set(&mut self, i: u64) {
+        if let Some(w) = usize::try_from(i / 64).ok().and_then(|w| self.0.get_mut(w)) {
+            *w |= 1u64 << (i % 64);
+        }
+    }
+    fn get(&self, i: u64) -> bool {
+        usize::try_from(i / 64)
+            .ok()
+            .and_then(|w| self.0.get(w))
+            .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
+    }
+}
+
+/// A metadata structure found during the walk.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    what: What,
+    start: u64,
+    len: u64,
+    /// Where the reference to it was found.
+    at: u64,
+}
+
+/// A table referenced from several places, walked once.
+#[derive(Debug, Clone, Copy)]
+struct TableRef {
+    /// Number of references.
+    refs: u32,
+    /// References from the active L1 table.
+    active: u32,
+    /// Where the first reference was found.
+    at: u64,
+    /// L1 index of the first reference (for guest offsets).
+    l1_index: u64,
+}
+
+struct Walk<'a, S> {
+    img: &'a Image<S>,
+    g: Geometry,
+    file_len: u64,
+    nb: u64,
+    dirty: bool,
+    data_file: bool,
+    /// References found, per host cluster (saturating).
+    computed: Vec<u32>,
+    /// Stored refcounts, per host cluster (clamped to u32::MAX).
+    stored: Vec<u32>,
+    /// Refcount table indexes whose block could not be read.
+    unknown_blocks: HashSet<u64>,
+    meta: Vec<Meta>,
+    meta_bits: Bits,
+    map: MetadataMap,
+    f: Findings,
+    stats: Stats,
+    decompress: bool,
+    decompressed: u64,
+    in_buf: Vec<u8>,
+    out_buf: Vec<u8>,
+    next_contiguous: Option<u64>,
+}
+
+fn idx(i: u64) -> usize {
+    usize::try_from(i).unwrap_or(usize::MAX)
+}
+
+impl<S: Source> Walk<'_, S> {
+    fn run(&mut self) {
+        self.stored_refcounts();
+        let h = self.img.header().clone();
+        let cs = self.g.cluster_size;
+
+        // Fixed structures.
+        self.add_meta(What::Header, 0, cs, 0);
+        self.add_meta(
+            What::L1Table,
+            h.l1_table_offset,
+            u64::from(h.l1_size).saturating_mul(8),
+            crate::header::field::L1_TABLE_OFFSET,
+        );
+        self.add_meta(
+            What::RefcountTable,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters).saturating_mul(cs),
+            crate::header::field::REFCOUNT_TABLE_OFFSET,
+        );
+        if let Some(last) = self.img.snapshots().last() {
+            // The padding after the last entry may lie past the end of
+            // the file (QEMU does not write it).
+            let end = crate::image::snapshot_entry_end(last).min(self.file_len);
+            self.add_meta(
+                What::SnapshotTable,
+                h.snapshots_offset,
+                end.saturating_sub(h.snapshots_offset),
+                crate::header::field::SNAPSHOTS_OFFSET,
+            );
+        }
+        if let Some(b) = &self.img.extensions().bitmaps {
+            if !self.img.bitmaps_stale() {
+                self.add_meta(
+                    What::BitmapDirectory,
+                    b.directory_offset,
+                    b.directory_size,
+                    b.offset,
+                );
+            }
+        }
+        if let Some(c) = &self.img.extensions().crypto {
+            self.add_meta(
+                What::CryptoHeader,
+                c.header_offset,
+                c.header_length,
+                c.offset,
+            );
+        }
+        if self.img.bitmaps_stale() {
+            let at = self
+                .img
+                .extensions()
+                .bitmaps
+                .as_ref()
+                .map_or(0, |b| b.offset);
+            self.f.push(Finding::new(
+                code::STALE_BITMAPS,
+                Severity::Info,
+                Category::Other,
+                at,
+                "bitmaps extension without autoclear bit 0: stale, ignored",
+            ));
+        }
+
+        // L1 tables (active, then distinct snapshot tables) -> L2 tables.
+        let mut l2s: HashMap<u64, TableRef> = HashMap::new();
+        let mut l2_order: Vec<u64> = Vec::new();
+        let active = self.img.l1_table().to_vec();
+        self.l1_entries(&active, h.l1_table_offset, 1, true, &mut l2s, &mut l2_order);
+        self.snapshots(&mut l2s, &mut l2_order);
+        for &off in &l2_order {
+            if let Some(r) = l2s.get(&off).copied() {
+                self.add_meta(What::L2Table, off, cs, r.at);
+                if r.refs > 1 && off.saturating_add(cs) <= self.file_len {
+                    self.reference(off, r.refs.saturating_sub(1));
+                }
+            }
+        }
+        self.bitmaps();
+
+        // Every metadata structure is known: overlaps between them.
+        self.metadata_overlaps();
+
+        // Data clusters.
+        for off in l2_order {
+            if let Some(r) = l2s.get(&off).copied() {
+                self.l2_table(off, r);
+            }
+        }
+        self.compare_refcounts();
+    }
+
+    fn downgradable(&self, code: &'static str, offset: u64, msg: String) -> Finding {
+        if self.dirty {
+            Finding::new(
+                code,
+                Severity::Warning,
+                Category::Leak,
+                offset,
+                format!("{msg} (image is dirty: refcounts are rebuilt by `qemu-img check -r all`)"),
+            )
+        } else {
+            Finding::new(code, Severity::Error, Category::Corruption, offset, msg)
+        }
+    }
+
+    /// Load stored refcounts; account for the refcount blocks themselves.
+    fn stored_refcounts(&mut self) {
+        let g = self.g;
+        let per = g.refcount_block_entries;
+        let table_at = self.img.header().refcount_table_offset;
+        let entries = self.img.refcount_table().len();
+        let mut block = vec![0u8; idx(g.cluster_size)];
+        for t in 0..entries {
+            let t = u64::try_from(t).unwrap_or(u64::MAX);
+            let at = table_at.saturating_add(t.saturating_mul(8));
+            let off = match self.img.refcount_block_offset(t) {
+                Ok(Some(off)) => off,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.f.error(&e);
+                    self.unknown_blocks.insert(t);
+                    continue;
+                }
+            };
+            if let Err(e) = span(What::RefcountBlock, at, off, g.cluster_size, self.file_len) {
+                self.f.error(&e);
+                self.unknown_blocks.insert(t);
+                continue;
+            }
+            self.add_meta(What::RefcountBlock, off, g.cluster_size, at);
+            let first = t.saturating_mul(per);
+            if first >= self.nb {
+                continue;
+            }
+            if let Err(e) = read_into(self.img.source(), off, &mut block) {
+                self.f.error(&e);
+                self.unknown_blocks.insert(t);
+                continue;
+            }
+            let n = per.min(self.nb.saturating_sub(first));
+            for j in 0..n {
+                let v = refcount::get(&block, g.refcount_order, j).unwrap_or(0);
+                if let Some(s) = self.stored.get_mut(idx(first.saturating_add(j))) {
+                    *s = u32::try_from(v).unwrap_or(u32::MAX);
+                }
+            }
+        }
+    }
+
+    /// Stored refcount of host cluster `c`, or `None` when unknown.
+    fn stored(&self, c: u64) -> Option<u32> {
+        let t = c.checked_div(self.g.refcount_block_entries)?;
+        if self.unknown_blocks.contains(&t) {
+            return None;
+        }
+        self.stored.get(idx(c)).copied()
+    }
+
+    /// Count one reference (times `refs`) to the cluster holding `offset`.
+    fn reference(&mut self, offset: u64, refs: u32) {
+        let c = self.g.cluster_index(offset);
+        if let Some(n) = self.computed.get_mut(idx(c)) {
+            *n = n.saturating_add(refs);
+        }
+    }
+
+    /// Count references to every cluster of `start .. start + len`.
+    fn reference_range(&mut self, start: u64, len: u64, refs: u32) {
+        if len == 0 {
+            return;
+        }
+        let first = self.g.cluster_index(start);
+        let last = self
+            .g
+            .cluster_index(start.saturating_add(len).saturating_sub(1))
+            .min(self.nb.saturating_sub(1));
+        let mut c = first;
+        while c <= last {
+            if let Some(n) = self.computed.get_mut(idx(c)) {
+                *n = n.saturating_add(refs);
+            }
+            c = c.saturating_add(1);
+            if c == u64::MAX {
+                break;
+            }
+        }
+    }
+
+    /// Record a metadata structure: it must lie in the file; its clusters
+    /// are referenced once.
+    fn add_meta(&mut self, what: What, start: u64, len: u64, at: u64) {
+        if len == 0 {
+            return;
+        }
+        if let Err(e) = span(what, at, start, len, self.file_len) {
+            self.f.error(&e);
+            return;
+        }
+        self.reference_range(start, len, 1);
+        self.meta.push(Meta {
+            what,
+            start,
+            len,
+            at,
+        });
+        self.map.add(what, start, len);
+        let first = self.g.cluster_index(start);
+        let last = self
+            .g
+            .cluster_index(start.saturating_add(len).saturating_sub(1));
+        let mut c = first;
+        while c <= last && c < self.nb {
+            self.meta_bits.set(c);
+            c = c.saturating_add(1);
+        }
+    }
+
+    /// Walk the entries of an L1 table, collecting L2 tables.
+    fn l1_entries(
+        &mut self,
+        entries: &[u64],
+        table_at: u64,
+        refs: u32,
+        active: bool,
+        l2s: &mut HashMap<u64, TableRef>,
+        order: &mut Vec<u64>,
+    ) {
+        let mut seen_here: HashMap<u64, u64> = HashMap::new();
+        for (i, &raw) in entries.iter().enumerate() {
+            let i = u64::try_from(i).unwrap_or(u64::MAX);
+            let at = table_at.saturating_add(i.saturating_mul(8));
+            let e = match L1Entry::decode(raw, at, &self.g) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.f.error(&e);
+                    continue;
+                }
+            };
+            let Some(l2) = e.l2_offset else { continue };
+            // Tables past the end of the file are reported here and never
+            // remembered: the map below stays bounded by the file length.
+            if let Err(e) = span(What::L2Table, at, l2, self.g.cluster_size, self.file_len) {
+                self.f.error(&e);
+                continue;
+            }
+            if let Some(first) = seen_here.insert(l2, at) {
+                self.f.push(Finding::new(
+                    code::L2_TABLE_SHARED,
+                    Severity::Warning,
+                    Category::Other,
+                    at,
+                    format!(
+                        "L1 entry at {at:#x} points to the L2 table at {l2:#x}, like the entry at {first:#x}"
+                    ),
+                ));
+            }
+            if active {
+                self.copied_check(e.copied, l2, at, "L1 entry (L2 table)");
+            }
+            let r = l2s.entry(l2).or_insert_with(|| {
+                order.push(l2);
+                TableRef {
+                    refs: 0,
+                    active: 0,
+                    at,
+                    l1_index: i,
+                }
+            });
+            r.refs = r.refs.saturating_add(refs);
+            if active {
+                r.active = r.active.saturating_add(1);
+            }
+        }
+    }
+
+    /// Bit 63 must be set exactly when the stored refcount is one. Checked
+    /// for the active tables only, like QEMU.
+    fn copied_check(&mut self, copied: bool, host: u64, at: u64, what: &str) {
+        let c = self.g.cluster_index(host);
+        if c >= self.nb {
+            return;
+        }
+        let Some(stored) = self.stored(c) else { return };
+        if copied != (stored == 1) {
+            let msg = format!(
+                "{what} at {at:#x}: copied flag is {} but the refcount of {host:#x} is {stored}",
+                u8::from(copied)
+            );
+            let f = self.downgradable(code::COPIED_FLAG_MISMATCH, at, msg);
+            self.f.push(f);
+        }
+    }
+
+    fn snapshots(&mut self, l2s: &mut HashMap<u64, TableRef>, order: &mut Vec<u64>) {
+        let snaps = self.img.snapshots().to_vec();
+        let mut ids: HashMap<&str, u64> = HashMap::new();
+        for s in &snaps {
+            if let Some(first) = ids.insert(s.id.as_str(), s.entry_offset) {
+                self.f.push(Finding::new(
+                    code::DUPLICATE_SNAPSHOT_ID,
+                    Severity::Error,
+                    Category::Corruption,
+                    s.entry_offset,
+                    format!(
+                        "snapshot ID {:?} at {:#x} is also used at {first:#x}",
+                        s.id, s.entry_offset
+                    ),
+                ));
+            }
+            if let Some(size) = s.disk_size {
+                let needed = self.g.l1_entries_for(size);
+                if u64::from(s.l1_size) < needed {
+                    self.f.push(Finding::new(
+                        code::SNAPSHOT_L1_TOO_SMALL,
+                        Severity::Error,
+                        Category::Corruption,
+                        s.entry_offset.saturating_add(8),
+                        format!(
+                            "snapshot {:?}: L1 table has {} entries, its disk size {size} needs {needed}",
+                            s.id, s.l1_size
+                        ),
+                    ));
+                }
+            }
+        }
+        // Identical tables are walked once, with their multiplicity;
+        // overlapping different ones are reported by the overlap pass and
+        // only the first is walked (bounds the work by the file length).
+        let mut tables: Vec<(u64, u64, u64, u32)> = Vec::new(); // start, bytes, at, refs
+        let mut index: HashMap<(u64, u64), usize> = HashMap::new();
+        for s in &snaps {
+            let bytes = u64::from(s.l1_size).saturating_mul(8);
+            if bytes == 0 {
+                continue;
+            }
+            let key = (s.l1_table_offset, bytes);
+            match index.get(&key).and_then(|&i| tables.get_mut(i)) {
+                Some(t) => t.3 = t.3.saturating_add(1),
+                None => {
+                    index.insert(key, tables.len());
+                    tables.push((s.l1_table_offset, bytes, s.entry_offset, 1));
+                }
+            }
+        }
+        tables.sort_by_key(|t| t.0);
+        let mut walked_end = 0u64;
+        for (start, bytes, at, refs) in tables {
+            self.add_meta(What::SnapshotL1Table, start, bytes, at);
+            if refs > 1 {
+                self.reference_range(start, bytes, refs.saturating_sub(1));
+            }
+            if start < walked_end {
+                continue;
+            }
+            let end = start.saturating_add(bytes);
+            if end > self.file_len {
+                continue;
+            }
+            walked_end = end;
+            let mut raw =
+                vec![0u8; idx(bytes.min(self.img.limits().max_l1_entries.saturating_mul(8)))];
+            if let Err(e) = read_into(self.img.source(), start, &mut raw) {
+                self.f.error(&e);
+                continue;
+            }
+            let entries = be_u64s(&raw);
+            self.l1_entries(&entries, start, refs, false, l2s, order);
+        }
+    }
+
+    fn bitmaps(&mut self) {
+        let cs = self.g.cluster_size;
+        let mut bitmaps = self.img.bitmaps().to_vec();
+        bitmaps.sort_by_key(|b| b.table_offset);
+        let mut walked_end = 0u64;
+        let mut chunk = vec![0u8; idx(cs)];
+        for b in &bitmaps {
+            if b.flags & bitmap::FLAG_IN_USE != 0 {
+                self.f.push(Finding::new(
+                    code::BITMAP_IN_USE,
+                    Severity::Warning,
+                    Category::Other,
+                    b.entry_offset,
+                    format!("bitmap {:?} is marked in use (inconsistent)", b.name),
+                ));
+            }
+            let bytes = u64::from(b.table_size).saturating_mul(8);
+            if bytes == 0 {
+                continue;
+            }
+            self.add_meta(What::BitmapTable, b.table_offset, bytes, b.entry_offset);
+            let end = b.table_offset.saturating_add(bytes);
+            if end > self.file_len || b.table_offset < walked_end {
+                continue;
+            }
+            walked_end = end;
+            let mut pos = b.table_offset;
+            while pos < end {
+                let n = end.saturating_sub(pos).min(cs);
+                let Some(buf) = chunk.get_mut(..idx(n)) else {
+                    break;
+                };
+                if let Err(e) = read_into(self.img.source(), pos, buf) {
+                    self.f.error(&e);
+                    break;
+                }
+                let words = be_u64s(buf);
+                for (k, &raw) in words.iter().enumerate() {
+                    let at = pos.saturating_add(u64::try_from(k).unwrap_or(0).saturating_mul(8));
+                    match bitmap::table_entry(raw, at, &self.g) {
+                        Ok(Some(off)) => self.add_meta(What::BitmapData, off, cs, at),
+                        Ok(None) => {}
+                        Err(e) => self.f.error(&e),
+                    }
+                }
+                pos = pos.saturating_add(n);
+            }
+        }
+    }
+
+    fn metadata_overlaps(&mut self) {
+        self.map.finish();
+        let cs = self.g.cluster_size;
+        let mut meta = std::mem::take(&mut self.meta);
+        meta.sort_by_key(|m| (m.start, m.len));
+        // Cluster-granular: QEMU gives every structure clusters of its own.
+        let mut widest: Option<(Meta, u64)> = None;
+        for m in &meta {
+            let first = self.g.cluster_start(m.start);
+            let end = m
+                .start
+                .saturating_add(m.len)
+                .saturating_add(cs.saturating_sub(1))
+                & !cs.saturating_sub(1);
+            if let Some((w, wend)) = widest {
+                if first < wend {
+                    self.f.push(Finding::new(
+                        code::METADATA_OVERLAP,
+                        Severity::Error,
+                        Category::Corruption,
+                        m.at,
+                        format!(
+                            "{} at {:#x} (+{:#x}, referenced at {:#x}) shares host clusters with the {} at {:#x} (+{:#x}, referenced at {:#x})",
+                            m.what, m.start, m.len, m.at, w.what, w.start, w.len, w.at
+                        ),
+                    ));
+                }
+                if end > wend {
+                    widest = Some((*m, end));
+                }
+            } else {
+                widest = Some((*m, end));
+            }
+        }
+        self.meta = meta;
+    }
+
+    /// Data at host cluster `c` (referenced at `at`) must not be metadata.
+    fn data_cluster_ok(&mut self, what: What, host: u64, len: u64, at: u64) {
+        let first = self.g.cluster_index(host);
+        let last = self
+            .g
+            .cluster_index(host.saturating_add(len).saturating_sub(1));
+        let mut c = first;
+        while c <= last {
+            if self.meta_bits.get(c) {
+                // Name the structure only for findings that are stored
+                // (the lookup is not constant time).
+                let other = if !self.f.storing() {
+                    "metadata"
+                } else {
+                    self.map
+                        .find(
+                            self.g.cluster_start(host),
+                            len.max(1).saturating_add(self.g.offset_in_cluster(host)),
+                            &[],
+                        )
+                        .map_or("metadata", |r| r.what.as_str())
+                };
+                self.f.push(Finding::new(
+                    code::DATA_OVERLAPS_METADATA,
+                    Severity::Error,
+                    Category::Corruption,
+                    at,
+                    format!(
+                        "{what} at {host:#x} (entry at {at:#x}) lies in a cluster of the {other}"
+                    ),
+                ));
+                return;
+            }
+            c = c.saturating_add(1);
+        }
+    }
+
+    fn l2_table(&mut self, off: u64, r: TableRef) {
+        let g = self.g;
+        self.stats.l2_tables = self.stats.l2_tables.saturating_add(1);
+        if off.saturating_add(g.cluster_size) > self.file_len {
+            return; // reported by add_meta
+        }
+        let mut bytes = vec![0u8; idx(g.cluster_size)];
+        if let Err(e) = read_into(self.img.source(), off, &mut bytes) {
+            self.f.error(&e);
+            return;
+        }
+        let table = L2Table::new(off, &bytes, &g);
+        drop(bytes);
+        // Contiguity is counted within one L2 table, as QEMU does.
+        self.next_contiguous = None;
+        let v2 = self.img.header().version < 3;
+        let active = r.active > 0;
+        for i in 0..table.len() {
+            let Some((raw, bitmap, at)) = table.raw(i) else {
+                break;
+            };
+            let guest = r
+                .l1_index
+                .saturating_mul(g.l2_span())
+                .saturating_add(u64::try_from(i).unwrap_or(0).saturating_mul(g.cluster_size));
+            let cluster = match Cluster::decode(raw, bitmap, at, &g, self.data_file) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.f.error(&e);
+                    continue;
+                }
+            };
+            if v2
+                && !g.extended_l2
+                && raw & crate::l1l2::OFLAG_ZERO != 0
+                && raw & compressed::OFLAG_COMPRESSED == 0
+            {
+                self.f.push(Finding::new(
+                    code::ZERO_FLAG_IN_V2,
+                    Severity::Error,
+                    Category::Corruption,
+                    at,
+                    format!("L2 entry at {at:#x} sets the zero flag (bit 0), reserved in version 2 images"),
+                ));
+            }
+            match cluster {
+                Cluster::Unallocated | Cluster::Zero { host: None, .. } => {}
+                Cluster::Compressed(d) => self.compressed(d, at, guest, r),
+                Cluster::Data { host, copied }
+                | Cluster::Zero {
+                    host: Some(host),
+                    copied,
+                }
+                | Cluster::Subclusters {
+                    host: Some(host),
+                    copied,
+                    ..
+                } => {
+                    if active {
+                        self.stats.allocated_clusters =
+                            self.stats.allocated_clusters.saturating_add(1);
+                        if self.next_contiguous.is_some_and(|n| n != host) {
+                            self.stats.fragmented_clusters =
+                                self.stats.fragmented_clusters.saturating_add(1);
+                        }
+                        self.next_contiguous = Some(host.saturating_add(g.cluster_size));
+                    }
+                    if self.data_file {
+                        // Data lives in the external file: no refcount here.
+                        if active && !copied {
+                            let f = self.downgradable(
+                                code::COPIED_FLAG_MISMATCH,
+                                at,
+                                format!("L2 entry at {at:#x}: clusters in an external data file must have the copied flag"),
+                            );
+                            self.f.push(f);
+                        }
+                        continue;
+                    }
+                    // The bytes a guest read can reach must be in the file:
+                    // the whole cluster for standard entries, up to the last
+                    // allocated subcluster for extended ones (QEMU does not
+                    // extend the file past a subcluster write), and only the
+                    // cluster's start for preallocated zeros (never read).
+                    let reached = match cluster {
+                        Cluster::Data { .. } => g.cluster_size,
+                        Cluster::Subclusters { alloc, .. } if alloc != 0 => {
+                            u64::from(32u32.saturating_sub(alloc.leading_zeros()))
+                                .saturating_mul(g.subcluster_size)
+                        }
+                        _ => 1,
+                    };
+                    if let Err(e) = span(What::DataCluster, at, host, reached, self.file_len) {
+                        self.f.error(&e);
+                        continue;
+                    }
+                    self.reference(host, r.refs);
+                    self.data_cluster_ok(What::DataCluster, host, g.cluster_size, at);
+                    if active {
+                        self.copied_check(copied, host, at, "L2 entry (data cluster)");
+                    }
+                }
+                Cluster::Subclusters { host: None, .. } => {}
+            }
+        }
+    }
+
+    fn compressed(&mut self, d: Descriptor, at: u64, guest: u64, r: TableRef) {
+        let g = self.g;
+        if r.active > 0 {
+            self.stats.allocated_clusters = self.stats.allocated_clusters.saturating_add(1);
+            self.stats.compressed_clusters = self.stats.compressed_clusters.saturating_add(1);
+            // Fragmented by nature (QEMU's count); the contiguity of the
+            // standard clusters around it is unaffected.
+            self.stats.fragmented_clusters = self.stats.fragmented_clusters.saturating_add(1);
+        }
+        if self.data_file {
+            self.f.error(&Error::InvalidCompressedEntry {
+                offset: at,
+                reason: "compressed cluster in an image with an external data file",
+            });
+            return;
+        }
+        // Count the references first, like QEMU, whatever is wrong with
+        // the range (clusters past the end of the file are findings).
+        if d.start() >> crate::qemu::MAX_HOST_OFFSET_BITS == 0 {
+            for c in d.host_clusters(&g) {
+                if c >= self.nb {
+                    break;
+                }
+                if let Some(n) = self.computed.get_mut(idx(c)) {
+                    *n = n.saturating_add(r.refs);
+                }
+            }
+        }
+        match d.validate(at, &g, self.file_len) {
+            Ok(()) => {}
+            // QEMU rounds the range up to whole sectors but does not pad
+            // the file after a compressed write at its end: a range whose
+            // last sector is cut by the end of the file is QEMU's own
+            // doing. Decompression (below) decides whether the stream is
+            // really complete.
+            Err(Error::CompressedPastEof {
+                start,
+                end,
+                file_len,
+                ..
+            }) if start < file_len && end.saturating_sub(file_len) < 512 => {
+                self.f.push(Finding::new(
+                    code::COMPRESSED_TAIL_PAST_EOF,
+                    Severity::Info,
+                    Category::Other,
+                    at,
+                    format!(
+                        "compressed cluster at {start:#x}: the last sector of its range ends at {end:#x}, past the end of the file at {file_len:#x} (QEMU does not pad compressed writes)"
+                    ),
+                ));
+            }
+            Err(e) => {
+                self.f.error(&e);
+                return;
+            }
+        }
+        self.data_cluster_ok(What::CompressedCluster, d.start(), d.span(), at);
+        if !self.decompress {
+            return;
+        }
+        let budget = self.img.limits().max_decompressed_bytes;
+        if self.decompressed.saturating_add(g.cluster_size) > budget {
+            if !self.f.counts.contains_key(code::DECOMPRESS_BUDGET) {
+                self.f.push(Finding::new(
+                    code::DECOMPRESS_BUDGET,
+                    Severity::Warning,
+                    Category::Other,
+                    at,
+                    format!("decompression budget of {budget} bytes spent; later compressed clusters were not verified"),
+                ));
+            }
+            return;
+        }
+        self.decompressed = self.decompressed.saturating_add(g.cluster_size);
+        let kind = self
+            .img
+            .header()
+            .compression()
+            .unwrap_or(crate::CompressionType::Deflate);
+        self.out_buf.resize(idx(g.cluster_size), 0);
+        self.in_buf
+            .resize(idx(d.end().min(self.file_len).saturating_sub(d.start())), 0);
+        if let Err(e) = read_into(self.img.source(), d.start(), &mut self.in_buf) {
+            self.f.error(&e);
+            return;
+        }
+        match compressed::decompress(kind, &self.in_buf, &mut self.out_buf) {
+            Ok(()) => {
+                self.stats.decompressed_clusters =
+                    self.stats.decompressed_clusters.saturating_add(1);
+            }
+            Err(reason) => self.f.error(&Error::Decompress {
+                offset: at,
+                guest_offset: guest,
+                reason,
+            }),
+        }
+    }
+
+    fn compare_refcounts(&mut self) {
+        let per = self.g.refcount_block_entries;
+        let table_len = u64::try_from(self.img.refcount_table().len()).unwrap_or(u64::MAX);
+        let cs = self.g.cluster_size;
+        let mut highest: Option<u64> = None;
+        for c in 0..self.nb {
+            let need = self.computed.get(idx(c)).copied().unwrap_or(0);
+            let Some(have) = self.stored(c) else {
+                if need > 0 {
+                    highest = Some(c);
+                }
+                continue;
+            };
+            if need > 0 || have > 0 {
+                highest = Some(c);
+            }
+            let offset = c.saturating_mul(cs);
+            if need > have && have < u32::MAX {
+                self.stats.corruptions = self.stats.corruptions.saturating_add(1);
+                let beyond = c.checked_div(per).is_none_or(|t| t >= table_len);
+                let (code, msg) = if beyond {
+                    (
+                        code::REFCOUNT_BEYOND_TABLE,
+                        format!("cluster at {offset:#x} is referenced {need} times but the refcount table does not cover it"),
+                    )
+                } else {
+                    (
+                        code::REFCOUNT_TOO_LOW,
+                        format!("cluster at {offset:#x}: refcount {have}, referenced {need} times"),
+                    )
+                };
+                let f = self.downgradable(code, offset, msg);
+                self.f.push(f);
+            } else if have > need && need < u32::MAX {
+                self.stats.leaks = self.stats.leaks.saturating_add(1);
+                self.f.push(Finding::new(
+                    code::LEAKED_CLUSTER,
+                    Severity::Warning,
+                    Category::Leak,
+                    offset,
+                    format!(
+                        "cluster at {offset:#x}: refcount {have}, referenced {need} times (leaked)"
+                    ),
+                ));
+            }
+        }
+        self.stats.image_end_offset = highest.map_or(0, |c| c.saturating_add(1).saturating_mul(cs));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits() {
+        let mut b = Bits::new(130);
+        b.set(129);
+        b.set(1000);
+        assert!(b.get(129) && !b.get(128) && !b.get(1000));
+    }
+}

@@ -1,0 +1,225 @@
+//! `qcow2-guard check`: audit an image completely (see the library's
+//! `check` module for what is checked).
+//!
+//! # JSON schema (`--json`), stable
+//!
+//! ```text
+//! {
+//!   "filename":  string,
+//!   "format":    "qcow2",
+//!   "verdict":   "ok" | "leaks" | "unsafe" | "corrupt" | "invalid",
+//!   "exit-code": 0 | 3 | 4 | 2 | 1,     // the process exit status
+//!   "findings": [                        // walk order, at most 1000
+//!     { "code": string,                  // stable snake_case identifier
+//!       "severity": "error" | "warning" | "info",
+//!       "offset": integer,               // byte offset in the image file
+//!       "message": string }
+//!   ],
+//!   "findings-omitted": integer,         // findings past the cap
+//!   "finding-counts": { code: integer }, // every finding, per code
+//!   "image": {                           // absent when verdict is "invalid"
+//!     "virtual-size", "file-length", "cluster-size": integer,
+//!     "compat": "0.10" | "1.1", "refcount-bits": integer,
+//!     "compression-type": "zlib" | "zstd", "extended-l2": bool,
+//!     "lazy-refcounts": bool, "dirty": bool, "snapshots": integer,
+//!     "bitmaps": integer, "backing-file": bool, "data-file": bool,
+//!     "encrypted": bool
+//!   },
+//!   "stats": {                           // absent when verdict is "invalid"
+//!     "total-clusters", "host-clusters", "allocated-clusters",
+//!     "compressed-clusters", "fragmented-clusters", "image-end-offset",
+//!     "corruptions", "leaks", "l2-tables", "decompressed-clusters": integer
+//!   },
+//!   "metadata-only": bool
+//! }
+//! ```
+//!
+//! Verdict precedence: `invalid` > `corrupt` > `unsafe` > `leaks` > `ok`.
+//! A corrupt image that the policy also refuses is `corrupt` (exit 2) and
+//! lists both kinds of findings: corruption is a property of the bytes no
+//! `--allow-*` flag can relax, so an import service must not be invited
+//! to retry with a relaxed policy. `invalid` means the image could not be
+//! opened (exit 2 for a malformed qcow2 header, 1 when the file is not
+//! qcow2, unreadable, or too large to check).
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use qcow2_guard::check::{self, CheckOptions, Report, Verdict};
+use qcow2_guard::header::{CryptMethod, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
+use qcow2_guard::{FileSource, Image};
+
+use crate::exit::Exit;
+use crate::report::{self, finding_json};
+use crate::{ImageArg, PolicyArgs};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    image: ImageArg,
+    /// Print JSON (schema in the documentation of `check`).
+    #[arg(long)]
+    json: bool,
+    /// Check metadata only: do not decompress compressed clusters.
+    #[arg(long)]
+    metadata_only: bool,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+pub fn run(args: &Args) -> Exit {
+    let path = &args.image.image;
+    let src = match FileSource::open(path) {
+        Ok(s) => s,
+        Err(e) => return report::unreadable(path, &e, args.json),
+    };
+    let opts = CheckOptions {
+        policy: args.policy.policy(),
+        decompress: !args.metadata_only,
+        ..CheckOptions::default()
+    };
+    let (rep, image) = match Image::open_with(src, args.policy.limits()) {
+        Ok(image) => (check::check(&image, &opts), Some(image)),
+        Err(e) => (Report::from_open_error(&e), None),
+    };
+    let v = report_json(path, image.as_ref(), &rep, args.metadata_only);
+    if args.json {
+        report::print_json(&v);
+    } else {
+        print_human(path, image.as_ref(), &rep);
+    }
+    exit_for(&rep)
+}
+
+fn exit_for(rep: &Report) -> Exit {
+    match rep.exit_code {
+        0 => Exit::Ok,
+        2 => Exit::Corrupt,
+        3 => Exit::Leaks,
+        4 => Exit::Refused,
+        _ => Exit::NotChecked,
+    }
+}
+
+fn report_json(
+    path: &Path,
+    image: Option<&Image<FileSource>>,
+    rep: &Report,
+    metadata_only: bool,
+) -> Value {
+    let mut v = json!({
+        "filename": path.display().to_string(),
+        "format": "qcow2",
+        "verdict": rep.verdict.as_str(),
+        "exit-code": rep.exit_code,
+        "findings": rep.findings.iter().map(finding_json).collect::<Vec<_>>(),
+        "findings-omitted": rep.omitted,
+        "finding-counts": rep.counts,
+    });
+    if let (Some(image), Some(obj)) = (image, v.as_object_mut()) {
+        let h = image.header();
+        let g = image.geometry();
+        obj.insert(
+            "image".into(),
+            json!({
+                "virtual-size": h.size,
+                "file-length": image.file_len(),
+                "cluster-size": g.cluster_size,
+                "compat": if h.version >= 3 { "1.1" } else { "0.10" },
+                "refcount-bits": g.refcount_bits,
+                "compression-type": h.compression().map_or("unknown", |c| c.as_str()),
+                "extended-l2": g.extended_l2,
+                "lazy-refcounts": h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
+                "dirty": h.incompatible_features & INCOMPAT_DIRTY != 0,
+                "snapshots": image.snapshots().len(),
+                "bitmaps": image.bitmaps().len(),
+                "backing-file": h.has_backing_file(),
+                "data-file": h.has_data_file(),
+                "encrypted": h.crypt() != Some(CryptMethod::None),
+            }),
+        );
+        let s = &rep.stats;
+        obj.insert(
+            "stats".into(),
+            json!({
+                "total-clusters": s.total_clusters,
+                "host-clusters": s.host_clusters,
+                "allocated-clusters": s.allocated_clusters,
+                "compressed-clusters": s.compressed_clusters,
+                "fragmented-clusters": s.fragmented_clusters,
+                "image-end-offset": s.image_end_offset,
+                "corruptions": s.corruptions,
+                "leaks": s.leaks,
+                "l2-tables": s.l2_tables,
+                "decompressed-clusters": s.decompressed_clusters,
+            }),
+        );
+    }
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("metadata-only".into(), json!(metadata_only));
+    }
+    v
+}
+
+fn pct(n: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        n as f64 * 100.0 / total as f64
+    }
+}
+
+fn print_human(path: &Path, image: Option<&Image<FileSource>>, rep: &Report) {
+    for f in &rep.findings {
+        println!("{f}");
+    }
+    if rep.omitted > 0 {
+        println!("... {} more findings not shown", rep.omitted);
+    }
+    if rep.verdict == Verdict::Invalid {
+        println!("{}: not checked (invalid image)", path.display());
+        return;
+    }
+    let s = &rep.stats;
+    let errors: u64 = rep
+        .findings
+        .iter()
+        .filter(|f| f.severity == qcow2_guard::Severity::Error)
+        .count()
+        .try_into()
+        .unwrap_or(u64::MAX);
+    match rep.verdict {
+        Verdict::Ok => println!("No errors were found on the image."),
+        Verdict::Leaks => {
+            if s.corruptions > 0 {
+                println!(
+                    "{} stale refcounts were found on the dirty (lazy refcounts) image.\nqemu-img check -r all repairs them; the data is not harmed.",
+                    s.corruptions
+                );
+            }
+            if s.leaks > 0 || s.corruptions == 0 {
+                println!(
+                    "{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
+                    s.leaks
+                );
+            }
+        }
+        Verdict::Unsafe => println!("The image is refused by the safety policy."),
+        Verdict::Corrupt | Verdict::Invalid => println!(
+            "{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
+            errors.saturating_add(rep.omitted)
+        ),
+    }
+    if image.is_some() {
+        println!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+            s.allocated_clusters,
+            s.total_clusters,
+            pct(s.allocated_clusters, s.total_clusters),
+            pct(s.fragmented_clusters, s.allocated_clusters),
+            pct(s.compressed_clusters, s.allocated_clusters),
+        );
+        println!("Image end offset: {}", s.image_end_offset);
+    }
+}
