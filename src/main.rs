@@ -3,6 +3,7 @@
 //! Thin on purpose: argument parsing, output formatting and exit codes.
 //! Everything about the format lives in the `qcow2-guard` library.
 
+mod convert;
 mod exit;
 mod info;
 mod report;
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Show what the image header and tables say (like `qemu-img info`).
     Info(info::Args),
+    /// Write the raw guest disk of an image (like `qemu-img convert -O raw`).
+    Convert(convert::Args),
 }
 
 /// Options shared by every command that applies the safety policy.
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
     };
     let exit = match cli.command {
         Command::Info(args) => info::run(&args),
+        Command::Convert(args) => convert::run(&args),
     };
     exit.into()
 }

@@ -1,0 +1,467 @@
+//! `qcow2-guard convert IMAGE OUTPUT`: write the raw guest disk of an
+//! untrusted image, without QEMU.
+//!
+//! The safety policy is applied before anything is written. The output
+//! goes to a temporary file beside OUTPUT that is renamed at the end and
+//! removed on any error, so a failed conversion leaves no OUTPUT. With
+//! OUTPUT `-` the disk goes to stdout and nothing else does.
+//!
+//! Work is split in fixed guest chunks. Two workers fill chunks in turn
+//! (worker `w` takes chunks `w, w + 2, ...`): each maps its chunk, reads
+//! contiguous host ranges with one positional read, decompresses, and marks
+//! zero and unallocated ranges and all-zero blocks as holes. The main
+//! thread writes the chunks in order, skipping holes in a file (which is
+//! then sized to the virtual disk) and writing zeros for them on stdout.
+//! At most a few chunks are in flight, so memory does not grow with the
+//! image.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use qcow2_guard::read::RawBacking;
+use qcow2_guard::{Error, ExtentKind, FileSource, Image, Limits, Severity};
+
+use crate::exit::Exit;
+use crate::report;
+use crate::{ImageArg, PolicyArgs};
+
+/// Guest bytes per unit of work. A multiple of every cluster size (at most
+/// 2 MiB), large enough for efficient positional reads and writes.
+const CHUNK: u64 = 4 << 20;
+/// Granularity of zero detection in data: holes smaller than a file system
+/// block gain nothing.
+const ZERO_BLOCK: usize = 4096;
+/// Workers filling chunks.
+const WORKERS: usize = 2;
+/// L2 cache budget for a conversion (the walk is sequential, so a small
+/// cache suffices).
+const CACHE_BYTES: u64 = 8 << 20;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    image: ImageArg,
+    /// Where to write the raw disk; `-` for stdout.
+    output: PathBuf,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Backing image (qcow2 or raw) to read unallocated clusters from.
+    /// Needs --allow-backing. Without it, unallocated clusters read as
+    /// zeros; the backing file named inside the image is never opened.
+    #[arg(long, value_name = "FILE", requires = "allow_backing")]
+    backing: Option<PathBuf>,
+    /// External data file holding the guest data. Needs --allow-data-file;
+    /// the data file named inside the image is never opened.
+    #[arg(long, value_name = "FILE", requires = "allow_data_file")]
+    data_file: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Why a conversion stopped.
+enum Failure {
+    /// The image (or the backing image) is broken.
+    Image(PathBuf, Error),
+    /// Refused: a message for stderr.
+    Refused(String),
+    /// Reading an input file or writing the output failed.
+    Io(String),
+}
+
+impl From<(PathBuf, Error)> for Failure {
+    fn from((p, e): (PathBuf, Error)) -> Failure {
+        Failure::Image(p, e)
+    }
+}
+
+pub fn run(args: &Args) -> Exit {
+    match convert(args) {
+        Ok(()) => Exit::Ok,
+        Err(Failure::Image(path, e)) => {
+            let exit = report::fatal(&path, &e, false);
+            match e {
+                // Not corrupt: the caller did not hand in what is needed.
+                Error::DataFileRequired { .. } | Error::Encrypted { .. } => Exit::Refused,
+                Error::LimitExceeded { .. } => Exit::Refused,
+                _ => exit,
+            }
+        }
+        Err(Failure::Refused(msg)) => {
+            eprintln!("qcow2-guard: {msg}");
+            Exit::Refused
+        }
+        Err(Failure::Io(msg)) => {
+            eprintln!("qcow2-guard: {msg}");
+            Exit::NotChecked
+        }
+    }
+}
+
+/// Limits for a conversion: the caller's, with tables, caches and
+/// directories small enough that peak memory stays bounded whatever the
+/// image claims (an image needing more is refused, exit 4).
+fn convert_limits(policy: &PolicyArgs) -> Limits {
+    let mut l = policy.limits().with_max_cache_bytes(CACHE_BYTES);
+    // 2 MiB of L1 maps 16 TiB with 64 KiB clusters (8 GiB with 512 bytes).
+    l.max_l1_entries = l.max_l1_entries.min(256 << 10);
+    l.max_refcount_table_bytes = l.max_refcount_table_bytes.min(2 << 20);
+    l.max_snapshots = l.max_snapshots.min(4096);
+    l.max_snapshot_table_bytes = l.max_snapshot_table_bytes.min(4 << 20);
+    l.max_bitmaps = l.max_bitmaps.min(4096);
+    l.max_bitmap_directory_bytes = l.max_bitmap_directory_bytes.min(4 << 20);
+    l
+}
+
+fn open_file(path: &Path) -> Result<FileSource, Failure> {
+    FileSource::open(path).map_err(|e| Failure::Io(format!("{}: cannot open: {e}", path.display())))
+}
+
+fn open_image(args: &Args) -> Result<Image<FileSource>, Failure> {
+    let path = &args.image.image;
+    let policy = args.policy.policy();
+    let limits = convert_limits(&args.policy);
+    let mut image =
+        Image::open_with(open_file(path)?, limits.clone()).map_err(|e| (path.clone(), e))?;
+    refuse_on_policy(path, &image, &policy)?;
+
+    if image.header().has_data_file() {
+        let Some(df) = &args.data_file else {
+            return Err(Failure::Refused(format!(
+                "{}: guest data lives in an external data file; pass it with --data-file FILE",
+                path.display()
+            )));
+        };
+        image.set_data_file(Arc::new(open_file(df)?));
+    } else if args.data_file.is_some() {
+        return Err(Failure::Refused(format!(
+            "{}: --data-file given but the image has no external data file",
+            path.display()
+        )));
+    }
+
+    match &args.backing {
+        Some(b) => {
+            let src = open_file(b)?;
+            let mut magic = [0u8; 4];
+            let is_qcow2 = qcow2_guard::Source::read_exact_at(&src, 0, &mut magic).is_ok()
+                && u32::from_be_bytes(magic) == qcow2_guard::header::MAGIC;
+            if is_qcow2 {
+                let backing = Image::open_with(src, limits).map_err(|e| (b.clone(), e))?;
+                // The backing image must pass the same policy; its own
+                // backing chain is not followed.
+                refuse_on_policy(b, &backing, &policy)?;
+                if backing.header().has_data_file() {
+                    return Err(Failure::Refused(format!(
+                        "{}: backing image with an external data file is not supported",
+                        b.display()
+                    )));
+                }
+                image.set_backing(Arc::new(backing));
+            } else {
+                image.set_backing(Arc::new(RawBacking(src)));
+            }
+        }
+        None if image.header().has_backing_file() => {
+            eprintln!(
+                "qcow2-guard: {}: no --backing given: unallocated clusters are written as zeros",
+                path.display()
+            );
+        }
+        None => {}
+    }
+    Ok(image)
+}
+
+fn refuse_on_policy(
+    path: &Path,
+    image: &Image<FileSource>,
+    policy: &qcow2_guard::Policy,
+) -> Result<(), Failure> {
+    let refusals: Vec<_> = image
+        .policy_findings(policy)
+        .into_iter()
+        .filter(|f| f.severity == Severity::Error)
+        .collect();
+    if refusals.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = refusals
+        .iter()
+        .map(|f| format!("{}: {f}", path.display()))
+        .collect();
+    Err(Failure::Refused(format!(
+        "refused by policy:\n  {}",
+        lines.join("\n  ")
+    )))
+}
+
+fn convert(args: &Args) -> Result<(), Failure> {
+    let image = open_image(args)?;
+    let to_stdout = args.output.as_os_str() == "-";
+    let size = image.virtual_size();
+    let progress = progress_bar(size, args.quiet);
+
+    if to_stdout {
+        let stdout = io::stdout();
+        let mut out = Output::Stream(stdout.lock());
+        pump(&image, &args.image.image, &mut out, &progress)?;
+        if let Output::Stream(s) = &mut out {
+            s.flush()
+                .map_err(|e| Failure::Io(format!("writing stdout: {e}")))?;
+        }
+    } else {
+        let target = &args.output;
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "output".to_owned());
+        // Removed when dropped, i.e. on every error path.
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".qcow2-guard-tmp")
+            .tempfile_in(&dir)
+            .map_err(|e| Failure::Io(format!("{}: cannot create a file: {e}", dir.display())))?;
+        let werr = |e: io::Error| Failure::Io(format!("writing {}: {e}", target.display()));
+        {
+            let mut out = Output::File(tmp.as_file());
+            pump(&image, &args.image.image, &mut out, &progress)?;
+        }
+        tmp.as_file().set_len(size).map_err(werr)?;
+        tmp.persist(target).map_err(|e| werr(e.error))?;
+    }
+    progress.finish_and_clear();
+    Ok(())
+}
+
+fn progress_bar(size: u64, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    // Draws only when stderr is a terminal.
+    let pb = ProgressBar::with_draw_target(Some(size), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        pb.set_style(style);
+    }
+    pb
+}
+
+enum Output<'a> {
+    File(&'a File),
+    Stream(io::StdoutLock<'a>),
+}
+
+/// A filled chunk: guest bytes `start .. start + data.len()`, with the
+/// ranges (relative to `start`) that read as zeros.
+struct Chunk {
+    start: u64,
+    data: Vec<u8>,
+    /// Sorted, disjoint `(offset, len)` ranges of zeros.
+    holes: Vec<(usize, usize)>,
+}
+
+/// Fill every chunk with the workers and write them in order.
+fn pump(
+    image: &Image<FileSource>,
+    path: &Path,
+    out: &mut Output<'_>,
+    progress: &ProgressBar,
+) -> Result<(), Failure> {
+    let size = image.virtual_size();
+    let chunks = size.div_ceil(CHUNK);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let mut results = Vec::with_capacity(WORKERS);
+        let mut recycle = Vec::with_capacity(WORKERS);
+        for w in 0..WORKERS {
+            let (tx, rx) = mpsc::sync_channel::<Result<Chunk, Error>>(1);
+            let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+            results.push(rx);
+            recycle.push(back_tx);
+            let stop = &stop;
+            s.spawn(move || {
+                let mut k = w as u64;
+                while k < chunks && !stop.load(Ordering::Relaxed) {
+                    let buf = back_rx.try_recv().unwrap_or_default();
+                    let r = fill_chunk(image, k * CHUNK, size, buf);
+                    let failed = r.is_err();
+                    if tx.send(r).is_err() || failed {
+                        return;
+                    }
+                    k += WORKERS as u64;
+                }
+            });
+        }
+        let r = write_chunks(path, out, progress, chunks, &results, &recycle);
+        if r.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        // Dropping the receivers unblocks any worker waiting to send.
+        drop(results);
+        r
+    })
+}
+
+fn write_chunks(
+    path: &Path,
+    out: &mut Output<'_>,
+    progress: &ProgressBar,
+    chunks: u64,
+    results: &[mpsc::Receiver<Result<Chunk, Error>>],
+    recycle: &[mpsc::Sender<Vec<u8>>],
+) -> Result<(), Failure> {
+    let zeros = vec![0u8; 1 << 16];
+    for k in 0..chunks {
+        let w = (k % WORKERS as u64) as usize;
+        let chunk = match results[w].recv() {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(Failure::Image(path.to_path_buf(), e)),
+            Err(_) => return Err(Failure::Io("a worker stopped unexpectedly".to_owned())),
+        };
+        write_chunk(out, &chunk, &zeros)?;
+        progress.inc(chunk.data.len() as u64);
+        // The worker may be gone already; then the buffer is just freed.
+        let _ = recycle[w].send(chunk.data);
+    }
+    Ok(())
+}
+
+fn write_chunk(out: &mut Output<'_>, c: &Chunk, zeros: &[u8]) -> Result<(), Failure> {
+    let werr = |e: io::Error| Failure::Io(format!("writing output: {e}"));
+    let mut pos = 0usize;
+    let mut pieces: Vec<(usize, usize, bool)> = Vec::with_capacity(c.holes.len() * 2 + 1);
+    for &(off, len) in &c.holes {
+        if off > pos {
+            pieces.push((pos, off - pos, false));
+        }
+        pieces.push((off, len, true));
+        pos = off + len;
+    }
+    if pos < c.data.len() {
+        pieces.push((pos, c.data.len() - pos, false));
+    }
+    for (off, len, hole) in pieces {
+        match out {
+            // A fresh file: skipping a range leaves a hole.
+            Output::File(f) if !hole => f
+                .write_all_at(&c.data[off..off + len], c.start + off as u64)
+                .map_err(werr)?,
+            Output::File(_) => {}
+            Output::Stream(s) if !hole => s.write_all(&c.data[off..off + len]).map_err(werr)?,
+            Output::Stream(s) => {
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(zeros.len());
+                    s.write_all(&zeros[..n]).map_err(werr)?;
+                    left -= n;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Read guest chunk at `start` into `buf` (reused), noting its holes.
+fn fill_chunk(
+    image: &Image<FileSource>,
+    start: u64,
+    size: u64,
+    mut buf: Vec<u8>,
+) -> Result<Chunk, Error> {
+    let len = CHUNK.min(size - start);
+    buf.resize(len as usize, 0);
+    let mut holes = Vec::new();
+    let backing = image.backing().is_some();
+    for e in image.map(start, len)? {
+        let e = e?;
+        let off = (e.guest_offset - start) as usize;
+        let n = e.len as usize;
+        let part = &mut buf[off..off + n];
+        let hole = match e.kind {
+            ExtentKind::Zero => true,
+            ExtentKind::Unallocated => !backing,
+            ExtentKind::Data { .. } | ExtentKind::Compressed(_) => false,
+        };
+        if hole {
+            push_hole(&mut holes, off, n);
+            continue;
+        }
+        image.read_extent(&e, part)?;
+        find_zero_blocks(part, off, &mut holes);
+    }
+    Ok(Chunk {
+        start,
+        data: buf,
+        holes,
+    })
+}
+
+/// Add `(off, len)` to the sorted hole list, merging with the last hole.
+fn push_hole(holes: &mut Vec<(usize, usize)>, off: usize, len: usize) {
+    if let Some(last) = holes.last_mut() {
+        if last.0 + last.1 == off {
+            last.1 += len;
+            return;
+        }
+    }
+    holes.push((off, len));
+}
+
+/// Record the all-zero `ZERO_BLOCK`s of `data` (at chunk offset `base`;
+/// blocks aligned to the chunk) as holes. Partial blocks at either end are
+/// checked too: a short zero range costs nothing to skip.
+fn find_zero_blocks(data: &[u8], base: usize, holes: &mut Vec<(usize, usize)>) {
+    let mut pos = 0;
+    while pos < data.len() {
+        let abs = base + pos;
+        let block_end = (abs / ZERO_BLOCK + 1) * ZERO_BLOCK;
+        let n = (block_end - abs).min(data.len() - pos);
+        if is_zero(&data[pos..pos + n]) {
+            push_hole(holes, abs, n);
+        }
+        pos += n;
+    }
+}
+
+/// Whether `b` is all zeros, a word at a time.
+fn is_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(16);
+    let body = words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0);
+    body && words.remainder().iter().all(|&x| x == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_blocks_merge() {
+        let mut data = vec![0u8; 3 * ZERO_BLOCK];
+        data[ZERO_BLOCK + 5] = 1;
+        let mut holes = vec![(0, 100)];
+        find_zero_blocks(&data, 100, &mut holes);
+        assert_eq!(
+            holes,
+            vec![(0, ZERO_BLOCK), (2 * ZERO_BLOCK, ZERO_BLOCK + 100)]
+        );
+        assert!(is_zero(&[0; 37]));
+        assert!(!is_zero(&[
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+        ]));
+    }
+}
