@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -40,6 +40,8 @@ const CHUNK: u64 = 4 << 20;
 const ZERO_BLOCK: usize = 4096;
 /// Workers filling chunks.
 const WORKERS: usize = 2;
+/// Chunk buffers per worker.
+const BUFFERS: usize = 3;
 /// L2 cache budget for a conversion (the walk is sequential, so a small
 /// cache suffices).
 const CACHE_BYTES: u64 = 8 << 20;
@@ -209,13 +211,25 @@ fn convert(args: &Args) -> Result<(), Failure> {
     let size = image.virtual_size();
     let progress = progress_bar(size, args.quiet);
 
-    if to_stdout {
-        let stdout = io::stdout();
-        let mut out = Output::Stream(stdout.lock());
+    // An existing OUTPUT that is not a regular file (a device, a FIFO) is
+    // written in place as a stream: renaming over it would replace it.
+    let special =
+        !to_stdout && std::fs::metadata(&args.output).is_ok_and(|m| !m.file_type().is_file());
+    if to_stdout || special {
+        let (sink, what): (Box<dyn Write>, String) = if to_stdout {
+            (Box::new(io::stdout().lock()), "stdout".to_owned())
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&args.output)
+                .map_err(|e| Failure::Io(format!("{}: cannot open: {e}", args.output.display())))?;
+            (Box::new(f), args.output.display().to_string())
+        };
+        let mut out = Output::Stream(sink);
         pump(&image, &args.image.image, &mut out, &progress)?;
         if let Output::Stream(s) = &mut out {
             s.flush()
-                .map_err(|e| Failure::Io(format!("writing stdout: {e}")))?;
+                .map_err(|e| Failure::Io(format!("writing {what}: {e}")))?;
         }
     } else {
         let target = &args.output;
@@ -229,6 +243,8 @@ fn convert(args: &Args) -> Result<(), Failure> {
             .unwrap_or_else(|| "output".to_owned());
         // Removed when dropped, i.e. on every error path.
         let tmp = tempfile::Builder::new()
+            // Like any new file (the umask applies), not tempfile's 0600.
+            .permissions(std::fs::Permissions::from_mode(0o666))
             .prefix(&format!(".{name}."))
             .suffix(".qcow2-guard-tmp")
             .tempfile_in(&dir)
@@ -260,17 +276,38 @@ fn progress_bar(size: u64, quiet: bool) -> ProgressBar {
 }
 
 enum Output<'a> {
+    /// A new regular file: holes are skipped.
     File(&'a File),
-    Stream(io::StdoutLock<'a>),
+    /// Sequential output: holes are written as zeros.
+    Stream(Box<dyn Write + 'a>),
 }
 
-/// A filled chunk: guest bytes `start .. start + data.len()`, with the
-/// ranges (relative to `start`) that read as zeros.
+/// A filled chunk: guest bytes `start .. start + len`, with the ranges
+/// (relative to `start`) that read as zeros. `data` is empty for a chunk
+/// that is one hole.
 struct Chunk {
     start: u64,
+    len: usize,
     data: Vec<u8>,
     /// Sorted, disjoint `(offset, len)` ranges of zeros.
     holes: Vec<(usize, usize)>,
+}
+
+/// End of the chunk starting at `pos`: a run of unallocated L1 entries
+/// (no data, any length), or up to the next CHUNK boundary. Workers and
+/// the writer derive the same sequence from the L1 table alone.
+fn chunk_end(image: &Image<FileSource>, pos: u64) -> (u64, bool) {
+    let size = image.virtual_size();
+    let g = image.geometry();
+    let unallocated = |i: u64| matches!(image.l1_entry(i), Ok(e) if e.l2_offset.is_none());
+    let mut l1 = pos >> g.l2_span_bits();
+    if unallocated(l1) && image.backing().is_none() {
+        while (l1 + 1) << g.l2_span_bits() < size && unallocated(l1 + 1) {
+            l1 += 1;
+        }
+        return (((l1 + 1) << g.l2_span_bits()).min(size), true);
+    }
+    (((pos / CHUNK + 1) * CHUNK).min(size), false)
 }
 
 /// Fill every chunk with the workers and write them in order.
@@ -281,7 +318,9 @@ fn pump(
     progress: &ProgressBar,
 ) -> Result<(), Failure> {
     let size = image.virtual_size();
-    let chunks = size.div_ceil(CHUNK);
+    if size == 0 {
+        return Ok(());
+    }
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let mut results = Vec::with_capacity(WORKERS);
@@ -293,19 +332,51 @@ fn pump(
             recycle.push(back_tx);
             let stop = &stop;
             s.spawn(move || {
-                let mut k = w as u64;
-                while k < chunks && !stop.load(Ordering::Relaxed) {
-                    let buf = back_rx.try_recv().unwrap_or_default();
-                    let r = fill_chunk(image, k * CHUNK, size, buf);
+                let mut buffers = 0;
+                let mut pos = 0;
+                let mut k = 0;
+                while pos < size && !stop.load(Ordering::Relaxed) {
+                    let (end, hole) = chunk_end(image, pos);
+                    let mine = k % WORKERS == w;
+                    let start = pos;
+                    pos = end;
+                    k += 1;
+                    if !mine {
+                        continue;
+                    }
+                    let len = (end - start) as usize;
+                    let r = if hole {
+                        Ok(Chunk {
+                            start,
+                            len,
+                            data: Vec::new(),
+                            holes: vec![(0, len)],
+                        })
+                    } else {
+                        // Reuse written buffers (fresh ones cost page
+                        // faults); at most BUFFERS per worker: one being
+                        // filled, one queued, one being written.
+                        let buf = match back_rx.try_recv() {
+                            Ok(b) => b,
+                            Err(_) if buffers < BUFFERS => {
+                                buffers += 1;
+                                Vec::new()
+                            }
+                            Err(_) => match back_rx.recv() {
+                                Ok(b) => b,
+                                Err(_) => return,
+                            },
+                        };
+                        fill_chunk(image, start, end, buf)
+                    };
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
                         return;
                     }
-                    k += WORKERS as u64;
                 }
             });
         }
-        let r = write_chunks(path, out, progress, chunks, &results, &recycle);
+        let r = write_chunks(path, out, progress, size, &results, &recycle);
         if r.is_err() {
             stop.store(true, Ordering::Relaxed);
         }
@@ -319,22 +390,31 @@ fn write_chunks(
     path: &Path,
     out: &mut Output<'_>,
     progress: &ProgressBar,
-    chunks: u64,
+    size: u64,
     results: &[mpsc::Receiver<Result<Chunk, Error>>],
     recycle: &[mpsc::Sender<Vec<u8>>],
 ) -> Result<(), Failure> {
     let zeros = vec![0u8; 1 << 16];
-    for k in 0..chunks {
-        let w = (k % WORKERS as u64) as usize;
+    let mut pos = 0;
+    let mut k = 0;
+    while pos < size {
+        let w = k % WORKERS;
         let chunk = match results[w].recv() {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(Failure::Image(path.to_path_buf(), e)),
             Err(_) => return Err(Failure::Io("a worker stopped unexpectedly".to_owned())),
         };
+        if chunk.start != pos {
+            return Err(Failure::Io("chunks out of order".to_owned()));
+        }
         write_chunk(out, &chunk, &zeros)?;
-        progress.inc(chunk.data.len() as u64);
-        // The worker may be gone already; then the buffer is just freed.
-        let _ = recycle[w].send(chunk.data);
+        pos += chunk.len as u64;
+        k += 1;
+        progress.inc(chunk.len as u64);
+        if !chunk.data.is_empty() {
+            // The worker may be gone already; then the buffer is freed.
+            let _ = recycle[w].send(chunk.data);
+        }
     }
     Ok(())
 }
@@ -350,8 +430,8 @@ fn write_chunk(out: &mut Output<'_>, c: &Chunk, zeros: &[u8]) -> Result<(), Fail
         pieces.push((off, len, true));
         pos = off + len;
     }
-    if pos < c.data.len() {
-        pieces.push((pos, c.data.len() - pos, false));
+    if pos < c.len {
+        pieces.push((pos, c.len - pos, false));
     }
     for (off, len, hole) in pieces {
         match out {
@@ -374,14 +454,14 @@ fn write_chunk(out: &mut Output<'_>, c: &Chunk, zeros: &[u8]) -> Result<(), Fail
     Ok(())
 }
 
-/// Read guest chunk at `start` into `buf` (reused), noting its holes.
+/// Read guest range `start .. end` into `buf` (reused), noting its holes.
 fn fill_chunk(
     image: &Image<FileSource>,
     start: u64,
-    size: u64,
+    end: u64,
     mut buf: Vec<u8>,
 ) -> Result<Chunk, Error> {
-    let len = CHUNK.min(size - start);
+    let len = end - start;
     buf.resize(len as usize, 0);
     let mut holes = Vec::new();
     let backing = image.backing().is_some();
@@ -404,6 +484,7 @@ fn fill_chunk(
     }
     Ok(Chunk {
         start,
+        len: len as usize,
         data: buf,
         holes,
     })

@@ -420,6 +420,8 @@ fn odd_virtual_sizes_and_sparse_output() {
     use std::os::unix::fs::MetadataExt;
     let m = fs::metadata(&out).unwrap();
     assert_eq!(m.len(), 64 << 20);
+    use std::os::unix::fs::PermissionsExt;
+    assert_ne!(m.permissions().mode() & 0o077, 0, "not tempfile's 0600");
     assert!(
         m.blocks() * 512 <= 2 << 20,
         "{} bytes allocated",
@@ -435,6 +437,25 @@ fn stdout_carries_only_the_disk() {
     let o = guard(&["convert", img.to_str().unwrap(), "-"]);
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
     assert!(o.stdout == oracle(&img));
+
+    // An OUTPUT that exists and is not a regular file (here a FIFO; the same
+    // path protects /dev/null and devices) is written in place, never
+    // replaced by a rename.
+    let fifo = d.path().join("fifo");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || fs::read(fifo).unwrap())
+    };
+    let o = convert(&img, &fifo, &[]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(reader.join().unwrap() == oracle(&img));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::metadata(&fifo).unwrap().file_type().is_fifo());
 }
 
 #[test]
