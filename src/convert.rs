@@ -6,14 +6,15 @@
 //! removed on any error, so a failed conversion leaves no OUTPUT. With
 //! OUTPUT `-` the disk goes to stdout and nothing else does.
 //!
-//! Work is split in fixed guest chunks. Two workers fill chunks in turn
-//! (worker `w` takes chunks `w, w + 2, ...`): each maps its chunk, reads
-//! contiguous host ranges with one positional read, decompresses, and marks
-//! zero and unallocated ranges and all-zero blocks as holes. The main
-//! thread writes the chunks in order, skipping holes in a file (which is
-//! then sized to the virtual disk) and writing zeros for them on stdout.
-//! At most a few chunks are in flight, so memory does not grow with the
-//! image.
+//! Work is split in guest chunks of 4 MiB (or one chunk for a run of
+//! unallocated L1 entries). Two workers take chunks in turn (worker `w`
+//! takes chunks `w, w + 2, ...`): each maps its chunk, reads contiguous
+//! host ranges with one positional read, decompresses, and marks zero and
+//! unallocated ranges and all-zero 4 KiB blocks as holes. Into a file, the
+//! workers write their chunks themselves with positional writes, skipping
+//! holes (the file is then sized to the virtual disk); into a stream, the
+//! main thread writes the chunks in order, with zeros for holes. At most a
+//! few chunks are in flight, so memory does not grow with the image.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -291,6 +292,8 @@ struct Chunk {
     data: Vec<u8>,
     /// Sorted, disjoint `(offset, len)` ranges of zeros.
     holes: Vec<(usize, usize)>,
+    /// Already written by the worker (file output).
+    written: bool,
 }
 
 /// End of the chunk starting at `pos`: a run of unallocated L1 entries
@@ -322,17 +325,22 @@ fn pump(
         return Ok(());
     }
     let stop = AtomicBool::new(false);
+    let file = match out {
+        Output::File(f) => Some(*f),
+        Output::Stream(_) => None,
+    };
     std::thread::scope(|s| {
         let mut results = Vec::with_capacity(WORKERS);
         let mut recycle = Vec::with_capacity(WORKERS);
         for w in 0..WORKERS {
-            let (tx, rx) = mpsc::sync_channel::<Result<Chunk, Error>>(1);
+            let (tx, rx) = mpsc::sync_channel::<Result<Chunk, Failure>>(1);
             let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
             results.push(rx);
             recycle.push(back_tx);
             let stop = &stop;
             s.spawn(move || {
                 let mut buffers = 0;
+                let mut own: Option<Vec<u8>> = None;
                 let mut pos = 0;
                 let mut k = 0;
                 while pos < size && !stop.load(Ordering::Relaxed) {
@@ -351,12 +359,13 @@ fn pump(
                             len,
                             data: Vec::new(),
                             holes: vec![(0, len)],
+                            written: false,
                         })
                     } else {
                         // Reuse written buffers (fresh ones cost page
                         // faults); at most BUFFERS per worker: one being
                         // filled, one queued, one being written.
-                        let buf = match back_rx.try_recv() {
+                        let buf = match own.take().map_or_else(|| back_rx.try_recv(), Ok) {
                             Ok(b) => b,
                             Err(_) if buffers < BUFFERS => {
                                 buffers += 1;
@@ -367,7 +376,25 @@ fn pump(
                                 Err(_) => return,
                             },
                         };
-                        fill_chunk(image, start, end, buf)
+                        match (fill_chunk(image, start, end, buf), file) {
+                            (Err(e), _) => Err(Failure::Image(path.to_path_buf(), e)),
+                            (Ok(c), None) => Ok(c),
+                            // Positional writes need no order: write here,
+                            // in parallel, and keep the buffer.
+                            (Ok(c), Some(f)) => match write_chunk(&mut Output::File(f), &c, &[]) {
+                                Err(e) => Err(e),
+                                Ok(()) => {
+                                    own = Some(c.data);
+                                    Ok(Chunk {
+                                        start,
+                                        len,
+                                        data: Vec::new(),
+                                        holes: Vec::new(),
+                                        written: true,
+                                    })
+                                }
+                            },
+                        }
                     };
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
@@ -376,7 +403,7 @@ fn pump(
                 }
             });
         }
-        let r = write_chunks(path, out, progress, size, &results, &recycle);
+        let r = write_chunks(out, progress, size, &results, &recycle);
         if r.is_err() {
             stop.store(true, Ordering::Relaxed);
         }
@@ -387,11 +414,10 @@ fn pump(
 }
 
 fn write_chunks(
-    path: &Path,
     out: &mut Output<'_>,
     progress: &ProgressBar,
     size: u64,
-    results: &[mpsc::Receiver<Result<Chunk, Error>>],
+    results: &[mpsc::Receiver<Result<Chunk, Failure>>],
     recycle: &[mpsc::Sender<Vec<u8>>],
 ) -> Result<(), Failure> {
     let zeros = vec![0u8; 1 << 16];
@@ -401,13 +427,15 @@ fn write_chunks(
         let w = k % WORKERS;
         let chunk = match results[w].recv() {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(Failure::Image(path.to_path_buf(), e)),
+            Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Failure::Io("a worker stopped unexpectedly".to_owned())),
         };
         if chunk.start != pos {
             return Err(Failure::Io("chunks out of order".to_owned()));
         }
-        write_chunk(out, &chunk, &zeros)?;
+        if !chunk.written {
+            write_chunk(out, &chunk, &zeros)?;
+        }
         pos += chunk.len as u64;
         k += 1;
         progress.inc(chunk.len as u64);
@@ -487,6 +515,7 @@ fn fill_chunk(
         len: len as usize,
         data: buf,
         holes,
+        written: false,
     })
 }
 
