@@ -6,15 +6,16 @@
 //! removed on any error, so a failed conversion leaves no OUTPUT. With
 //! OUTPUT `-` the disk goes to stdout and nothing else does.
 //!
-//! Work is split in guest chunks of 256 KiB or one cluster (or one chunk
-//! for a run of unallocated L1 entries). Two workers take chunks in turn (worker `w`
-//! takes chunks `w, w + 2, ...`): each maps its chunk, reads contiguous
-//! host ranges with one positional read, decompresses, and marks zero and
-//! unallocated ranges and all-zero 4 KiB blocks as holes. Into a file, the
-//! workers write their chunks themselves with positional writes, skipping
-//! holes (the file is then sized to the virtual disk); into a stream, the
-//! main thread writes the chunks in order, with zeros for holes. At most a
-//! few chunks are in flight, so memory does not grow with the image.
+//! Work is split in guest chunks of 256 KiB or one cluster (one chunk for
+//! a run of unallocated L1 entries). Two workers take chunks in turn
+//! (worker `w` takes chunks `w, w + 2, ...`): each maps its chunk, reads
+//! contiguous host ranges with one positional read, decompresses, and
+//! marks zero and unallocated ranges and all-zero 4 KiB blocks as holes.
+//! Into a file, the workers write their chunks themselves with positional
+//! writes, skipping holes (the file is then sized to the virtual disk);
+//! into a stream, the main thread writes the chunks in order, with zeros
+//! for holes. At most a few chunks are in flight, so memory does not grow
+//! with the image.
 
 use std::fs::File;
 use std::io::{self, Write};

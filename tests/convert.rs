@@ -696,3 +696,47 @@ fn external_data_files_only_when_handed_in() {
         &["--allow-data-file", "--data-file", data.to_str().unwrap()],
     );
 }
+
+/// Memory and time do not grow with the virtual size: a 1 TiB disk with a
+/// few MiB of data converts to a sparse file, within 64 MiB of RSS.
+#[test]
+fn huge_sparse_disk() {
+    let d = tmpdir();
+    let img = image(
+        d.path(),
+        "huge.qcow2",
+        "",
+        "1T",
+        &["write -P 0x17 700G 3M", "write -P 0x18 1023G 64k"],
+    );
+    let out = d.path().join("huge.raw");
+    assert_converts_within_64m(&img, &out);
+    let f = fs::File::open(&out).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 1 << 40);
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; 3 << 20];
+    f.read_exact_at(&mut b, 700 << 30).unwrap();
+    assert!(b.iter().all(|&x| x == 0x17));
+    f.read_exact_at(&mut b[..4096], (700 << 30) - 4096).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 0));
+    f.read_exact_at(&mut b[..65536], 1023 << 30).unwrap();
+    assert!(b[..65536].iter().all(|&x| x == 0x18));
+}
+
+/// Convert successfully, bounding peak RSS when /usr/bin/time exists.
+fn assert_converts_within_64m(img: &Path, out: &Path) {
+    if Path::new("/usr/bin/time").exists() {
+        let t = std::process::Command::new("/usr/bin/time")
+            .args(["-f", "%M", bin(), "convert", "-q"])
+            .arg(img)
+            .arg(out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&t.stderr);
+        assert_eq!(code(&t), 0, "{err}");
+        let kib: u64 = err.lines().last().unwrap().trim().parse().unwrap();
+        assert!(kib < 64 * 1024, "peak RSS {kib} KiB");
+    } else {
+        assert_eq!(code(&convert(img, out, &[])), 0);
+    }
+}
