@@ -4,6 +4,7 @@
 //! Everything about the format lives in the `qcow2-guard` library.
 
 mod check;
+mod convert;
 mod exit;
 mod info;
 mod report;
@@ -34,6 +35,8 @@ enum Command {
     /// Audit every structure, refcount and compressed payload (stricter
     /// than `qemu-img check`).
     Check(check::Args),
+    /// Write the raw guest disk of an image (like `qemu-img convert -O raw`).
+    Convert(convert::Args),
 }
 
 /// Options shared by every command that applies the safety policy.
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
     let exit = match cli.command {
         Command::Info(args) => info::run(&args),
         Command::Check(args) => check::run(&args),
+        Command::Convert(args) => convert::run(&args),
     };
     exit.into()
 }

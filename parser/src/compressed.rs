@@ -167,10 +167,9 @@ fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     }
 }
 
-/// Largest zstd window we let a frame declare. The decoder reserves the
-/// window up front, so this bounds its memory; QEMU's own frames for one
-/// cluster need at most the cluster size.
-const MAX_ZSTD_WINDOW: u64 = 8 << 20;
+/// Smallest window a zstd frame can declare (window descriptor with
+/// exponent 0).
+const MIN_ZSTD_WINDOW: u64 = 1 << 10;
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
@@ -179,7 +178,11 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     let want = out.len();
     let mut src = input;
     let mut frames = FrameDecoder::new();
-    frames.set_max_window_size(MAX_ZSTD_WINDOW.max(u64::try_from(want).unwrap_or(u64::MAX)));
+    // The decoder's buffers grow with the window a frame declares. QEMU
+    // compresses one cluster with its size known, so its frames never need
+    // a window larger than the cluster: a larger one is refused, which
+    // bounds the decoder's memory by the cluster size.
+    frames.set_max_window_size(MIN_ZSTD_WINDOW.max(u64::try_from(want).unwrap_or(u64::MAX)));
     let mut filled = 0usize;
     // Like QEMU, frames are decoded one after another until the cluster is
     // full; the frame that fills it must end exactly there.
@@ -273,6 +276,99 @@ mod tests {
             assert!(qemu.span() <= Descriptor::max_span(&g));
             qemu.validate(0, &g, u64::MAX).unwrap();
         }
+    }
+
+    /// A zstd frame declaring a `window`-byte window and no content size,
+    /// made of `blocks` RLE blocks of `block` bytes each.
+    fn zstd_rle_frame(window_exp: u8, block: u32, blocks: usize) -> Vec<u8> {
+        let mut f = 0xFD2F_B528u32.to_le_bytes().to_vec();
+        f.push(0x00); // no content size, not single segment, no checksum
+        f.push(window_exp << 3); // window 2^(10 + exp)
+        for i in 0..blocks {
+            let last = u32::from(i + 1 == blocks);
+            let h = last | (1 << 1) | (block << 3);
+            f.extend_from_slice(&h.to_le_bytes()[..3]);
+            f.push(0x5a);
+        }
+        f
+    }
+
+    #[test]
+    fn deflate_must_fill_exactly_one_cluster() {
+        use miniz_oxide::deflate::compress_to_vec;
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let stream = compress_to_vec(&data, 6);
+        let mut out = vec![0u8; 65536];
+        decompress(CompressionType::Deflate, &stream, &mut out).unwrap();
+        assert_eq!(out, data);
+        // Trailing bytes after the final block (sector padding) are fine.
+        let mut padded = stream.clone();
+        padded.extend_from_slice(&[0xff; 300]);
+        decompress(CompressionType::Deflate, &padded, &mut out).unwrap();
+        // Too short: the stream ends before the cluster is full.
+        let short = compress_to_vec(&data[..1000], 6);
+        let e = decompress(CompressionType::Deflate, &short, &mut out).unwrap_err();
+        assert!(e.contains("ended after 1000"), "{e}");
+        // Cut off: the input ends mid-stream.
+        let e = decompress(
+            CompressionType::Deflate,
+            &stream[..stream.len() / 2],
+            &mut out,
+        )
+        .unwrap_err();
+        assert!(e.contains("truncated"), "{e}");
+        // A bomb: 8 MiB of zeros in about 8 KiB, into a 64 KiB cluster.
+        let bomb = compress_to_vec(&vec![0u8; 8 << 20], 10);
+        assert!(bomb.len() < 65536);
+        let e = decompress(CompressionType::Deflate, &bomb, &mut out).unwrap_err();
+        assert!(e.contains("past one cluster"), "{e}");
+        // Garbage.
+        let e = decompress(CompressionType::Deflate, &[0xff; 512], &mut out).unwrap_err();
+        assert!(e.contains("corrupt") || e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn zstd_must_fill_exactly_one_cluster() {
+        let mut out = vec![0u8; 65536];
+        // Exactly one cluster in one 64 KiB RLE block.
+        decompress(
+            CompressionType::Zstd,
+            &zstd_rle_frame(6, 65536, 1),
+            &mut out,
+        )
+        .unwrap();
+        assert!(out.iter().all(|&b| b == 0x5a));
+        // Two frames filling it together, as QEMU accepts.
+        let mut two = zstd_rle_frame(6, 32768, 1);
+        two.extend(zstd_rle_frame(6, 32768, 1));
+        decompress(CompressionType::Zstd, &two, &mut out).unwrap();
+        // A bomb within the allowed window: 16 blocks of 64 KiB (1 MiB).
+        let e = decompress(
+            CompressionType::Zstd,
+            &zstd_rle_frame(6, 65536, 16),
+            &mut out,
+        )
+        .unwrap_err();
+        assert!(e.contains("past one cluster"), "{e}");
+        // A frame asking for an 8 MiB window is refused before decoding.
+        let e = decompress(
+            CompressionType::Zstd,
+            &zstd_rle_frame(13, 65536, 1),
+            &mut out,
+        )
+        .unwrap_err();
+        assert!(e.contains("corrupt"), "{e}");
+        // Ends early, then padding that is no frame.
+        let mut short = zstd_rle_frame(6, 4096, 1);
+        short.extend_from_slice(&[0; 64]);
+        let e = decompress(CompressionType::Zstd, &short, &mut out).unwrap_err();
+        assert!(e.contains("corrupt zstd frame header after 4096"), "{e}");
+        // Input cut mid-frame; garbage.
+        let full = zstd_rle_frame(6, 8192, 8);
+        let e = decompress(CompressionType::Zstd, &full[..full.len() - 6], &mut out).unwrap_err();
+        assert!(!e.is_empty());
+        let e = decompress(CompressionType::Zstd, &[0xff; 512], &mut out).unwrap_err();
+        assert!(e.contains("corrupt"), "{e}");
     }
 
     #[test]

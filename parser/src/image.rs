@@ -18,6 +18,7 @@ use crate::l1l2::{Cluster, L1Entry, L2Table};
 use crate::limits::Limits;
 use crate::metadata::MetadataMap;
 use crate::policy::Policy;
+use crate::read::Backing;
 use crate::refcount;
 use crate::snapshot::{self, Snapshot};
 use crate::source::{be_u64s, read_vec, span, Source};
@@ -40,6 +41,9 @@ pub struct Image<S> {
     bitmaps: Vec<Bitmap>,
     limits: Limits,
     data_file: Option<Arc<dyn Source>>,
+    /// Guest data behind unallocated clusters, supplied by the caller
+    /// (see [`Image::set_backing`]); read by [`crate::read`].
+    backing: Option<Arc<dyn Backing>>,
     l2_cache: Mutex<L2Cache>,
     metadata: OnceLock<MetadataMap>,
 }
@@ -178,6 +182,7 @@ impl<S: Source> Image<S> {
             bitmaps,
             limits,
             data_file: None,
+            backing: None,
             l2_cache: Mutex::new(cache),
             metadata: OnceLock::new(),
         })
@@ -263,6 +268,18 @@ impl<S: Source> Image<S> {
     /// The external data file, if one was supplied.
     pub fn data_file(&self) -> Option<&Arc<dyn Source>> {
         self.data_file.as_ref()
+    }
+
+    /// Supply a backing image for unallocated clusters (the caller opened
+    /// it; the library never opens the backing file an image names).
+    /// Without one, unallocated clusters read as zeros.
+    pub fn set_backing(&mut self, backing: Arc<dyn Backing>) {
+        self.backing = Some(backing);
+    }
+
+    /// The backing image, if one was supplied.
+    pub fn backing(&self) -> Option<&Arc<dyn Backing>> {
+        self.backing.as_ref()
     }
 
     /// Decode active L1 entry `index`.

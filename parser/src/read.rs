@@ -1,0 +1,513 @@
+//! Guest data: what the virtual disk of an opened image contains.
+//!
+//! Three ways in, all built on the same mapping walk:
+//! - [`Image::map`]: an iterator of [`Extent`]s over a guest range (data,
+//!   zero, unallocated, compressed, with host offsets), the equivalent of
+//!   `qemu-img map`. Adjacent clusters of the same kind are merged, data
+//!   extents only while their host ranges are contiguous, so one extent is
+//!   one positional read.
+//! - [`Image::read_at`]: fill a buffer from a guest offset.
+//! - [`GuestReader`]: an `io::Read + io::Seek` adapter.
+//!
+//! Every cluster the walk touches goes through [`Image::cluster`], which
+//! validates the L1 and L2 entries and the host range they point to before
+//! anything is read. Unallocated clusters read as zeros unless the caller
+//! supplied a backing image with [`Image::set_backing`]; the library never
+//! opens a backing file named inside an image. A compressed cluster must
+//! decompress to exactly one cluster, into a buffer of exactly one cluster.
+
+use std::io;
+
+use crate::compressed::{self, Descriptor};
+use crate::error::{Error, Result, What};
+use crate::header::{field, CryptMethod};
+use crate::image::Image;
+use crate::l1l2::{Cluster, SubclusterState};
+use crate::source::{read_into, read_vec, Source};
+
+/// What a guest range maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Guest data stored uncompressed at `host` (in the image file, or in
+    /// the external data file when the image has one), contiguous for the
+    /// whole extent.
+    Data { host: u64 },
+    /// Reads as zeros (v3 zero flag, or zero subclusters).
+    Zero,
+    /// Not allocated: reads from the backing image if one was supplied,
+    /// else as zeros.
+    Unallocated,
+    /// Part or all of one compressed cluster (never merged with anything).
+    Compressed(Descriptor),
+}
+
+/// A guest range of one kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// First guest byte.
+    pub guest_offset: u64,
+    /// Length in bytes (never zero).
+    pub len: u64,
+    pub kind: ExtentKind,
+}
+
+impl Extent {
+    /// One past the last guest byte.
+    pub fn end(&self) -> u64 {
+        self.guest_offset.saturating_add(self.len)
+    }
+
+    /// Whether the range reads as zeros without a backing image (zero or
+    /// unallocated).
+    pub fn is_zero_without_backing(&self) -> bool {
+        matches!(self.kind, ExtentKind::Zero | ExtentKind::Unallocated)
+    }
+}
+
+/// Guest data of a backing image, handed in by the caller (see
+/// [`Image::set_backing`]). Reads past [`Backing::size`] are never made:
+/// the reader supplies zeros there, as QEMU does.
+pub trait Backing: Send + Sync {
+    /// Virtual size of the backing image in bytes.
+    fn size(&self) -> u64;
+
+    /// Fill `buf` with guest data from `offset`; the range lies within
+    /// [`Backing::size`].
+    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+impl<S: Source> Backing for Image<S> {
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+
+    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_at(offset, buf)
+    }
+}
+
+/// A raw file (or any [`Source`]) used as a backing image.
+#[derive(Debug)]
+pub struct RawBacking<S>(pub S);
+
+impl<S: Source> Backing for RawBacking<S> {
+    fn size(&self) -> u64 {
+        self.0.len()
+    }
+
+    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        read_into(&self.0, offset, buf)
+    }
+}
+
+/// Iterator over the [`Extent`]s of a guest range; see [`Image::map`].
+///
+/// Stops after the first error.
+pub struct Map<'a, S> {
+    image: &'a Image<S>,
+    pos: u64,
+    end: u64,
+    failed: bool,
+}
+
+impl<S: Source> std::fmt::Debug for Map<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Map")
+            .field("pos", &self.pos)
+            .field("end", &self.end)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Source> Iterator for Map<'_, S> {
+    type Item = Result<Extent>;
+
+    fn next(&mut self) -> Option<Result<Extent>> {
+        if self.failed || self.pos >= self.end {
+            return None;
+        }
+        match self.extent_at(self.pos) {
+            Ok(e) => {
+                self.pos = e.end();
+                Some(Ok(e))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+impl<S: Source> Map<'_, S> {
+    /// The longest extent starting at `pos`, clipped to the range.
+    fn extent_at(&self, pos: u64) -> Result<Extent> {
+        let (kind, run_end) = self.image.run_at(pos)?;
+        let mut e = Extent {
+            guest_offset: pos,
+            len: run_end.min(self.end).saturating_sub(pos),
+            kind,
+        };
+        if matches!(kind, ExtentKind::Compressed(_)) {
+            return Ok(e);
+        }
+        // Merge following runs of the same kind. A run that fails to
+        // decode ends the extent; the error surfaces on the next call.
+        while e.end() < self.end {
+            let Ok((next, next_end)) = self.image.run_at(e.end()) else {
+                break;
+            };
+            let joins = match (e.kind, next) {
+                (ExtentKind::Zero, ExtentKind::Zero)
+                | (ExtentKind::Unallocated, ExtentKind::Unallocated) => true,
+                (ExtentKind::Data { host: a }, ExtentKind::Data { host: b }) => {
+                    a.checked_add(e.len) == Some(b)
+                }
+                _ => false,
+            };
+            if !joins {
+                break;
+            }
+            e.len = next_end.min(self.end).saturating_sub(e.guest_offset);
+        }
+        Ok(e)
+    }
+}
+
+impl<S: Source> Image<S> {
+    /// The extents of guest range `offset .. offset + len`, in order.
+    /// The range must lie within the virtual disk.
+    pub fn map(&self, offset: u64, len: u64) -> Result<Map<'_, S>> {
+        let end = self.check_guest_range(offset, len)?;
+        self.check_readable()?;
+        Ok(Map {
+            image: self,
+            pos: offset,
+            end,
+            failed: false,
+        })
+    }
+
+    /// Fill `buf` with guest data from `guest_offset`. The range must lie
+    /// within the virtual disk.
+    pub fn read_at(&self, guest_offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = u64::try_from(buf.len()).map_err(|_| Error::Overflow {
+            what: What::VirtualDisk,
+            offset: guest_offset,
+        })?;
+        for e in self.map(guest_offset, len)? {
+            let e = e?;
+            let start = usize::try_from(e.guest_offset.saturating_sub(guest_offset));
+            let n = usize::try_from(e.len);
+            let part = match (start, n) {
+                (Ok(s), Ok(n)) => s.checked_add(n).and_then(|end| buf.get_mut(s..end)),
+                _ => None,
+            }
+            .ok_or(Error::Overflow {
+                what: What::VirtualDisk,
+                offset: e.guest_offset,
+            })?;
+            self.read_extent(&e, part)?;
+        }
+        Ok(())
+    }
+
+    /// Fill `buf` with the first `buf.len()` guest bytes of extent `e` (as
+    /// returned by [`Image::map`]); `buf` must not be longer than the
+    /// extent.
+    pub fn read_extent(&self, e: &Extent, buf: &mut [u8]) -> Result<()> {
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        if len > e.len {
+            return Err(Error::OutOfVirtualBounds {
+                offset: e.guest_offset,
+                len,
+                size: e.len,
+            });
+        }
+        match e.kind {
+            ExtentKind::Zero => {
+                buf.fill(0);
+                Ok(())
+            }
+            ExtentKind::Unallocated => self.read_backing_range(e.guest_offset, buf),
+            ExtentKind::Data { host } => {
+                if self.header().has_data_file() {
+                    let df = self.data_file().ok_or(Error::DataFileRequired {
+                        offset: field::INCOMPATIBLE_FEATURES,
+                    })?;
+                    read_into(df.as_ref(), host, buf)
+                } else {
+                    read_into(self.source(), host, buf)
+                }
+            }
+            ExtentKind::Compressed(d) => {
+                let g = self.geometry();
+                let cluster = g.cluster_start(e.guest_offset);
+                let within = g.offset_in_cluster(e.guest_offset);
+                if within == 0 && len == g.cluster_size {
+                    return self.decompress_cluster(&d, cluster, buf);
+                }
+                // A partial cluster (a short read, or the last cluster of a
+                // disk whose size is not a multiple of the cluster size).
+                let cs = usize::try_from(g.cluster_size).map_err(|_| Error::Overflow {
+                    what: What::CompressedCluster,
+                    offset: d.start(),
+                })?;
+                let mut whole = vec![0u8; cs];
+                self.decompress_cluster(&d, cluster, &mut whole)?;
+                let from = usize::try_from(within).unwrap_or(usize::MAX);
+                let src = from
+                    .checked_add(buf.len())
+                    .and_then(|to| whole.get(from..to))
+                    .ok_or(Error::Overflow {
+                        what: What::CompressedCluster,
+                        offset: d.start(),
+                    })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+        }
+    }
+
+    /// A reader over the whole virtual disk, starting at guest offset 0.
+    pub fn reader(&self) -> GuestReader<'_, S> {
+        GuestReader {
+            image: self,
+            pos: 0,
+            buf: Vec::new(),
+            buf_start: 0,
+        }
+    }
+
+    /// `offset + len`, if the range lies within the virtual disk.
+    fn check_guest_range(&self, offset: u64, len: u64) -> Result<u64> {
+        let size = self.virtual_size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(end),
+            _ => Err(Error::OutOfVirtualBounds { offset, len, size }),
+        }
+    }
+
+    /// Guest data cannot be read from encrypted images.
+    fn check_readable(&self) -> Result<()> {
+        match self.header().crypt() {
+            Some(CryptMethod::None) => Ok(()),
+            _ => Err(Error::Encrypted {
+                offset: field::CRYPT_METHOD,
+            }),
+        }
+    }
+
+    /// The kind of the guest bytes at `pos` and where that run ends: within
+    /// one cluster, or a whole L2 span when the L1 entry is unallocated.
+    fn run_at(&self, pos: u64) -> Result<(ExtentKind, u64)> {
+        let g = *self.geometry();
+        let size = self.virtual_size();
+        let l1_index = pos >> g.l2_span_bits();
+        if self.l1_entry(l1_index)?.l2_offset.is_none() {
+            let span_end = l1_index
+                .saturating_add(1)
+                .saturating_mul(g.l2_span())
+                .min(size);
+            return Ok((ExtentKind::Unallocated, span_end));
+        }
+        let cluster = self.cluster(pos)?;
+        let start = g.cluster_start(pos);
+        let within = g.offset_in_cluster(pos);
+        let cluster_end = start.saturating_add(g.cluster_size).min(size);
+        let kind = match cluster {
+            Cluster::Unallocated => ExtentKind::Unallocated,
+            Cluster::Zero { .. } => ExtentKind::Zero,
+            Cluster::Data { host, .. } => ExtentKind::Data {
+                host: host.saturating_add(within),
+            },
+            Cluster::Compressed(d) => ExtentKind::Compressed(d),
+            Cluster::Subclusters { .. } => {
+                // Walk the subclusters from the one holding `pos` while
+                // they stay of the same kind (data subclusters of one
+                // cluster are contiguous on the host).
+                let sc_bits = g.subcluster_size.trailing_zeros();
+                let first = u32::try_from(within >> sc_bits).unwrap_or(u32::MAX);
+                let state = cluster.subcluster(first, &g);
+                let same = |i: u32| {
+                    matches!(
+                        (state, cluster.subcluster(i, &g)),
+                        (SubclusterState::Zero, SubclusterState::Zero)
+                            | (SubclusterState::Unallocated, SubclusterState::Unallocated)
+                            | (SubclusterState::Data(_), SubclusterState::Data(_))
+                    )
+                };
+                let count = u32::try_from(g.subclusters).unwrap_or(1);
+                let mut last = first.saturating_add(1);
+                while last < count && same(last) {
+                    last = last.saturating_add(1);
+                }
+                let run_end = start
+                    .saturating_add(u64::from(last) << sc_bits)
+                    .min(cluster_end);
+                let kind = match state {
+                    SubclusterState::Unallocated => ExtentKind::Unallocated,
+                    SubclusterState::Zero => ExtentKind::Zero,
+                    SubclusterState::Data(h) => ExtentKind::Data {
+                        host: h.saturating_add(pos.saturating_sub(start) & !(u64::MAX << sc_bits)),
+                    },
+                    SubclusterState::Compressed(d) => ExtentKind::Compressed(d),
+                };
+                return Ok((kind, run_end));
+            }
+        };
+        Ok((kind, cluster_end))
+    }
+
+    /// Fill `buf` from the backing image at guest `offset`, with zeros past
+    /// its end (or everywhere without one).
+    fn read_backing_range(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(backing) = self.backing() else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let avail = backing.size().saturating_sub(offset);
+        let n = usize::try_from(avail).unwrap_or(usize::MAX).min(buf.len());
+        let (head, tail) = buf.split_at_mut(n);
+        if !head.is_empty() {
+            backing.read_backing(offset, head)?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
+    /// Decompress compressed cluster `d` (guest cluster at `guest`) into
+    /// `out`, exactly one cluster long.
+    fn decompress_cluster(&self, d: &Descriptor, guest: u64, out: &mut [u8]) -> Result<()> {
+        let kind = self
+            .header()
+            .compression()
+            .ok_or(Error::UnknownCompressionType {
+                offset: field::COMPRESSION_TYPE,
+                value: self.header().compression_type,
+            })?;
+        // The span was checked against the file and the inflation bound
+        // (at most one cluster + 511 bytes) by `Image::cluster`.
+        let max = Descriptor::max_span(self.geometry());
+        let input = read_vec(
+            self.source(),
+            What::CompressedCluster,
+            d.start(),
+            d.start(),
+            d.span(),
+            max,
+        )?;
+        compressed::decompress(kind, &input, out).map_err(|reason| Error::Decompress {
+            offset: d.start(),
+            guest_offset: guest,
+            reason,
+        })
+    }
+}
+
+/// `io::Read + io::Seek` over the virtual disk of an image, reading whole
+/// clusters into a one-cluster buffer when asked for less (so small reads
+/// of a compressed cluster decompress it once). Errors surface as
+/// `io::ErrorKind::InvalidData` wrapping the [`Error`].
+pub struct GuestReader<'a, S> {
+    image: &'a Image<S>,
+    pos: u64,
+    /// Guest bytes `buf_start .. buf_start + buf.len()`.
+    buf: Vec<u8>,
+    buf_start: u64,
+}
+
+impl<S: Source> GuestReader<'_, S> {
+    /// Current guest offset.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Bytes already buffered at the current position.
+    fn buffered(&self) -> Option<&[u8]> {
+        let off = self.pos.checked_sub(self.buf_start)?;
+        let off = usize::try_from(off).ok()?;
+        self.buf.get(off..).filter(|b| !b.is_empty())
+    }
+}
+
+impl<S: Source> std::fmt::Debug for GuestReader<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestReader")
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_io(e: Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl<S: Source> io::Read for GuestReader<'_, S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let size = self.image.virtual_size();
+        let left = size.saturating_sub(self.pos);
+        if left == 0 || out.is_empty() {
+            return Ok(0);
+        }
+        let mut n = usize::try_from(left).unwrap_or(usize::MAX).min(out.len());
+        if let Some(b) = self.buffered() {
+            n = n.min(b.len());
+            let (dst, src) = (out.get_mut(..n), b.get(..n));
+            if let (Some(dst), Some(src)) = (dst, src) {
+                dst.copy_from_slice(src);
+            }
+        } else {
+            let g = self.image.geometry();
+            let start = g.cluster_start(self.pos);
+            let end = start.saturating_add(g.cluster_size).min(size);
+            let cluster_left = usize::try_from(end.saturating_sub(self.pos)).unwrap_or(0);
+            if n >= cluster_left {
+                // At least the rest of this cluster: read straight through.
+                let dst = out.get_mut(..n).unwrap_or(&mut []);
+                self.image.read_at(self.pos, dst).map_err(to_io)?;
+            } else {
+                let len = usize::try_from(end.saturating_sub(start)).unwrap_or(0);
+                self.buf.resize(len, 0);
+                self.buf_start = start;
+                if let Err(e) = self.image.read_at(start, &mut self.buf) {
+                    self.buf.clear();
+                    return Err(to_io(e));
+                }
+                let from = usize::try_from(self.pos.saturating_sub(start)).unwrap_or(0);
+                let src = from.checked_add(n).and_then(|to| self.buf.get(from..to));
+                match (out.get_mut(..n), src) {
+                    (Some(dst), Some(src)) => dst.copy_from_slice(src),
+                    _ => return Ok(0),
+                }
+            }
+        }
+        self.pos = self
+            .pos
+            .saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+        Ok(n)
+    }
+}
+
+impl<S: Source> io::Seek for GuestReader<'_, S> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let (base, delta) = match to {
+            io::SeekFrom::Start(n) => {
+                self.pos = n;
+                return Ok(n);
+            }
+            io::SeekFrom::End(d) => (self.image.virtual_size(), d),
+            io::SeekFrom::Current(d) => (self.pos, d),
+        };
+        match base.checked_add_signed(delta) {
+            Some(p) => {
+                self.pos = p;
+                Ok(p)
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek to a negative or overflowing position",
+            )),
+        }
+    }
+}
