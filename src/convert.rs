@@ -370,6 +370,7 @@ fn pump_to_file(
                 let stop = &stop;
                 s.spawn(move || -> Result<(), Failure> {
                     let mut buf = Vec::new();
+                    let mut runs = HostRun::default();
                     for (k, (start, end, hole)) in chunks(image).enumerate() {
                         if stop.load(Ordering::Relaxed) {
                             break;
@@ -378,9 +379,10 @@ fn pump_to_file(
                             continue;
                         }
                         if !hole {
-                            let r = fill_chunk(image, start, end, std::mem::take(&mut buf))
-                                .map_err(|e| Failure::Image(path.to_path_buf(), e))
-                                .and_then(|c| write_to_file(file, &c).map(|_| c));
+                            let r =
+                                fill_chunk(image, start, end, std::mem::take(&mut buf), &mut runs)
+                                    .map_err(|e| Failure::Image(path.to_path_buf(), e))
+                                    .and_then(|c| write_to_file(file, &c).map(|_| c));
                             match r {
                                 Ok(c) => buf = c.data,
                                 Err(e) => {
@@ -429,6 +431,7 @@ fn pump_to_stream(
             let stop = &stop;
             s.spawn(move || {
                 let mut buffers = 0;
+                let mut runs = HostRun::default();
                 for (k, (start, end, hole)) in chunks(image).enumerate() {
                     if stop.load(Ordering::Relaxed) {
                         return;
@@ -459,7 +462,7 @@ fn pump_to_stream(
                                 Err(_) => return,
                             },
                         };
-                        fill_chunk(image, start, end, buf)
+                        fill_chunk(image, start, end, buf, &mut runs)
                             .map_err(|e| Failure::Image(path.to_path_buf(), e))
                     };
                     let failed = r.is_err();
@@ -561,12 +564,52 @@ fn write_to_stream(s: &mut dyn Write, c: &Chunk, zeros: &[u8]) -> Result<(), Fai
     Ok(())
 }
 
-/// Read guest range `start .. end` into `buf` (reused), noting its holes.
+/// What a worker last learnt about the holes of the host file:
+/// `start .. end` is all data (`data`) or all hole. Data extents of one
+/// worker mostly follow each other on the host, so one `lseek` pair
+/// answers for many chunks.
+#[derive(Clone, Copy, Default)]
+struct HostRun {
+    start: u64,
+    end: u64,
+    data: bool,
+}
+
+impl HostRun {
+    /// The run holding host offset `host`, asking the file when unknown.
+    fn at(&mut self, image: &Image<FileSource>, host: u64) -> Result<HostRun, Error> {
+        if !(self.start..self.end).contains(&host) {
+            *self = match image.host_data_run(host)? {
+                None => HostRun {
+                    start: host,
+                    end: u64::MAX,
+                    data: false,
+                },
+                Some((s, _)) if s > host => HostRun {
+                    start: host,
+                    end: s,
+                    data: false,
+                },
+                Some((_, e)) => HostRun {
+                    start: host,
+                    end: e,
+                    data: true,
+                },
+            };
+        }
+        Ok(*self)
+    }
+}
+
+/// Read guest range `start .. end` into `buf` (reused), noting its holes:
+/// zero and unallocated ranges, data in holes of the host file (not
+/// read), and all-zero blocks of what was read.
 fn fill_chunk(
     image: &Image<FileSource>,
     start: u64,
     end: u64,
     mut buf: Vec<u8>,
+    runs: &mut HostRun,
 ) -> Result<Chunk, Error> {
     let len = end - start;
     buf.resize(len as usize, 0);
@@ -576,18 +619,39 @@ fn fill_chunk(
         let e = e?;
         let off = (e.guest_offset - start) as usize;
         let n = e.len as usize;
-        let part = &mut buf[off..off + n];
-        let hole = match e.kind {
-            ExtentKind::Zero => true,
-            ExtentKind::Unallocated => !backing,
-            ExtentKind::Data { .. } | ExtentKind::Compressed(_) => false,
-        };
-        if hole {
-            push_hole(&mut holes, off, n);
-            continue;
+        match e.kind {
+            ExtentKind::Zero => push_hole(&mut holes, off, n),
+            ExtentKind::Unallocated if !backing => push_hole(&mut holes, off, n),
+            ExtentKind::Data { host } => {
+                // Piece by piece along the data runs and holes of the file.
+                let mut done = 0u64;
+                while done < e.len {
+                    let h = host + done;
+                    let run = runs.at(image, h)?;
+                    let piece = (run.end - h).min(e.len - done);
+                    let p_off = off + done as usize;
+                    let p_len = piece as usize;
+                    if run.data {
+                        let sub = qcow2_guard::Extent {
+                            guest_offset: e.guest_offset + done,
+                            len: piece,
+                            kind: ExtentKind::Data { host: h },
+                        };
+                        let part = &mut buf[p_off..p_off + p_len];
+                        image.read_extent(&sub, part)?;
+                        find_zero_blocks(part, p_off, &mut holes);
+                    } else {
+                        push_hole(&mut holes, p_off, p_len);
+                    }
+                    done += piece;
+                }
+            }
+            ExtentKind::Unallocated | ExtentKind::Compressed(_) => {
+                let part = &mut buf[off..off + n];
+                image.read_extent(&e, part)?;
+                find_zero_blocks(part, off, &mut holes);
+            }
         }
-        image.read_extent(&e, part)?;
-        find_zero_blocks(part, off, &mut holes);
     }
     Ok(Chunk {
         start,

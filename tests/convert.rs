@@ -430,6 +430,57 @@ fn odd_virtual_sizes_and_sparse_output() {
     assert!(fs::read(&out).unwrap() == oracle(&img));
 }
 
+/// Data clusters whose host clusters are holes of the image file
+/// (`preallocation=metadata`, and the rest of partly written clusters)
+/// are not read but left as holes: the output is byte-identical to
+/// qemu-img's, into a file and into a stream, and sparse.
+#[test]
+fn data_in_holes_of_the_image_file() {
+    let d = tmpdir();
+    for (name, opts) in [
+        ("pre64k.qcow2", "cluster_size=64k,preallocation=metadata"),
+        ("pre4k.qcow2", "cluster_size=4k,preallocation=metadata"),
+        (
+            "prel2.qcow2",
+            "cluster_size=64k,extended_l2=on,preallocation=metadata",
+        ),
+        ("falloc.qcow2", "cluster_size=64k,preallocation=falloc"),
+    ] {
+        let img = image(
+            d.path(),
+            name,
+            opts,
+            "24M",
+            &[
+                "write -P 0x61 1M 4k",
+                "write -P 0x62 5180k 200k",
+                "write -P 0 8M 64k",
+                "write -P 0x63 24572k 4k",
+                "write -z 12M 1M",
+            ],
+        );
+        let expect = assert_converts(&img, &[]);
+        let o = guard(&["convert", "-q", img.to_str().unwrap(), "-"]);
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.stdout == expect, "{name}: stream output differs");
+
+        let out = d.path().join("pre.raw");
+        assert_eq!(code(&convert(&img, &out, &[])), 0);
+        use std::os::unix::fs::MetadataExt;
+        let image_blocks = fs::metadata(&img).unwrap().blocks();
+        if image_blocks * 512 < 4 << 20 {
+            // The file system keeps the image sparse: so is the output.
+            let m = fs::metadata(&out).unwrap();
+            assert!(
+                m.blocks() * 512 <= 1 << 20,
+                "{name}: {} bytes allocated",
+                m.blocks() * 512
+            );
+        }
+        fs::remove_file(&out).unwrap();
+    }
+}
+
 #[test]
 fn stdout_carries_only_the_disk() {
     let d = tmpdir();

@@ -269,6 +269,29 @@ impl<S: Source> Image<S> {
         }
     }
 
+    /// The next run of data at or after host offset `host` in the file
+    /// holding uncompressed guest data (the image file, or the external
+    /// data file): `Some((start, end))`, or `None` when nothing there
+    /// holds data. Guest data of a [`ExtentKind::Data`] extent that lies
+    /// in a hole of that file reads as zeros, so a converter may skip
+    /// reading it (as `qemu-img convert` does). Sources that do not know
+    /// their holes report everything as data.
+    pub fn host_data_run(&self, host: u64) -> Result<Option<(u64, u64)>> {
+        let r = if self.header().has_data_file() {
+            let df = self.data_file().ok_or(Error::DataFileRequired {
+                offset: field::INCOMPATIBLE_FEATURES,
+            })?;
+            df.data_run(host)
+        } else {
+            self.source().data_run(host)
+        };
+        r.map_err(|source| Error::Io {
+            offset: host,
+            len: 0,
+            source,
+        })
+    }
+
     /// A reader over the whole virtual disk, starting at guest offset 0.
     pub fn reader(&self) -> GuestReader<'_, S> {
         GuestReader {

@@ -52,6 +52,42 @@ pub fn get(block: &[u8], order: u32, index: u64) -> Option<u64> {
     }
 }
 
+/// Append the first `count` refcounts of a refcount block to `out`, each
+/// clamped to `u32::MAX` (what [`get`] gives, a block at a time: whole
+/// bytes are decoded a word at a time). Entries missing from a short
+/// block, or of an unsupported order, read as zero.
+pub fn decode_block(block: &[u8], order: u32, count: u64, out: &mut Vec<u32>) {
+    let count = usize::try_from(count).unwrap_or(usize::MAX);
+    let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    let start = out.len();
+    match order {
+        3 => out.extend(block.iter().take(count).map(|&b| u32::from(b))),
+        4 => out.extend(block.chunks_exact(2).take(count).map(|w| {
+            u32::from(u16::from_be_bytes([
+                w.first().copied().unwrap_or(0),
+                w.last().copied().unwrap_or(0),
+            ]))
+        })),
+        5..=6 => {
+            let width = 1usize << order.saturating_sub(3);
+            out.extend(
+                block
+                    .chunks_exact(width)
+                    .take(count)
+                    .map(|w| clamp(w.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b)))),
+            );
+        }
+        _ => {
+            let n = u64::try_from(count).unwrap_or(u64::MAX);
+            out.extend((0..n).map(|j| clamp(get(block, order, j).unwrap_or(0))));
+        }
+    }
+    let want = start.saturating_add(count);
+    if out.len() < want {
+        out.resize(want, 0);
+    }
+}
+
 /// Write refcount `index` into a refcount block's bytes (for building
 /// images). Values wider than the entry are truncated to its width.
 pub fn set(block: &mut [u8], order: u32, index: u64, value: u64) -> Option<()> {

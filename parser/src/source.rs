@@ -30,6 +30,16 @@ pub trait Source: Send + Sync {
     /// Fill `buf` from `offset`. Fails (never zero-fills) when the range is
     /// not entirely inside the source.
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// The next run of data at or after `offset`, for sources that know
+    /// where their holes are (sparse files): `Some((start, end))` with
+    /// `offset <= start < end <= len`, or `None` when nothing at or after
+    /// `offset` holds data. Holes read as zeros, so a reader may skip
+    /// them. The default knows no holes: everything is data.
+    fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        let len = self.len();
+        Ok((offset < len).then_some((offset, len)))
+    }
 }
 
 /// A file opened read-only, with its length taken once at open time.
@@ -68,6 +78,30 @@ impl Source for FileSource {
                 "read past the end of the file",
             )),
         }
+    }
+
+    /// `lseek(SEEK_DATA)` then `lseek(SEEK_HOLE)` (reads are positional,
+    /// so moving the file offset disturbs nothing), clipped to the length
+    /// taken at open time. A file system without hole information reports
+    /// everything as data.
+    fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        use rustix::fs::{seek, SeekFrom};
+        if offset >= self.len {
+            return Ok(None);
+        }
+        let start = match seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(s) => s.max(offset),
+            Err(rustix::io::Errno::NXIO) => return Ok(None),
+            Err(_) => return Ok(Some((offset, self.len))),
+        };
+        if start >= self.len {
+            return Ok(None);
+        }
+        let end = match seek(&self.file, SeekFrom::Hole(start)) {
+            Ok(e) if e > start => e.min(self.len),
+            _ => self.len,
+        };
+        Ok(Some((start, end)))
     }
 }
 
@@ -115,6 +149,9 @@ impl<T: Source + ?Sized> Source for &T {
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         (**self).read_exact_at(offset, buf)
     }
+    fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        (**self).data_run(offset)
+    }
 }
 
 impl<T: Source + ?Sized> Source for Arc<T> {
@@ -124,6 +161,9 @@ impl<T: Source + ?Sized> Source for Arc<T> {
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         (**self).read_exact_at(offset, buf)
     }
+    fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        (**self).data_run(offset)
+    }
 }
 
 impl<T: Source + ?Sized> Source for Box<T> {
@@ -132,6 +172,9 @@ impl<T: Source + ?Sized> Source for Box<T> {
     }
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         (**self).read_exact_at(offset, buf)
+    }
+    fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        (**self).data_run(offset)
     }
 }
 

@@ -33,8 +33,9 @@ pub(super) fn run<S: Source>(
         nb: u64::try_from(tracked).unwrap_or(u64::MAX),
         dirty: image.header().incompatible_features & INCOMPAT_DIRTY != 0,
         data_file: image.header().has_data_file(),
-        computed: vec![0; tracked],
-        stored: vec![0; tracked],
+        computed: Counts::new(tracked),
+        stored_one: Bits::new(tracked),
+        block_offsets: Vec::new(),
         unknown_blocks: HashSet::new(),
         meta: Vec::new(),
         meta_bits: Bits::new(tracked),
@@ -49,6 +50,46 @@ pub(super) fn run<S: Source>(
     };
     walk.run();
     (walk.f, walk.stats)
+}
+
+/// References per host cluster, saturating at `u32::MAX`: two bytes a
+/// cluster until some count passes `u16::MAX`, then four (1 TiB of 64 KiB
+/// clusters: 32 MiB instead of 64).
+enum Counts {
+    Narrow(Vec<u16>),
+    Wide(Vec<u32>),
+}
+
+impl Counts {
+    fn new(n: usize) -> Counts {
+        Counts::Narrow(vec![0; n])
+    }
+
+    fn get(&self, i: usize) -> u32 {
+        match self {
+            Counts::Narrow(v) => v.get(i).copied().map_or(0, u32::from),
+            Counts::Wide(v) => v.get(i).copied().unwrap_or(0),
+        }
+    }
+
+    /// Add `refs` to count `i` (ignored past the end).
+    fn add(&mut self, i: usize, refs: u32) {
+        if let Counts::Narrow(v) = self {
+            let Some(n) = v.get_mut(i) else { return };
+            match u16::try_from(u32::from(*n).saturating_add(refs)) {
+                Ok(sum) => {
+                    *n = sum;
+                    return;
+                }
+                Err(_) => *self = Counts::Wide(v.iter().map(|&x| u32::from(x)).collect()),
+            }
+        }
+        if let Counts::Wide(v) = self {
+            if let Some(n) = v.get_mut(i) {
+                *n = n.saturating_add(refs);
+            }
+        }
+    }
 }
 
 struct Bits(Vec<u64>);
@@ -101,9 +142,12 @@ struct Walk<'a, S> {
     dirty: bool,
     data_file: bool,
     /// References found, per host cluster (saturating).
-    computed: Vec<u32>,
-    /// Stored refcounts, per host cluster (clamped to u32::MAX).
-    stored: Vec<u32>,
+    computed: Counts,
+    /// Host clusters whose stored refcount is one (for the copied flags;
+    /// the refcounts themselves are compared block by block at the end).
+    stored_one: Bits,
+    /// Refcount block offset per refcount table index (`None`: no block).
+    block_offsets: Vec<Option<u64>>,
     /// Refcount table indexes whose block could not be read.
     unknown_blocks: HashSet<u64>,
     meta: Vec<Meta>,
@@ -236,6 +280,8 @@ impl<S: Source> Walk<'_, S> {
         let table_at = self.img.header().refcount_table_offset;
         let entries = self.img.refcount_table().len();
         let mut block = vec![0u8; idx(g.cluster_size)];
+        let mut values = Vec::new();
+        self.block_offsets = vec![None; entries];
         for t in 0..entries {
             let t = u64::try_from(t).unwrap_or(u64::MAX);
             let at = table_at.saturating_add(t.saturating_mul(8));
@@ -263,31 +309,60 @@ impl<S: Source> Walk<'_, S> {
                 self.unknown_blocks.insert(t);
                 continue;
             }
+            if let Some(slot) = self.block_offsets.get_mut(idx(t)) {
+                *slot = Some(off);
+            }
             let n = per.min(self.nb.saturating_sub(first));
-            for j in 0..n {
-                let v = refcount::get(&block, g.refcount_order, j).unwrap_or(0);
-                if let Some(s) = self.stored.get_mut(idx(first.saturating_add(j))) {
-                    *s = u32::try_from(v).unwrap_or(u32::MAX);
+            values.clear();
+            refcount::decode_block(&block, g.refcount_order, n, &mut values);
+            for (j, &v) in (0u64..).zip(&values) {
+                if v == 1 {
+                    self.stored_one.set(first.saturating_add(j));
                 }
             }
         }
     }
 
-    /// Stored refcount of host cluster `c`, or `None` when unknown.
-    fn stored(&self, c: u64) -> Option<u32> {
-        let t = c.checked_div(self.g.refcount_block_entries)?;
+    /// The stored refcounts of refcount block `t` (clamped to
+    /// `u32::MAX`) into `out`, or `false` when they are unknown (a block
+    /// that could not be read). A table index without a block, or past
+    /// the table, reads as zeros.
+    fn stored_block(&mut self, t: u64, block: &mut [u8], out: &mut Vec<u32>) -> bool {
+        let per = self.g.refcount_block_entries;
+        out.clear();
         if self.unknown_blocks.contains(&t) {
+            return false;
+        }
+        let Some(off) = self.block_offsets.get(idx(t)).copied().flatten() else {
+            out.resize(idx(per), 0);
+            return true;
+        };
+        if let Err(e) = read_into(self.img.source(), off, block) {
+            self.f.error(&e);
+            self.unknown_blocks.insert(t);
+            return false;
+        }
+        refcount::decode_block(block, self.g.refcount_order, per, out);
+        true
+    }
+
+    /// Stored refcount of host cluster `c`, or `None` when unknown. Reads
+    /// its refcount block: for findings only.
+    fn stored(&mut self, c: u64) -> Option<u32> {
+        let per = self.g.refcount_block_entries;
+        let t = c.checked_div(per)?;
+        let mut block = vec![0u8; idx(self.g.cluster_size)];
+        let mut values = Vec::new();
+        if !self.stored_block(t, &mut block, &mut values) {
             return None;
         }
-        self.stored.get(idx(c)).copied()
+        values.get(idx(c.checked_rem(per)?)).copied()
     }
 
     /// Count one reference (times `refs`) to the cluster holding `offset`.
     fn reference(&mut self, offset: u64, refs: u32) {
         let c = self.g.cluster_index(offset);
-        if let Some(n) = self.computed.get_mut(idx(c)) {
-            *n = n.saturating_add(refs);
-        }
+        self.computed.add(idx(c), refs);
     }
 
     /// Count references to every cluster of `start .. start + len`.
@@ -302,9 +377,7 @@ impl<S: Source> Walk<'_, S> {
             .min(self.nb.saturating_sub(1));
         let mut c = first;
         while c <= last {
-            if let Some(n) = self.computed.get_mut(idx(c)) {
-                *n = n.saturating_add(refs);
-            }
+            self.computed.add(idx(c), refs);
             c = c.saturating_add(1);
             if c == u64::MAX {
                 break;
@@ -404,6 +477,12 @@ impl<S: Source> Walk<'_, S> {
     fn copied_check(&mut self, copied: bool, host: u64, at: u64, what: &str) {
         let c = self.g.cluster_index(host);
         if c >= self.nb {
+            return;
+        }
+        let t = c.checked_div(self.g.refcount_block_entries);
+        if copied == self.stored_one.get(c)
+            || t.is_none_or(|t| !self.unknown_blocks.is_empty() && self.unknown_blocks.contains(&t))
+        {
             return;
         }
         let Some(stored) = self.stored(c) else { return };
@@ -748,9 +827,7 @@ impl<S: Source> Walk<'_, S> {
                 if c >= self.nb {
                     break;
                 }
-                if let Some(n) = self.computed.get_mut(idx(c)) {
-                    *n = n.saturating_add(r.refs);
-                }
+                self.computed.add(idx(c), r.refs);
             }
         }
         match d.validate(at, &g, self.file_len) {
@@ -829,9 +906,22 @@ impl<S: Source> Walk<'_, S> {
         let table_len = u64::try_from(self.img.refcount_table().len()).unwrap_or(u64::MAX);
         let cs = self.g.cluster_size;
         let mut highest: Option<u64> = None;
+        let mut block = vec![0u8; idx(cs)];
+        let mut values = Vec::new();
+        let mut known = false;
         for c in 0..self.nb {
-            let need = self.computed.get(idx(c)).copied().unwrap_or(0);
-            let Some(have) = self.stored(c) else {
+            let need = self.computed.get(idx(c));
+            let j = c.checked_rem(per).unwrap_or(0);
+            if j == 0 {
+                let t = c.checked_div(per).unwrap_or(0);
+                known = self.stored_block(t, &mut block, &mut values);
+            }
+            let have = if known {
+                values.get(idx(j)).copied()
+            } else {
+                None
+            };
+            let Some(have) = have else {
                 if need > 0 {
                     highest = Some(c);
                 }
@@ -877,6 +967,43 @@ impl<S: Source> Walk<'_, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_widen_past_u16_and_saturate() {
+        let mut c = Counts::new(3);
+        c.add(1, 65_000);
+        assert!(matches!(c, Counts::Narrow(_)));
+        c.add(1, 535);
+        assert!(matches!(c, Counts::Narrow(_)));
+        assert_eq!(c.get(1), 65_535);
+        c.add(2, 7);
+        c.add(1, 1);
+        assert!(matches!(c, Counts::Wide(_)));
+        assert_eq!((c.get(0), c.get(1), c.get(2)), (0, 65_536, 7));
+        c.add(1, u32::MAX);
+        c.add(5, 1);
+        assert_eq!((c.get(1), c.get(5)), (u32::MAX, 0));
+    }
+
+    #[test]
+    fn decode_block_agrees_with_get() {
+        let block: Vec<u8> = (0..=255u8)
+            .cycle()
+            .take(512)
+            .map(|b| b.wrapping_mul(37).wrapping_add(11))
+            .collect();
+        for order in 0..=7 {
+            let per: usize = (512 * 8) >> order.min(6);
+            let mut out = vec![9];
+            refcount::decode_block(&block, order, per as u64 + 3, &mut out);
+            assert_eq!(out.len(), 1 + per + 3);
+            for (j, &got) in out[1..].iter().enumerate() {
+                let want = refcount::get(&block, order, j as u64)
+                    .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
+                assert_eq!(got, want, "order {order} entry {j}");
+            }
+        }
+    }
 
     #[test]
     fn bits() {
