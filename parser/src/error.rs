@@ -397,6 +397,22 @@ impl Error {
         matches!(self, Error::BadMagic { .. } | Error::FileTooShort { .. })
     }
 
+    /// Whether this error refuses an image rather than calling it
+    /// malformed: it exceeds the caller's [`crate::Limits`], or reading it
+    /// needs something the caller did not hand in (the external data file,
+    /// a key for encrypted data), or it uses incompatible features this
+    /// reader cannot interpret. The CLI maps it to exit code 4, like the
+    /// safety policy.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::LimitExceeded { .. }
+                | Error::DataFileRequired { .. }
+                | Error::Encrypted { .. }
+                | Error::UnknownIncompatibleFeatures { .. }
+        )
+    }
+
     /// Whether this error comes from the underlying I/O rather than the
     /// image contents.
     pub fn is_io(&self) -> bool {

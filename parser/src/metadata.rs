@@ -40,6 +40,9 @@ impl MetadataMap {
     /// Sort for lookups. Must be called after the last `add`.
     pub fn finish(&mut self) {
         self.ranges.sort_by_key(|r| (r.start, r.end));
+        // Many entries naming the same table (hostile L1 tables do) cost
+        // one range.
+        self.ranges.dedup();
         let mut max = 0;
         self.max_end = self
             .ranges

@@ -388,13 +388,16 @@ impl<S: Source> Image<S> {
             })?;
         // The span was checked against the file and the inflation bound
         // (at most one cluster + 511 bytes) by `Image::cluster`.
+        // The file may end inside the range's last sector (QEMU does not pad
+        // a compressed write at the end of the file).
         let max = Descriptor::max_span(self.geometry());
+        let len = d.readable_end(self.file_len()).saturating_sub(d.start());
         let input = read_vec(
             self.source(),
             What::CompressedCluster,
             d.start(),
             d.start(),
-            d.span(),
+            len,
             max,
         )?;
         compressed::decompress(kind, &input, out).map_err(|reason| Error::Decompress {

@@ -197,6 +197,18 @@ impl Report {
     /// The report for an image that could not be opened.
     pub fn from_open_error(err: &Error) -> Report {
         let mut f = Findings::new(1);
+        if err.is_refusal() {
+            // Well formed as far as it was read, but over the caller's
+            // limits: unsafe, like a policy refusal.
+            f.push(Finding::new(
+                err.code(),
+                Severity::Error,
+                Category::Policy,
+                err.offset(),
+                err.to_string(),
+            ));
+            return f.into_report(Stats::default(), None);
+        }
         f.push(Finding::corruption(err));
         let not_checked = err.is_not_qcow2() || err.is_io();
         f.into_report(Stats::default(), Some(if not_checked { 1 } else { 2 }))
