@@ -103,14 +103,14 @@ pub fn run(args: &Args) -> Exit {
                 .iter()
                 .filter(|f| f.severity == Severity::Error)
                 .collect();
-            eprintln!(
+            errln!(
                 "qcow2-guard: {}: refused: the metadata check says {} ({} error finding(s); run `qcow2-guard check` for all of them)",
                 path.display(),
                 r.verdict.as_str(),
                 errors.len()
             );
             for f in errors.iter().take(10) {
-                eprintln!("  {f}");
+                errln!("  {f}");
             }
             match r.exit_code {
                 0 | 3 => Exit::Corrupt,
@@ -120,11 +120,11 @@ pub fn run(args: &Args) -> Exit {
             }
         }
         Err(Failure::Refused(msg)) => {
-            eprintln!("qcow2-guard: {msg}");
+            errln!("qcow2-guard: {msg}");
             Exit::Refused
         }
         Err(Failure::Io(msg)) => {
-            eprintln!("qcow2-guard: {msg}");
+            errln!("qcow2-guard: {msg}");
             Exit::NotChecked
         }
     }
@@ -196,7 +196,7 @@ fn open_image(args: &Args) -> Result<Image<FileSource>, Failure> {
             }
         }
         None if image.header().has_backing_file() => {
-            eprintln!(
+            errln!(
                 "qcow2-guard: {}: no --backing given: unallocated clusters are written as zeros",
                 path.display()
             );
@@ -256,7 +256,7 @@ fn audit(
         .filter(|f| f.severity == Severity::Error)
         .all(|f| f.code == check_code::TOO_LARGE_TO_CHECK);
     if only_too_large {
-        eprintln!(
+        errln!(
             "qcow2-guard: {}: warning: too many host clusters for the pre-conversion audit; refcounts are not rebuilt, entries are still validated as they are read",
             path.display()
         );
@@ -265,7 +265,35 @@ fn audit(
     Err(Failure::Audit(path.to_path_buf(), Box::new(report)))
 }
 
+/// Refuse an OUTPUT that is one of the inputs (by device and inode, so
+/// `./in.qcow2`, hard links and symlinks are caught): the final rename
+/// would replace the input with the raw disk.
+fn refuse_output_over_input(args: &Args) -> Result<(), Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(out) = std::fs::metadata(&args.output) else {
+        return Ok(());
+    };
+    let inputs = std::iter::once(&args.image.image)
+        .chain(args.backing.as_ref())
+        .chain(args.data_file.as_ref());
+    for input in inputs {
+        if let Ok(m) = std::fs::metadata(input) {
+            if (m.dev(), m.ino()) == (out.dev(), out.ino()) {
+                return Err(Failure::Io(format!(
+                    "{}: OUTPUT is the input file {}; refusing to replace it",
+                    args.output.display(),
+                    input.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn convert(args: &Args) -> Result<(), Failure> {
+    if args.output.as_os_str() != "-" {
+        refuse_output_over_input(args)?;
+    }
     let image = open_image(args)?;
     let to_stdout = args.output.as_os_str() == "-";
     let size = image.virtual_size();
