@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bitmap;
+pub mod build;
 mod codec;
 pub mod compressed;
 pub mod error;
