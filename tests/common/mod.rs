@@ -134,7 +134,10 @@ pub fn json(out: &Output) -> serde_json::Value {
 
 /// Overwrite bytes at `offset` in `path`.
 pub fn patch(path: &Path, offset: u64, bytes: &[u8]) {
-    let f = OpenOptions::new().write(true).open(path).expect("open for patch");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for patch");
     f.write_all_at(bytes, offset).expect("patch");
 }
 
