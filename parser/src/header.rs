@@ -197,8 +197,8 @@ impl Header {
             // decoded hostile header may claim 4 GiB.
             let max = 1u32 << qemu::MAX_CLUSTER_BITS;
             let len = usize::try_from(self.header_length.min(max)).unwrap_or(0);
-            while w.buf.len() < len {
-                w.u8(0);
+            if w.buf.len() < len {
+                w.buf.resize(len, 0);
             }
         }
         w.buf
