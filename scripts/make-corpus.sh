@@ -10,15 +10,15 @@
 #                       decompress target's format (see fuzz/src/lib.rs)
 #   corpus/structured/  a few deterministic byte strings for the model
 #
-# corpus/regressions/ is never touched: it holds every input a fuzzer ever
-# found and is kept by hand.
+# Files it makes are overwritten; other files are kept: inputs a fuzzer
+# found that add coverage (merged with -merge=1, named by their SHA-1) and
+# corpus/regressions/, which holds every input that ever crashed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=corpus
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-rm -rf "$out/tables" "$out/header" "$out/decompress" "$out/structured"
 mkdir -p "$out/tables" "$out/header" "$out/decompress" "$out/structured"
 
 io() { # io IMAGE CMD...: run qemu-io commands, quietly
@@ -78,22 +78,38 @@ qemu-img bitmap --add -g 65536 "$work/bm.qcow2" b1
 io "$work/bm.qcow2" 'write -P 0x05 0 4k'
 cp "$work/bm.qcow2" "$out/tables/v3-c4k-bitmaps.qcow2"
 
-# Backing file (named, never opened by the parser) and external data file.
+qemu-img create -q -f qcow2 -o cluster_size=512 "$work/bm512.qcow2" 16k
+qemu-img bitmap --add -g 4096 "$work/bm512.qcow2" small
+qemu-img bitmap --add --disable "$work/bm512.qcow2" off
+cp "$work/bm512.qcow2" "$out/tables/v3-c512-bitmaps.qcow2"
+
+# Backing file (named, never opened by the parser) and external data file,
+# by relative names so the seeds do not depend on the temporary folder.
 qemu-img create -q -f raw "$work/base.raw" 32k
-qemu-img create -q -f qcow2 -o cluster_size=512 -b "$work/base.raw" -F raw "$work/overlay.qcow2"
-io "$work/overlay.qcow2" 'write -P 0x07 0 1k'
+(cd "$work" && qemu-img create -q -f qcow2 -o cluster_size=512 -b base.raw -F raw overlay.qcow2)
+(cd "$work" && io overlay.qcow2 'write -P 0x07 0 1k')
 cp "$work/overlay.qcow2" "$out/tables/v3-c512-backing.qcow2"
-qemu-img create -q -f qcow2 -o "cluster_size=512,data_file=$work/data.raw,data_file_raw=on" \
-    "$work/df.qcow2" 32k
-io "$work/df.qcow2" 'write -P 0x09 0 1k'
+(cd "$work" && qemu-img create -q -f qcow2 \
+    -o cluster_size=512,data_file=data.raw,data_file_raw=on df.qcow2 32k)
+(cd "$work" && io df.qcow2 'write -P 0x09 0 1k')
 cp "$work/df.qcow2" "$out/tables/v3-c512-datafile.qcow2"
+
+# LUKS encryption (header only: its key slots take 2 MiB).
+qemu-img create -q -f qcow2 --object secret,id=sec0,data=123456 \
+    -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=512 \
+    "$work/luks.qcow2" 32k
+head -c 512 "$work/luks.qcow2" >"$out/header/v3-c512-luks.qcow2"
+
+# Over the default 64 TiB virtual size policy (header only).
+qemu-img create -q -f qcow2 -o cluster_size=2M "$work/huge.qcow2" 65T
+head -c 4096 "$work/huge.qcow2" >"$out/header/v3-c2m-65t.qcow2"
 
 python3 - "$out" <<'PY'
 import os, struct, sys, zlib
 
 out = sys.argv[1]
 tables = os.path.join(out, "tables")
-for name in sorted(os.listdir(tables)):
+for name in sorted(n for n in os.listdir(tables) if n.endswith(".qcow2")):
     data = open(os.path.join(tables, name), "rb").read()
     cb = struct.unpack(">I", data[20:24])[0]
     cs = 1 << cb
