@@ -143,12 +143,12 @@ pub fn pattern(seed: u8, index: u64, len: usize) -> Vec<u8> {
             .to_le_bytes()
             .iter()
             .fold(0u8, |a, b| a.rotate_left(3) ^ b);
-    (0..len)
-        .map(|i| {
-            let i = u8::try_from(i.checked_rem(251).unwrap_or(0)).unwrap_or(0);
-            base.wrapping_add(i.wrapping_mul(7)) ^ i.rotate_left(4)
-        })
-        .collect()
+    let period: Vec<u8> = (0..251u8)
+        .map(|i| base.wrapping_add(i.wrapping_mul(7)) ^ i.rotate_left(4))
+        .collect();
+    let mut out = period.repeat(len.div_ceil(251));
+    out.truncate(len);
+    out
 }
 
 fn bad(reason: &'static str) -> InvalidModel {
@@ -678,7 +678,9 @@ impl ImageModel {
                 block_at,
             )?;
             let mut block = vec![0u8; to_usize(cs)?];
-            for e in 0..per_block {
+            // Entries past the last cluster of the file stay zero.
+            let first = mul(b, per_block)?;
+            for e in 0..per_block.min(total_clusters.saturating_sub(first)) {
                 let cluster = add(mul(b, per_block)?, e)?;
                 let n = usize::try_from(cluster)
                     .ok()
