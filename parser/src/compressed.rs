@@ -184,9 +184,13 @@ fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     }
 }
 
-/// Smallest window a zstd frame can declare (window descriptor with
-/// exponent 0).
-const MIN_ZSTD_WINDOW: u64 = 1 << 10;
+/// Largest window a zstd frame may declare when it decodes a cluster
+/// smaller than this. QEMU compresses one cluster with its size known, so
+/// its frames declare at most the cluster size; other encoders (ruzstd,
+/// libzstd without a size hint) declare up to a few MiB, and QEMU's libzstd
+/// reads those, so we do too. The decoder reserves the window up front but
+/// touches only what it writes, so this bounds address space, not RSS.
+const MAX_ZSTD_WINDOW: u64 = 2 << 20;
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
@@ -195,11 +199,9 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     let want = out.len();
     let mut src = input;
     let mut frames = FrameDecoder::new();
-    // The decoder's buffers grow with the window a frame declares. QEMU
-    // compresses one cluster with its size known, so its frames never need
-    // a window larger than the cluster: a larger one is refused, which
-    // bounds the decoder's memory by the cluster size.
-    frames.set_max_window_size(MIN_ZSTD_WINDOW.max(u64::try_from(want).unwrap_or(u64::MAX)));
+    // A frame declaring a larger window is refused before anything is
+    // allocated for it.
+    frames.set_max_window_size(MAX_ZSTD_WINDOW.max(u64::try_from(want).unwrap_or(u64::MAX)));
     let mut filled = 0usize;
     // Like QEMU, frames are decoded one after another until the cluster is
     // full; the frame that fills it must end exactly there.
@@ -377,7 +379,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("past one cluster"), "{e}");
-        // A frame asking for an 8 MiB window is refused before decoding.
+        // A frame asking for an 8 MiB window (over 2 MiB and the cluster)
+        // is refused before decoding.
         let e = decompress(
             CompressionType::Zstd,
             &zstd_rle_frame(13, 65536, 1),

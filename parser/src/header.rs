@@ -167,8 +167,8 @@ impl Header {
         Ok(h)
     }
 
-    /// Encode the header (header_length bytes; 72 for v2). Used to build
-    /// test and fuzz images; decode(encode(h)) == h.
+    /// Encode the header (header_length bytes, at most 2 MiB; 72 for v2).
+    /// Used to build test and fuzz images; decode(encode(h)) == h.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         w.u32(MAGIC)
@@ -193,9 +193,12 @@ impl Header {
             if self.header_length > V3_MIN_HEADER_LENGTH {
                 w.u8(self.compression_type);
             }
-            let len = usize::try_from(self.header_length).unwrap_or(0);
-            while w.buf.len() < len {
-                w.u8(0);
+            // Pad to header_length, but never past the largest cluster: a
+            // decoded hostile header may claim 4 GiB.
+            let max = 1u32 << qemu::MAX_CLUSTER_BITS;
+            let len = usize::try_from(self.header_length.min(max)).unwrap_or(0);
+            if w.buf.len() < len {
+                w.buf.resize(len, 0);
             }
         }
         w.buf
@@ -644,6 +647,19 @@ mod tests {
             header_length: 112,
             compression_type: 0,
         }
+    }
+
+    #[test]
+    fn encode_caps_a_hostile_header_length() {
+        // Fuzzer find: a decoded header_length of 0xffffffff made encode
+        // pad 4 GiB.
+        let h = Header {
+            header_length: u32::MAX,
+            ..sample()
+        };
+        let bytes = h.encode();
+        assert_eq!(bytes.len(), 1 << qemu::MAX_CLUSTER_BITS);
+        assert_eq!(Header::decode(&bytes).unwrap(), h);
     }
 
     #[test]

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bitmap;
+pub mod build;
 pub mod check;
 mod codec;
 pub mod compressed;
