@@ -172,13 +172,13 @@ fn pct(n: u64, total: u64) -> f64 {
 
 fn print_human(path: &Path, image: Option<&Image<FileSource>>, rep: &Report) {
     for f in &rep.findings {
-        println!("{f}");
+        outln!("{f}");
     }
     if rep.omitted > 0 {
-        println!("... {} more findings not shown", rep.omitted);
+        outln!("... {} more findings not shown", rep.omitted);
     }
     if rep.verdict == Verdict::Invalid {
-        println!("{}: not checked (invalid image)", path.display());
+        outln!("{}: not checked (invalid image)", path.display());
         return;
     }
     let s = &rep.stats;
@@ -190,29 +190,29 @@ fn print_human(path: &Path, image: Option<&Image<FileSource>>, rep: &Report) {
         .try_into()
         .unwrap_or(u64::MAX);
     match rep.verdict {
-        Verdict::Ok => println!("No errors were found on the image."),
+        Verdict::Ok => outln!("No errors were found on the image."),
         Verdict::Leaks => {
             if s.corruptions > 0 {
-                println!(
+                outln!(
                     "{} stale refcounts were found on the dirty (lazy refcounts) image.\nqemu-img check -r all repairs them; the data is not harmed.",
                     s.corruptions
                 );
             }
             if s.leaks > 0 || s.corruptions == 0 {
-                println!(
+                outln!(
                     "{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
                     s.leaks
                 );
             }
         }
-        Verdict::Unsafe => println!("The image is refused by the safety policy."),
-        Verdict::Corrupt | Verdict::Invalid => println!(
+        Verdict::Unsafe => outln!("The image is refused by the safety policy."),
+        Verdict::Corrupt | Verdict::Invalid => outln!(
             "{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
             errors.saturating_add(rep.omitted)
         ),
     }
     if image.is_some() {
-        println!(
+        outln!(
             "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
             s.allocated_clusters,
             s.total_clusters,
@@ -220,6 +220,6 @@ fn print_human(path: &Path, image: Option<&Image<FileSource>>, rep: &Report) {
             pct(s.fragmented_clusters, s.allocated_clusters),
             pct(s.compressed_clusters, s.allocated_clusters),
         );
-        println!("Image end offset: {}", s.image_end_offset);
+        outln!("Image end offset: {}", s.image_end_offset);
     }
 }

@@ -27,8 +27,11 @@ use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use qcow2_guard::check::code as check_code;
 use qcow2_guard::read::RawBacking;
-use qcow2_guard::{Error, ExtentKind, FileSource, Image, Limits, Severity};
+use qcow2_guard::{
+    check, CheckOptions, Error, ExtentKind, FileSource, Image, Limits, Report, Severity,
+};
 
 use crate::exit::Exit;
 use crate::report;
@@ -78,6 +81,8 @@ enum Failure {
     Image(PathBuf, Error),
     /// Refused: a message for stderr.
     Refused(String),
+    /// The metadata check found errors (or the policy refused the image).
+    Audit(PathBuf, Box<Report>),
     /// Reading an input file or writing the output failed.
     Io(String),
 }
@@ -91,21 +96,35 @@ impl From<(PathBuf, Error)> for Failure {
 pub fn run(args: &Args) -> Exit {
     match convert(args) {
         Ok(()) => Exit::Ok,
-        Err(Failure::Image(path, e)) => {
-            let exit = report::fatal(&path, &e, false);
-            match e {
-                // Not corrupt: the caller did not hand in what is needed.
-                Error::DataFileRequired { .. } | Error::Encrypted { .. } => Exit::Refused,
-                Error::LimitExceeded { .. } => Exit::Refused,
-                _ => exit,
+        Err(Failure::Image(path, e)) => report::fatal(&path, &e, false),
+        Err(Failure::Audit(path, r)) => {
+            let errors: Vec<_> = r
+                .findings
+                .iter()
+                .filter(|f| f.severity == Severity::Error)
+                .collect();
+            errln!(
+                "qcow2-guard: {}: refused: the metadata check says {} ({} error finding(s); run `qcow2-guard check` for all of them)",
+                path.display(),
+                r.verdict.as_str(),
+                errors.len()
+            );
+            for f in errors.iter().take(10) {
+                errln!("  {f}");
+            }
+            match r.exit_code {
+                0 | 3 => Exit::Corrupt,
+                1 => Exit::NotChecked,
+                4 => Exit::Refused,
+                _ => Exit::Corrupt,
             }
         }
         Err(Failure::Refused(msg)) => {
-            eprintln!("qcow2-guard: {msg}");
+            errln!("qcow2-guard: {msg}");
             Exit::Refused
         }
         Err(Failure::Io(msg)) => {
-            eprintln!("qcow2-guard: {msg}");
+            errln!("qcow2-guard: {msg}");
             Exit::NotChecked
         }
     }
@@ -137,6 +156,7 @@ fn open_image(args: &Args) -> Result<Image<FileSource>, Failure> {
     let mut image =
         Image::open_with(open_file(path)?, limits.clone()).map_err(|e| (path.clone(), e))?;
     refuse_on_policy(path, &image, &policy)?;
+    audit(path, &image, &policy)?;
 
     if image.header().has_data_file() {
         let Some(df) = &args.data_file else {
@@ -176,7 +196,7 @@ fn open_image(args: &Args) -> Result<Image<FileSource>, Failure> {
             }
         }
         None if image.header().has_backing_file() => {
-            eprintln!(
+            errln!(
                 "qcow2-guard: {}: no --backing given: unallocated clusters are written as zeros",
                 path.display()
             );
@@ -209,7 +229,71 @@ fn refuse_on_policy(
     )))
 }
 
+/// Host clusters the pre-conversion audit may track (8 bytes each: 32 MiB).
+const AUDIT_TRACKED_CLUSTERS: u64 = 4 << 20;
+
+/// The metadata check `check` runs, without decompression, before anything
+/// is written: error findings and policy violations refuse the image;
+/// leaks and warnings do not. A file with more host clusters than the
+/// audit can track in bounded memory is converted without the refcount
+/// rebuild: every L1/L2 entry is still validated as it is read.
+fn audit(
+    path: &Path,
+    image: &Image<FileSource>,
+    policy: &qcow2_guard::Policy,
+) -> Result<(), Failure> {
+    let opts = CheckOptions {
+        max_tracked_clusters: AUDIT_TRACKED_CLUSTERS,
+        ..CheckOptions::metadata_only(policy.clone())
+    };
+    let report = check(image, &opts);
+    if !report.blocks_convert() {
+        return Ok(());
+    }
+    let only_too_large = report
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .all(|f| f.code == check_code::TOO_LARGE_TO_CHECK);
+    if only_too_large {
+        errln!(
+            "qcow2-guard: {}: warning: too many host clusters for the pre-conversion audit; refcounts are not rebuilt, entries are still validated as they are read",
+            path.display()
+        );
+        return Ok(());
+    }
+    Err(Failure::Audit(path.to_path_buf(), Box::new(report)))
+}
+
+/// Refuse an OUTPUT that is one of the inputs (by device and inode, so
+/// `./in.qcow2`, hard links and symlinks are caught): the final rename
+/// would replace the input with the raw disk.
+fn refuse_output_over_input(args: &Args) -> Result<(), Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(out) = std::fs::metadata(&args.output) else {
+        return Ok(());
+    };
+    let inputs = std::iter::once(&args.image.image)
+        .chain(args.backing.as_ref())
+        .chain(args.data_file.as_ref());
+    for input in inputs {
+        if let Ok(m) = std::fs::metadata(input) {
+            if (m.dev(), m.ino()) == (out.dev(), out.ino()) {
+                return Err(Failure::Io(format!(
+                    "{}: OUTPUT is the input file {}; refusing to replace it",
+                    args.output.display(),
+                    input.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn convert(args: &Args) -> Result<(), Failure> {
+    if args.output.as_os_str() != "-" {
+        refuse_output_over_input(args)?;
+    }
     let image = open_image(args)?;
     let to_stdout = args.output.as_os_str() == "-";
     let size = image.virtual_size();

@@ -24,6 +24,8 @@ impl Exit {
     pub fn for_error(e: &Error) -> Exit {
         if e.is_not_qcow2() || e.is_io() {
             Exit::NotChecked
+        } else if e.is_refusal() {
+            Exit::Refused
         } else {
             Exit::Corrupt
         }

@@ -244,52 +244,56 @@ fn human_size(n: u64) -> String {
 fn print_human(v: &Value) {
     let s = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
     let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    println!("image: {}", s("filename").as_str().unwrap_or(""));
-    println!("file format: qcow2");
-    println!(
+    outln!("image: {}", s("filename").as_str().unwrap_or(""));
+    outln!("file format: qcow2");
+    outln!(
         "virtual size: {} ({} bytes)",
         human_size(n("virtual-size")),
         n("virtual-size")
     );
-    println!(
+    outln!(
         "file length: {} ({} bytes)",
         human_size(n("file-length")),
         n("file-length")
     );
     if let Some(a) = v.get("actual-size").and_then(Value::as_u64) {
-        println!("disk size: {}", human_size(a));
+        outln!("disk size: {}", human_size(a));
     }
-    println!("cluster_size: {}", n("cluster-size"));
+    outln!("cluster_size: {}", n("cluster-size"));
     if let Some(b) = v.get("backing-filename").and_then(Value::as_str) {
-        println!("backing file: {b} (never opened)");
+        outln!("backing file: {b} (never opened)");
     }
     if let Some(b) = v.get("backing-filename-format").and_then(Value::as_str) {
-        println!("backing file format: {b}");
+        outln!("backing file format: {b}");
     }
     if v.get("encrypted").is_some() {
-        println!("encrypted: yes");
+        outln!("encrypted: yes");
     }
     if let Some(snaps) = v.get("snapshots").and_then(Value::as_array) {
-        println!("Snapshot list:");
-        println!(
+        outln!("Snapshot list:");
+        outln!(
             "{:<8}{:<18}{:>12}{:>14}{:>16}",
-            "ID", "TAG", "VM_SIZE", "DATE(s)", "VM_CLOCK(ns)"
+            "ID",
+            "TAG",
+            "VM_SIZE",
+            "DATE(s)",
+            "VM_CLOCK(ns)"
         );
         for sn in snaps {
             let g = |k: &str| sn.get(k).cloned().unwrap_or(Value::Null);
             let clock = g("vm-clock-sec").as_u64().unwrap_or(0) * 1_000_000_000
                 + g("vm-clock-nsec").as_u64().unwrap_or(0);
-            println!(
+            outln!(
                 "{:<8}{:<18}{:>12}{:>14}{:>16}",
                 g("id").as_str().unwrap_or(""),
                 g("name").as_str().unwrap_or(""),
                 human_size(g("vm-state-size").as_u64().unwrap_or(0)),
-                g("date-sec"),
+                g("date-sec").as_u64().unwrap_or(0),
                 clock
             );
         }
     }
-    println!("Format specific information:");
+    outln!("Format specific information:");
     if let Some(data) = v
         .pointer("/format-specific/data")
         .and_then(Value::as_object)
@@ -297,13 +301,13 @@ fn print_human(v: &Value) {
         for (k, val) in data {
             match val {
                 Value::Array(items) => {
-                    println!("    {}:", k.replace('-', " "));
+                    outln!("    {}:", k.replace('-', " "));
                     for (i, item) in items.iter().enumerate() {
-                        println!("        [{i}]: {item}");
+                        outln!("        [{i}]: {item}");
                     }
                 }
-                Value::String(s) => println!("    {}: {s}", k.replace('-', " ")),
-                other => println!("    {}: {other}", k.replace('-', " ")),
+                Value::String(s) => outln!("    {}: {s}", k.replace('-', " ")),
+                other => outln!("    {}: {other}", k.replace('-', " ")),
             }
         }
     }
@@ -327,17 +331,17 @@ fn print_human(v: &Value) {
                     }
                 })
                 .collect();
-            println!("{kind} features: {}", names.join(", "));
+            outln!("{kind} features: {}", names.join(", "));
         }
     }
     if let Some(unknown) = v.get("unknown-extensions").and_then(Value::as_array) {
         for u in unknown {
-            println!("unknown header extension: {u}");
+            outln!("unknown header extension: {u}");
         }
     }
     if let Some(fs) = v.get("findings").and_then(Value::as_array) {
         for f in fs {
-            println!(
+            outln!(
                 "{} [{}] at {:#x}: {}",
                 f.get("severity").and_then(Value::as_str).unwrap_or(""),
                 f.get("code").and_then(Value::as_str).unwrap_or(""),

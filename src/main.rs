@@ -3,6 +3,23 @@
 //! Thin on purpose: argument parsing, output formatting and exit codes.
 //! Everything about the format lives in the `qcow2-guard` library.
 
+/// `println!` that ignores a closed stdout (`qcow2-guard check IMG | head`):
+/// a reader that stops early is not an error, and never a panic.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `eprintln!` that ignores a closed stderr.
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod check;
 mod convert;
 mod exit;

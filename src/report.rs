@@ -35,7 +35,7 @@ pub fn fatal(path: &Path, e: &Error, json: bool) -> Exit {
         });
         print_json(&v);
     } else {
-        eprintln!(
+        errln!(
             "qcow2-guard: {}: {} [{}] at offset {:#x}",
             path.display(),
             e,
@@ -55,7 +55,7 @@ pub fn unreadable(path: &Path, e: &std::io::Error, json: bool) -> Exit {
             "exit-code": Exit::NotChecked.code(),
         }));
     } else {
-        eprintln!("qcow2-guard: {}: cannot open: {e}", path.display());
+        errln!("qcow2-guard: {}: cannot open: {e}", path.display());
     }
     Exit::NotChecked
 }

@@ -295,6 +295,30 @@ fn compressed_zlib_and_zstd() {
     }
 }
 
+/// A compressed write that is the last allocation: QEMU does not pad the
+/// file to the end of the stream's last sector, so the descriptor's range
+/// runs past the end of the file by less than a sector. QEMU reads it; so
+/// must we (decompression decides whether the stream is complete).
+#[test]
+fn compressed_write_at_end_of_file() {
+    let d = tmpdir();
+    for (opts, cmds) in [
+        ("", &["write -P 1 0 64k", "write -c -P 0x11 1M 64k"][..]),
+        ("compression_type=zstd", &["write -c -P 0x22 64k 64k"][..]),
+        ("cluster_size=4k", &["write -c -P 0x33 8k 4k"][..]),
+    ] {
+        let img = image(d.path(), "tail.qcow2", opts, "4M", cmds);
+        let (_, desc) = first_compressed(&img);
+        let len = fs::metadata(&img).unwrap().len();
+        assert!(
+            desc.end() > len,
+            "{opts}: the stream's last sector is cut by EOF"
+        );
+        assert_converts(&img, &[]);
+        fs::remove_file(&img).unwrap();
+    }
+}
+
 /// 512-byte clusters compressed from a repeating 8-byte pattern: streams
 /// start late in a sector and spill into the next (one additional sector
 /// in a one-bit count field), as the notes describe.
@@ -654,13 +678,13 @@ fn descriptors_and_entries_pointing_where_they_must_not() {
         sectors: 2,
     };
     patch(&hdr, at, &h.encode(&g).to_be_bytes());
-    assert_refused(&hdr, 2, "metadata_overlap", &[]);
+    assert_refused(&hdr, 2, "data_overlaps_metadata", &[]);
 
     // A data cluster in the L1 table.
     let l1_off = be64(&img, 40);
     let l1 = copy(&img, d.path(), "l1.qcow2");
     patch(&l1, at, &(l1_off | 1 << 63).to_be_bytes());
-    assert_refused(&l1, 2, "metadata_overlap", &[]);
+    assert_refused(&l1, 2, "data_overlaps_metadata", &[]);
 
     // A data cluster past the end of the file; unaligned; reserved bits.
     for (name, entry, want) in [
@@ -678,6 +702,26 @@ fn descriptors_and_entries_pointing_where_they_must_not() {
     let l1bad = copy(&img, d.path(), "l1bad.qcow2");
     patch(&l1bad, l1_off, &rt.to_be_bytes());
     assert_refused(&l1bad, 2, "metadata_overlap", &[]);
+}
+
+/// Before writing, convert runs the metadata check: error findings refuse
+/// the image even where every entry would read fine; leaks do not.
+#[test]
+fn metadata_check_before_writing() {
+    let d = tmpdir();
+    // A cleared L2 entry leaves its cluster leaked: still converts.
+    let leak = image(d.path(), "leak.qcow2", "", "4M", &["write -P 7 0 128k"]);
+    patch(&leak, l2_entry_at(&leak, 0), &[0; 8]);
+    let qemu = qemu_img_status(&["check", "-f", "qcow2", leak.to_str().unwrap()]);
+    assert_eq!(qemu.status.code(), Some(3), "qemu-img check: leaks only");
+    assert_converts(&leak, &[]);
+    // Refcounts zeroed: a corruption qemu-img check reports too.
+    let rc = image(d.path(), "rc.qcow2", "", "4M", &["write -P 7 0 128k"]);
+    let block = be64(&rc, be64(&rc, 48));
+    patch(&rc, block, &[0u8; 65536]);
+    let qemu = qemu_img_status(&["check", "-f", "qcow2", rc.to_str().unwrap()]);
+    assert_eq!(qemu.status.code(), Some(2), "qemu-img check: corrupt");
+    assert_refused(&rc, 2, "refcount_too_low", &[]);
 }
 
 // ---------------------------------------------------------------- policy

@@ -34,6 +34,27 @@ pub struct Descriptor {
 
 impl Descriptor {
     /// Decode the descriptor bits (0..61) of an L2 entry.
+    ///
+    /// With 512-byte clusters the count of additional sectors is the single
+    /// bit 61; `qemu-img convert -c` writes streams such as this one, which
+    /// starts 2 bytes before a sector boundary and so needs the next sector:
+    ///
+    /// ```
+    /// use qcow2_guard::compressed::{Descriptor, OFLAG_COMPRESSED};
+    /// use qcow2_guard::Geometry;
+    ///
+    /// let g = Geometry::new(9, false, 4); // 512-byte clusters
+    /// let entry = OFLAG_COMPRESSED | 1 << 61 | 0xbfe;
+    /// let d = Descriptor::decode(entry, &g);
+    /// assert_eq!(d, Descriptor { host_offset: 0xbfe, sectors: 2 });
+    /// // Host bytes 0xbfe..0xe00: the end of cluster 5 and most of cluster 6.
+    /// assert_eq!((d.start(), d.end(), d.span()), (0xbfe, 0xe00, 0x202));
+    /// assert_eq!(d.host_clusters(&g), 5..=6);
+    /// assert_eq!(d.encode(&g), entry);
+    /// // Within cluster size + 511 bytes, and inside a file of 0xe00 bytes.
+    /// d.validate(0x400, &g, 0xe00)?;
+    /// # Ok::<(), qcow2_guard::Error>(())
+    /// ```
     pub fn decode(entry: u64, g: &Geometry) -> Descriptor {
         // cluster_bits is 9..=21 for a valid geometry, so the shift is 49..=61.
         let count_bits = g.cluster_bits.saturating_sub(8);
@@ -97,7 +118,7 @@ impl Descriptor {
                 max,
             });
         }
-        if self.end() > file_len {
+        if self.end() > file_len && !self.tail_cut_by_eof(file_len) {
             return Err(Error::CompressedPastEof {
                 offset: entry_at,
                 start: self.start(),
@@ -106,6 +127,23 @@ impl Descriptor {
             });
         }
         Ok(())
+    }
+
+    /// Whether the file ends inside the last sector of the range. QEMU
+    /// rounds the range up to whole sectors but does not pad the file after
+    /// a compressed write at its end, so this is its own doing and is
+    /// accepted; whether the stream is complete is for decompression to say.
+    pub fn tail_cut_by_eof(&self, file_len: u64) -> bool {
+        self.start() < file_len
+            && self.end() > file_len
+            && self.end().saturating_sub(file_len) < SECTOR
+    }
+
+    /// One past the last host byte that can be read for this stream in a
+    /// file of `file_len` bytes (the range end, or the file end when
+    /// [`Descriptor::tail_cut_by_eof`]).
+    pub fn readable_end(&self, file_len: u64) -> u64 {
+        self.end().min(file_len)
     }
 
     /// Host clusters the range touches (for refcount accounting).
@@ -167,9 +205,13 @@ fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     }
 }
 
-/// Smallest window a zstd frame can declare (window descriptor with
-/// exponent 0).
-const MIN_ZSTD_WINDOW: u64 = 1 << 10;
+/// Largest window a zstd frame may declare when it decodes a cluster
+/// smaller than this. QEMU compresses one cluster with its size known, so
+/// its frames declare at most the cluster size; other encoders (ruzstd,
+/// libzstd without a size hint) declare up to a few MiB, and QEMU's libzstd
+/// reads those, so we do too. The decoder reserves the window up front but
+/// touches only what it writes, so this bounds address space, not RSS.
+const MAX_ZSTD_WINDOW: u64 = 2 << 20;
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
@@ -178,11 +220,9 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     let want = out.len();
     let mut src = input;
     let mut frames = FrameDecoder::new();
-    // The decoder's buffers grow with the window a frame declares. QEMU
-    // compresses one cluster with its size known, so its frames never need
-    // a window larger than the cluster: a larger one is refused, which
-    // bounds the decoder's memory by the cluster size.
-    frames.set_max_window_size(MIN_ZSTD_WINDOW.max(u64::try_from(want).unwrap_or(u64::MAX)));
+    // A frame declaring a larger window is refused before anything is
+    // allocated for it.
+    frames.set_max_window_size(MAX_ZSTD_WINDOW.max(u64::try_from(want).unwrap_or(u64::MAX)));
     let mut filled = 0usize;
     // Like QEMU, frames are decoded one after another until the cluster is
     // full; the frame that fills it must end exactly there.
@@ -240,8 +280,18 @@ mod tests {
         assert_eq!(d.encode(&g), entry);
         assert_eq!(d.host_clusters(&g), 5..=6);
         d.validate(0, &g, 0xe00).unwrap();
+        // The file may end inside the last sector (QEMU does not pad).
+        d.validate(8, &g, 0xdff).unwrap();
+        d.validate(8, &g, 0xc01).unwrap();
+        assert!(d.tail_cut_by_eof(0xc01));
+        assert_eq!(d.readable_end(0xc01), 0xc01);
+        // Not when a whole sector is missing, or the stream starts past EOF.
         assert_eq!(
-            d.validate(8, &g, 0xdff).unwrap_err().code(),
+            d.validate(8, &g, 0xc00).unwrap_err().code(),
+            "compressed_past_eof"
+        );
+        assert_eq!(
+            d.validate(8, &g, 0xbfe).unwrap_err().code(),
             "compressed_past_eof"
         );
     }
@@ -350,7 +400,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("past one cluster"), "{e}");
-        // A frame asking for an 8 MiB window is refused before decoding.
+        // A frame asking for an 8 MiB window (over 2 MiB and the cluster)
+        // is refused before decoding.
         let e = decompress(
             CompressionType::Zstd,
             &zstd_rle_frame(13, 65536, 1),

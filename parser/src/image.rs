@@ -381,38 +381,25 @@ impl<S: Source> Image<S> {
     /// Check that the data a cluster points to can be read safely.
     fn check_data_pointer(&self, cluster: &Cluster, at: u64) -> Result<()> {
         let g = &self.geometry;
-        let reads_host = match *cluster {
-            Cluster::Data { host, .. } => Some((host, g.cluster_size)),
-            // QEMU allocates the subclusters of a cluster lazily: the file
-            // may end right after the last allocated one.
-            Cluster::Subclusters {
-                host: Some(host),
-                alloc,
-                ..
-            } if alloc != 0 => {
-                let used = u32::BITS.saturating_sub(alloc.leading_zeros());
-                Some((host, u64::from(used).saturating_mul(g.subcluster_size)))
+        if let Cluster::Compressed(d) = *cluster {
+            if self.header.has_data_file() {
+                return Err(Error::InvalidCompressedEntry {
+                    offset: at,
+                    reason: "compressed cluster in an image with an external data file",
+                });
             }
-            Cluster::Compressed(d) => {
-                if self.header.has_data_file() {
-                    return Err(Error::InvalidCompressedEntry {
-                        offset: at,
-                        reason: "compressed cluster in an image with an external data file",
-                    });
-                }
-                d.validate(at, g, self.file_len)?;
-                if let Some(r) = self.metadata().find(d.start(), d.span(), &[]) {
-                    return Err(Error::MetadataOverlap {
-                        what: What::CompressedCluster,
-                        offset: at,
-                        target: d.start(),
-                        other: r.what,
-                    });
-                }
-                return Ok(());
+            d.validate(at, g, self.file_len)?;
+            if let Some(r) = self.metadata().find(d.start(), d.span(), &[]) {
+                return Err(Error::MetadataOverlap {
+                    what: What::CompressedCluster,
+                    offset: at,
+                    target: d.start(),
+                    other: r.what,
+                });
             }
-            _ => None,
-        };
+            return Ok(());
+        }
+        let reads_host = cluster.data_extent(g);
         let Some((host, len)) = reads_host else {
             return Ok(());
         };
@@ -506,13 +493,19 @@ impl<S: Source> Image<S> {
                 ..
             }) = self.l1_entry(u64::try_from(i).unwrap_or(u64::MAX))
             {
-                m.add(What::L2Table, off, g.cluster_size);
+                // Tables past the end of the file are errors when used;
+                // leaving them out bounds the map by the file length.
+                if off < self.file_len {
+                    m.add(What::L2Table, off, g.cluster_size);
+                }
             }
         }
         for i in 0..self.refcount_table.len() {
             if let Ok(Some(off)) = self.refcount_block_offset(u64::try_from(i).unwrap_or(u64::MAX))
             {
-                m.add(What::RefcountBlock, off, g.cluster_size);
+                if off < self.file_len {
+                    m.add(What::RefcountBlock, off, g.cluster_size);
+                }
             }
         }
         if let Some(last) = self.snapshots.last() {

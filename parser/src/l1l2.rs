@@ -64,15 +64,27 @@ pub enum Cluster {
     /// Not allocated: reads from the backing file, or zeros without one.
     Unallocated,
     /// Reads as zeros. `host` is a preallocated cluster, if any.
-    Zero { host: Option<u64>, copied: bool },
+    Zero {
+        /// Host offset of the preallocated cluster; `None` when there is none.
+        host: Option<u64>,
+        /// Bit 63: the host cluster's refcount is exactly one.
+        copied: bool,
+    },
     /// Guest data at `host .. host + cluster_size`.
-    Data { host: u64, copied: bool },
+    Data {
+        /// Host offset of the data cluster (cluster aligned).
+        host: u64,
+        /// Bit 63: the data cluster's refcount is exactly one.
+        copied: bool,
+    },
     /// Compressed guest data.
     Compressed(Descriptor),
     /// Extended L2: each of 32 subclusters is allocated (data at
     /// `host + i * subcluster_size`), zero, or unallocated.
     Subclusters {
+        /// Host offset of the cluster, if any (required when `alloc` is non-zero).
         host: Option<u64>,
+        /// Bit 63: the host cluster's refcount is exactly one.
         copied: bool,
         /// Bit i: subcluster i holds data.
         alloc: u32,
@@ -212,6 +224,27 @@ impl Cluster {
             Cluster::Zero { host, .. } | Cluster::Subclusters { host, .. } => host,
             Cluster::Data { host, .. } => Some(host),
             Cluster::Unallocated | Cluster::Compressed(_) => None,
+        }
+    }
+
+    /// The host bytes a guest read of this cluster reaches, as (start,
+    /// length): the whole cluster for standard data, and up to the end of
+    /// the last allocated subcluster for extended entries (QEMU allocates
+    /// subclusters lazily and does not extend the file past the last one it
+    /// wrote). `None` when no host data is read (unallocated, zero,
+    /// compressed: see [`Descriptor`] for those ranges).
+    pub fn data_extent(&self, g: &Geometry) -> Option<(u64, u64)> {
+        match *self {
+            Cluster::Data { host, .. } => Some((host, g.cluster_size)),
+            Cluster::Subclusters {
+                host: Some(host),
+                alloc,
+                ..
+            } if alloc != 0 => {
+                let used = u32::BITS.saturating_sub(alloc.leading_zeros());
+                Some((host, u64::from(used).saturating_mul(g.subcluster_size)))
+            }
+            _ => None,
         }
     }
 
@@ -396,5 +429,13 @@ mod tests {
             "invalid_compressed_entry"
         );
         assert_eq!(c.encode(&g), (0x50000, 0x0000_0002_0000_0001));
+        // Reads reach up to the last allocated subcluster only.
+        assert_eq!(c.data_extent(&g), Some((0x50000, 2048)));
+        let top = d(0x50000, 0x8000_0000).unwrap();
+        assert_eq!(top.data_extent(&g), Some((0x50000, 0x10000)));
+        assert_eq!(
+            d(0x50000, 0xffff_ffff_0000_0000).unwrap().data_extent(&g),
+            None
+        );
     }
 }

@@ -8,9 +8,11 @@ use crate::error::What;
 /// One metadata range in the image file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Range {
+    /// File offset of the first byte.
     pub start: u64,
     /// One past the last byte.
     pub end: u64,
+    /// The structure stored there.
     pub what: What,
 }
 
@@ -40,6 +42,9 @@ impl MetadataMap {
     /// Sort for lookups. Must be called after the last `add`.
     pub fn finish(&mut self) {
         self.ranges.sort_by_key(|r| (r.start, r.end));
+        // Many entries naming the same table (hostile L1 tables do) cost
+        // one range.
+        self.ranges.dedup();
         let mut max = 0;
         self.max_end = self
             .ranges

@@ -781,14 +781,7 @@ impl<S: Source> Walk<'_, S> {
                     // allocated subcluster for extended ones (QEMU does not
                     // extend the file past a subcluster write), and only the
                     // cluster's start for preallocated zeros (never read).
-                    let reached = match cluster {
-                        Cluster::Data { .. } => g.cluster_size,
-                        Cluster::Subclusters { alloc, .. } if alloc != 0 => {
-                            u64::from(32u32.saturating_sub(alloc.leading_zeros()))
-                                .saturating_mul(g.subcluster_size)
-                        }
-                        _ => 1,
-                    };
+                    let reached = cluster.data_extent(&g).map_or(1, |(_, len)| len);
                     if let Err(e) = span(What::DataCluster, at, host, reached, self.file_len) {
                         self.f.error(&e);
                         continue;
@@ -830,33 +823,23 @@ impl<S: Source> Walk<'_, S> {
                 self.computed.add(idx(c), r.refs);
             }
         }
-        match d.validate(at, &g, self.file_len) {
-            Ok(()) => {}
-            // QEMU rounds the range up to whole sectors but does not pad
-            // the file after a compressed write at its end: a range whose
-            // last sector is cut by the end of the file is QEMU's own
-            // doing. Decompression (below) decides whether the stream is
-            // really complete.
-            Err(Error::CompressedPastEof {
-                start,
-                end,
-                file_len,
-                ..
-            }) if start < file_len && end.saturating_sub(file_len) < 512 => {
-                self.f.push(Finding::new(
-                    code::COMPRESSED_TAIL_PAST_EOF,
-                    Severity::Info,
-                    Category::Other,
-                    at,
-                    format!(
-                        "compressed cluster at {start:#x}: the last sector of its range ends at {end:#x}, past the end of the file at {file_len:#x} (QEMU does not pad compressed writes)"
-                    ),
-                ));
-            }
-            Err(e) => {
-                self.f.error(&e);
-                return;
-            }
+        if let Err(e) = d.validate(at, &g, self.file_len) {
+            self.f.error(&e);
+            return;
+        }
+        if d.tail_cut_by_eof(self.file_len) {
+            self.f.push(Finding::new(
+                code::COMPRESSED_TAIL_PAST_EOF,
+                Severity::Info,
+                Category::Other,
+                at,
+                format!(
+                    "compressed cluster at {:#x}: the last sector of its range ends at {:#x}, past the end of the file at {:#x} (QEMU does not pad compressed writes)",
+                    d.start(),
+                    d.end(),
+                    self.file_len
+                ),
+            ));
         }
         self.data_cluster_ok(What::CompressedCluster, d.start(), d.span(), at);
         if !self.decompress {
@@ -882,8 +865,10 @@ impl<S: Source> Walk<'_, S> {
             .compression()
             .unwrap_or(crate::CompressionType::Deflate);
         self.out_buf.resize(idx(g.cluster_size), 0);
-        self.in_buf
-            .resize(idx(d.end().min(self.file_len).saturating_sub(d.start())), 0);
+        self.in_buf.resize(
+            idx(d.readable_end(self.file_len).saturating_sub(d.start())),
+            0,
+        );
         if let Err(e) = read_into(self.img.source(), d.start(), &mut self.in_buf) {
             self.f.error(&e);
             return;

@@ -1,0 +1,3 @@
+#!/bin/bash -eu
+# ClusterFuzzLite uses the same build as OSS-Fuzz.
+exec "$SRC/qcow2-guard/oss-fuzz/build.sh"
