@@ -289,7 +289,7 @@ impl<S: Source> Image<S> {
             .ok()
             .and_then(|i| self.l1.get(i))
             .copied()
-            .ok_or(Error::OutOfVirtualBounds {
+            .ok_or_else(|| Error::OutOfVirtualBounds {
                 offset: index.saturating_mul(self.geometry.l2_span()),
                 len: 0,
                 size: self.header.size,
@@ -353,6 +353,19 @@ impl<S: Source> Image<S> {
     /// data file) and outside other metadata, compressed ranges within the
     /// file and the permitted inflation.
     pub fn cluster(&self, guest_offset: u64) -> Result<Cluster> {
+        self.cluster_via(guest_offset, &mut None)
+    }
+
+    /// [`Image::cluster`], reusing `table` (the L2 table last used, with
+    /// its L1 index) when `guest_offset` maps through the same L1 entry, and
+    /// leaving the table used in it. A sequential walk then takes the cache
+    /// lock once per L2 table instead of once per cluster; every entry is
+    /// still decoded and checked.
+    pub(crate) fn cluster_via(
+        &self,
+        guest_offset: u64,
+        table: &mut Option<(u64, Arc<L2Table>)>,
+    ) -> Result<Cluster> {
         let g = self.geometry;
         if guest_offset >= self.header.size {
             return Err(Error::OutOfVirtualBounds {
@@ -363,15 +376,21 @@ impl<S: Source> Image<S> {
         }
         let l1_index = guest_offset >> g.l2_span_bits();
         let l2_index = g.cluster_index(guest_offset) & g.l2_entries.wrapping_sub(1);
-        let l1_at = self.l1_entry_offset(l1_index);
-        let Some(l2_offset) = self.l1_entry(l1_index)?.l2_offset else {
+        if !matches!(table, Some((i, _)) if *i == l1_index) {
+            *table = None;
+            let l1_at = self.l1_entry_offset(l1_index);
+            let Some(l2_offset) = self.l1_entry(l1_index)?.l2_offset else {
+                return Ok(Cluster::Unallocated);
+            };
+            *table = Some((l1_index, self.l2_table(l2_offset, l1_at)?));
+        }
+        let Some((_, t)) = table.as_ref() else {
             return Ok(Cluster::Unallocated);
         };
-        let table = self.l2_table(l2_offset, l1_at)?;
         let idx = usize::try_from(l2_index).unwrap_or(usize::MAX);
-        let (raw, bitmap, at) = table.raw(idx).ok_or(Error::Truncated {
+        let (raw, bitmap, at) = t.raw(idx).ok_or_else(|| Error::Truncated {
             what: What::L2Table,
-            offset: l2_offset,
+            offset: t.offset,
         })?;
         let cluster = Cluster::decode(raw, bitmap, at, &g, self.header.has_data_file())?;
         self.check_data_pointer(&cluster, at)?;

@@ -67,12 +67,13 @@
 //! ```
 
 use std::io;
+use std::sync::Arc;
 
 use crate::compressed::{self, Descriptor};
 use crate::error::{Error, Result, What};
 use crate::header::{field, CryptMethod};
 use crate::image::Image;
-use crate::l1l2::{Cluster, SubclusterState};
+use crate::l1l2::{Cluster, L2Table, SubclusterState};
 use crate::source::{read_into, read_vec, Source};
 
 /// What a guest range maps to.
@@ -162,6 +163,8 @@ pub struct Map<'a, S> {
     pos: u64,
     end: u64,
     failed: bool,
+    /// The L2 table last used and its L1 index (see [`Image::cluster`]).
+    table: Option<(u64, Arc<L2Table>)>,
 }
 
 impl<S: Source> std::fmt::Debug for Map<'_, S> {
@@ -195,8 +198,8 @@ impl<S: Source> Iterator for Map<'_, S> {
 
 impl<S: Source> Map<'_, S> {
     /// The longest extent starting at `pos`, clipped to the range.
-    fn extent_at(&self, pos: u64) -> Result<Extent> {
-        let (kind, run_end) = self.image.run_at(pos)?;
+    fn extent_at(&mut self, pos: u64) -> Result<Extent> {
+        let (kind, run_end) = self.image.run_at(pos, &mut self.table)?;
         let mut e = Extent {
             guest_offset: pos,
             len: run_end.min(self.end).saturating_sub(pos),
@@ -208,7 +211,7 @@ impl<S: Source> Map<'_, S> {
         // Merge following runs of the same kind. A run that fails to
         // decode ends the extent; the error surfaces on the next call.
         while e.end() < self.end {
-            let Ok((next, next_end)) = self.image.run_at(e.end()) else {
+            let Ok((next, next_end)) = self.image.run_at(e.end(), &mut self.table) else {
                 break;
             };
             let joins = match (e.kind, next) {
@@ -239,6 +242,7 @@ impl<S: Source> Image<S> {
             pos: offset,
             end,
             failed: false,
+            table: None,
         })
     }
 
@@ -313,7 +317,7 @@ impl<S: Source> Image<S> {
                 let src = from
                     .checked_add(buf.len())
                     .and_then(|to| whole.get(from..to))
-                    .ok_or(Error::Overflow {
+                    .ok_or_else(|| Error::Overflow {
                         what: What::CompressedCluster,
                         offset: d.start(),
                     })?;
@@ -377,7 +381,11 @@ impl<S: Source> Image<S> {
 
     /// The kind of the guest bytes at `pos` and where that run ends: within
     /// one cluster, or a whole L2 span when the L1 entry is unallocated.
-    fn run_at(&self, pos: u64) -> Result<(ExtentKind, u64)> {
+    fn run_at(
+        &self,
+        pos: u64,
+        table: &mut Option<(u64, Arc<L2Table>)>,
+    ) -> Result<(ExtentKind, u64)> {
         let g = *self.geometry();
         let size = self.virtual_size();
         let l1_index = pos >> g.l2_span_bits();
@@ -388,7 +396,7 @@ impl<S: Source> Image<S> {
                 .min(size);
             return Ok((ExtentKind::Unallocated, span_end));
         }
-        let cluster = self.cluster(pos)?;
+        let cluster = self.cluster_via(pos, table)?;
         let start = g.cluster_start(pos);
         let within = g.offset_in_cluster(pos);
         let cluster_end = start.saturating_add(g.cluster_size).min(size);
@@ -459,7 +467,7 @@ impl<S: Source> Image<S> {
         let kind = self
             .header()
             .compression()
-            .ok_or(Error::UnknownCompressionType {
+            .ok_or_else(|| Error::UnknownCompressionType {
                 offset: field::COMPRESSION_TYPE,
                 value: self.header().compression_type,
             })?;

@@ -181,10 +181,14 @@ impl<T: Source + ?Sized> Source for Box<T> {
 /// Check that `start .. start + len` lies inside a file of `file_len` bytes
 /// and return its end. `field` is where the reference to it was found.
 pub(crate) fn span(what: What, field: u64, start: u64, len: u64, file_len: u64) -> Result<u64> {
-    let end = start.checked_add(len).ok_or(Error::Overflow {
-        what,
-        offset: field,
-    })?;
+    // `let else`, not `ok_or`: this runs for every cluster read, and an
+    // eagerly built error would be dropped each time.
+    let Some(end) = start.checked_add(len) else {
+        return Err(Error::Overflow {
+            what,
+            offset: field,
+        });
+    };
     if end > file_len {
         return Err(Error::PastEof {
             what,
