@@ -26,12 +26,19 @@ pub const FIXED_ENTRY_BYTES: usize = 24;
 pub struct Bitmap {
     /// File offset of the directory entry.
     pub entry_offset: u64,
+    /// File offset of the bitmap table (cluster aligned; 0 with no table).
     pub table_offset: u64,
+    /// Entries in the bitmap table; must match the virtual size and granularity.
     pub table_size: u32,
+    /// `FLAG_*` bits; bits outside [`FLAGS_KNOWN`] are refused.
     pub flags: u32,
+    /// Bitmap type; 1 (dirty tracking) is the only one defined.
     pub bitmap_type: u8,
+    /// log2 of the bytes of guest disk one bit covers (9..=31).
     pub granularity_bits: u8,
+    /// The bitmap's name, decoded lossily as UTF-8.
     pub name: String,
+    /// Bytes of extra data after the fixed part, skipped unread.
     pub extra_data_size: u32,
 }
 

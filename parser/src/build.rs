@@ -47,13 +47,21 @@ pub enum GuestCluster {
     /// Extended L2 only: per subcluster, bit i of `alloc` holds data (from
     /// the cluster's [`pattern`]), bit i of `zero` reads as zeros, neither
     /// is unallocated. `zero` bits also set in `alloc` are ignored.
-    Subclusters { alloc: u32, zero: u32, seed: u8 },
+    Subclusters {
+        /// Bit i: subcluster i holds data.
+        alloc: u32,
+        /// Bit i: subcluster i reads as zeros (unless also in `alloc`).
+        zero: u32,
+        /// Seed of the cluster's [`pattern`].
+        seed: u8,
+    },
 }
 
 /// One internal snapshot: a copy of the active L1 table sharing its L2
 /// tables and data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotModel {
+    /// The snapshot's name (its ID is its 1-based position).
     pub name: String,
 }
 
@@ -77,6 +85,7 @@ pub struct ImageModel {
     /// Guest cluster i is `clusters[i]`; the virtual size is one cluster
     /// per entry (at least one).
     pub clusters: Vec<GuestCluster>,
+    /// Internal snapshots, in table order.
     pub snapshots: Vec<SnapshotModel>,
 }
 
@@ -100,7 +109,10 @@ impl Default for ImageModel {
 
 /// A model that cannot be encoded as a valid image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InvalidModel(pub &'static str);
+pub struct InvalidModel(
+    /// Why the model cannot be encoded.
+    pub &'static str,
+);
 
 impl fmt::Display for InvalidModel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

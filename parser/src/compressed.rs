@@ -34,6 +34,27 @@ pub struct Descriptor {
 
 impl Descriptor {
     /// Decode the descriptor bits (0..61) of an L2 entry.
+    ///
+    /// With 512-byte clusters the count of additional sectors is the single
+    /// bit 61; `qemu-img convert -c` writes streams such as this one, which
+    /// starts 2 bytes before a sector boundary and so needs the next sector:
+    ///
+    /// ```
+    /// use qcow2_guard::compressed::{Descriptor, OFLAG_COMPRESSED};
+    /// use qcow2_guard::Geometry;
+    ///
+    /// let g = Geometry::new(9, false, 4); // 512-byte clusters
+    /// let entry = OFLAG_COMPRESSED | 1 << 61 | 0xbfe;
+    /// let d = Descriptor::decode(entry, &g);
+    /// assert_eq!(d, Descriptor { host_offset: 0xbfe, sectors: 2 });
+    /// // Host bytes 0xbfe..0xe00: the end of cluster 5 and most of cluster 6.
+    /// assert_eq!((d.start(), d.end(), d.span()), (0xbfe, 0xe00, 0x202));
+    /// assert_eq!(d.host_clusters(&g), 5..=6);
+    /// assert_eq!(d.encode(&g), entry);
+    /// // Within cluster size + 511 bytes, and inside a file of 0xe00 bytes.
+    /// d.validate(0x400, &g, 0xe00)?;
+    /// # Ok::<(), qcow2_guard::Error>(())
+    /// ```
     pub fn decode(entry: u64, g: &Geometry) -> Descriptor {
         // cluster_bits is 9..=21 for a valid geometry, so the shift is 49..=61.
         let count_bits = g.cluster_bits.saturating_sub(8);

@@ -54,8 +54,11 @@ pub enum FeatureKind {
 /// One entry of the feature name table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FeatureName {
+    /// The feature field the bit belongs to.
     pub kind: FeatureKind,
+    /// Bit number within that field (0..=63 for the known kinds).
     pub bit: u8,
+    /// The name, up to its first NUL, decoded lossily as UTF-8.
     pub name: String,
 }
 
@@ -64,8 +67,11 @@ pub struct FeatureName {
 pub struct BitmapsExt {
     /// File offset of the extension's data.
     pub offset: u64,
+    /// Number of bitmaps in the directory.
     pub nb_bitmaps: u32,
+    /// Size of the bitmap directory in bytes.
     pub directory_size: u64,
+    /// File offset of the bitmap directory (cluster aligned).
     pub directory_offset: u64,
 }
 
@@ -74,22 +80,27 @@ pub struct BitmapsExt {
 pub struct CryptoExt {
     /// File offset of the extension's data.
     pub offset: u64,
+    /// File offset of the encryption (LUKS) header.
     pub header_offset: u64,
+    /// Length of the encryption header in bytes.
     pub header_length: u64,
 }
 
 /// A header extension of a type this reader does not know.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownExt {
+    /// The extension's type code.
     pub ext_type: u32,
     /// File offset of the extension's data.
     pub offset: u64,
+    /// Length of the data in bytes (without padding).
     pub len: u32,
 }
 
 /// A string stored in the image, with the file offset it was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredString {
+    /// File offset of the first byte.
     pub offset: u64,
     /// Raw bytes as stored (not necessarily UTF-8).
     pub bytes: Vec<u8>,
@@ -105,10 +116,16 @@ impl StoredString {
 /// All header extensions of an image.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Extensions {
+    /// Backing file format name, e.g. "raw" (never used to open anything).
     pub backing_format: Option<StoredString>,
+    /// Feature name table entries, in table order.
     pub feature_names: Vec<FeatureName>,
+    /// The bitmaps extension; when autoclear bit 0 is clear it is stale,
+    /// kept only to be reported, and its fields are unchecked.
     pub bitmaps: Option<BitmapsExt>,
+    /// The full disk encryption header extension.
     pub crypto: Option<CryptoExt>,
+    /// External data file name (never opened by this crate).
     pub data_file: Option<StoredString>,
     /// Unknown extensions, the first [`MAX_UNKNOWN_RECORDED`] of them.
     pub unknown: Vec<UnknownExt>,

@@ -1,6 +1,6 @@
 //! Findings: what `check` and the safety policy report.
 //!
-//! A finding is an [`Error`](crate::Error) or a policy rule turned into
+//! A finding is an [`Error`] or a policy rule turned into
 //! data: a stable code, a severity, the file offset, and a message.
 
 use std::fmt;
@@ -47,10 +47,13 @@ pub enum Category {
 pub struct Finding {
     /// Stable snake_case identifier.
     pub code: &'static str,
+    /// How bad it is.
     pub severity: Severity,
+    /// Which verdict it counts towards.
     pub category: Category,
     /// Byte offset in the image file.
     pub offset: u64,
+    /// Human-readable description, with the offsets involved.
     pub message: String,
 }
 

@@ -2,8 +2,8 @@
 //!
 //! [`Header::decode`] only turns bytes into fields; [`Header::validate`]
 //! applies every check QEMU makes at open time plus the stricter ones a
-//! hardened reader needs (tables against the file length). Once validated,
-//! [`Header::geometry`] gives the derived sizes every other module uses.
+//! hardened reader needs (tables against the file length), and returns the
+//! [`Geometry`]: the derived sizes every other module uses.
 
 use crate::codec::{Need, Reader, Writer};
 use crate::error::{Error, Result, What};
@@ -43,24 +43,43 @@ pub const AUTOCLEAR_KNOWN: u64 = 0x3;
 
 /// Header field offsets, for error reporting.
 pub mod field {
+    /// `magic` (u32): `QFI\xfb`.
     pub const MAGIC: u64 = 0;
+    /// `version` (u32): 2 or 3.
     pub const VERSION: u64 = 4;
+    /// `backing_file_offset` (u64): where the backing file name is; 0 for none.
     pub const BACKING_FILE_OFFSET: u64 = 8;
+    /// `backing_file_size` (u32): length of the backing file name.
     pub const BACKING_FILE_SIZE: u64 = 16;
+    /// `cluster_bits` (u32): log2 of the cluster size.
     pub const CLUSTER_BITS: u64 = 20;
+    /// `size` (u64): virtual disk size in bytes.
     pub const SIZE: u64 = 24;
+    /// `crypt_method` (u32): 0 none, 1 AES, 2 LUKS.
     pub const CRYPT_METHOD: u64 = 32;
+    /// `l1_size` (u32): entries in the active L1 table.
     pub const L1_SIZE: u64 = 36;
+    /// `l1_table_offset` (u64).
     pub const L1_TABLE_OFFSET: u64 = 40;
+    /// `refcount_table_offset` (u64).
     pub const REFCOUNT_TABLE_OFFSET: u64 = 48;
+    /// `refcount_table_clusters` (u32): refcount table size in clusters.
     pub const REFCOUNT_TABLE_CLUSTERS: u64 = 56;
+    /// `nb_snapshots` (u32).
     pub const NB_SNAPSHOTS: u64 = 60;
+    /// `snapshots_offset` (u64): the snapshot table.
     pub const SNAPSHOTS_OFFSET: u64 = 64;
+    /// `incompatible_features` (u64, v3).
     pub const INCOMPATIBLE_FEATURES: u64 = 72;
+    /// `compatible_features` (u64, v3).
     pub const COMPATIBLE_FEATURES: u64 = 80;
+    /// `autoclear_features` (u64, v3).
     pub const AUTOCLEAR_FEATURES: u64 = 88;
+    /// `refcount_order` (u32, v3): log2 of the refcount width in bits.
     pub const REFCOUNT_ORDER: u64 = 96;
+    /// `header_length` (u32, v3).
     pub const HEADER_LENGTH: u64 = 100;
+    /// `compression_type` (u8, v3 with header_length > 104).
     pub const COMPRESSION_TYPE: u64 = 104;
 }
 
@@ -97,18 +116,29 @@ impl CompressionType {
 /// Every field of the fixed header, as stored (big-endian decoded).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// 2 or 3 once validated.
     pub version: u32,
+    /// File offset of the backing file name; 0 when there is none.
     pub backing_file_offset: u64,
+    /// Length of the backing file name in bytes (not NUL terminated).
     pub backing_file_size: u32,
+    /// log2 of the cluster size (9..=21 once validated).
     pub cluster_bits: u32,
     /// Virtual disk size in bytes.
     pub size: u64,
+    /// 0 (none), 1 (AES) or 2 (LUKS); see [`Header::crypt`].
     pub crypt_method: u32,
+    /// Entries in the active L1 table.
     pub l1_size: u32,
+    /// File offset of the active L1 table.
     pub l1_table_offset: u64,
+    /// File offset of the refcount table.
     pub refcount_table_offset: u64,
+    /// Size of the refcount table in clusters.
     pub refcount_table_clusters: u32,
+    /// Number of internal snapshots.
     pub nb_snapshots: u32,
+    /// File offset of the snapshot table.
     pub snapshots_offset: u64,
     /// v3 only (0 for v2).
     pub incompatible_features: u64,

@@ -64,15 +64,27 @@ pub enum Cluster {
     /// Not allocated: reads from the backing file, or zeros without one.
     Unallocated,
     /// Reads as zeros. `host` is a preallocated cluster, if any.
-    Zero { host: Option<u64>, copied: bool },
+    Zero {
+        /// Host offset of the preallocated cluster; `None` when there is none.
+        host: Option<u64>,
+        /// Bit 63: the host cluster's refcount is exactly one.
+        copied: bool,
+    },
     /// Guest data at `host .. host + cluster_size`.
-    Data { host: u64, copied: bool },
+    Data {
+        /// Host offset of the data cluster (cluster aligned).
+        host: u64,
+        /// Bit 63: the data cluster's refcount is exactly one.
+        copied: bool,
+    },
     /// Compressed guest data.
     Compressed(Descriptor),
     /// Extended L2: each of 32 subclusters is allocated (data at
     /// `host + i * subcluster_size`), zero, or unallocated.
     Subclusters {
+        /// Host offset of the cluster, if any (required when `alloc` is non-zero).
         host: Option<u64>,
+        /// Bit 63: the host cluster's refcount is exactly one.
         copied: bool,
         /// Bit i: subcluster i holds data.
         alloc: u32,

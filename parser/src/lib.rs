@@ -7,18 +7,95 @@
 //! stable code and the file offset it concerns. The library never opens a
 //! path named inside an image and never writes to the image.
 //!
-//! ```no_run
-//! use qcow2_guard::{FileSource, Image, Policy};
+//! [`Image::open`] reads and checks the header, extensions and top-level
+//! tables; [`Image::policy_findings`] says whether the image may be
+//! processed at all; [`check()`] walks everything else; [`Image::read_at`],
+//! [`Image::map`] and [`Image::reader`] read guest data ([`read`] module).
+//! [`build`] encodes valid images from a model, for tests and fuzzing.
 //!
-//! let image = Image::open(FileSource::open("disk.qcow2")?)?;
-//! println!("virtual size {}", image.virtual_size());
-//! for f in image.policy_findings(&Policy::default()) {
-//!     println!("{f}");
-//! }
+//! # Opening an image
+//!
+//! What `qemu-img info` shows, from the sample image in the repository:
+//!
+//! ```
+//! use qcow2_guard::{CompressionType, FileSource, Image, Policy};
+//!
+//! let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/sample.qcow2");
+//! let image = Image::open(FileSource::open(path)?)?;
+//! assert_eq!(image.header().version, 3); // compat 1.1
+//! assert_eq!(image.virtual_size(), 4 << 20);
+//! assert_eq!(image.geometry().cluster_size, 4096);
+//! assert_eq!(image.geometry().refcount_bits, 16);
+//! assert_eq!(image.header().compression(), Some(CompressionType::Deflate));
+//! assert_eq!(image.snapshots()[0].name, "first");
+//! assert!(image.backing_file().is_none());
+//! // No backing file, data file, encryption or unknown features: nothing to refuse.
+//! assert!(image.policy_findings(&Policy::default()).is_empty());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! The safety policy is separate from parsing: an image QEMU marked corrupt
+//! (incompatible bit 1) opens, and the policy refuses it, naming the field.
+//!
+//! ```
+//! use qcow2_guard::build::ImageModel;
+//! use qcow2_guard::header::{field, INCOMPAT_CORRUPT};
+//! use qcow2_guard::{Category, Image, Policy, Severity};
+//!
+//! let mut bytes = ImageModel::default().build()?.bytes;
+//! let at = field::INCOMPATIBLE_FEATURES as usize;
+//! let bits = u64::from_be_bytes(bytes[at..at + 8].try_into()?) | INCOMPAT_CORRUPT;
+//! bytes[at..at + 8].copy_from_slice(&bits.to_be_bytes());
+//!
+//! let image = Image::open(bytes)?;
+//! let findings = image.policy_findings(&Policy::default());
+//! assert_eq!(findings.len(), 1);
+//! let f = &findings[0];
+//! assert_eq!(f.code, "policy_corrupt_bit");
+//! assert_eq!((f.severity, f.category), (Severity::Error, Category::Policy));
+//! assert_eq!(f.offset, field::INCOMPATIBLE_FEATURES);
+//! assert_eq!(
+//!     f.to_string(),
+//!     "error [policy_corrupt_bit] at 0x48: image is marked corrupt (incompatible bit 1)",
+//! );
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Auditing an upload
+//!
+//! The README's library example (kept identical; its copy there is compiled
+//! by `cargo test --doc`), run on the sample image:
+//!
+//! ```
+//! use qcow2_guard::{check, CheckOptions, FileSource, Image, Limits, Policy, Verdict};
+//!
+//! fn audit(path: &str) -> Result<bool, Box<dyn std::error::Error>> {
+//!     // Tighter than QEMU's caps for hostile uploads.
+//!     let limits = Limits::default().with_max_virtual_size(2 << 40);
+//!     let image = Image::open_with(FileSource::open(path)?, limits)?;
+//!     println!("virtual size {}", image.virtual_size());
+//!     let report = check(&image, &CheckOptions {
+//!         policy: Policy::default(), // no backing file, data file, encryption
+//!         ..CheckOptions::default()
+//!     });
+//!     for f in &report.findings {
+//!         println!("{} at {:#x}: {}", f.code, f.offset, f.message);
+//!     }
+//!     // Guest data, bounds checked: the first 4 KiB of the disk.
+//!     let mut buf = vec![0u8; 4096];
+//!     image.read_at(0, &mut buf)?;
+//!     Ok(report.verdict == Verdict::Ok)
+//! }
+//! # assert!(audit(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/sample.qcow2"))?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! More examples: [`check()`] (verdicts), [`read`] (guest data),
+//! [`Limits`] (tightened limits), [`compressed::Descriptor::decode`].
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod bitmap;
 pub mod build;
@@ -49,3 +126,9 @@ pub use limits::Limits;
 pub use policy::Policy;
 pub use read::{Extent, ExtentKind, GuestReader};
 pub use source::{FileSource, Source};
+
+/// Compiles the README's Rust code blocks, so its library example cannot
+/// drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

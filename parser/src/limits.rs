@@ -6,6 +6,38 @@
 //! is accepted; a caller facing hostile uploads can tighten any of them.
 
 /// Bounds on allocations and work sized from the image.
+///
+/// The struct is `#[non_exhaustive]`: start from [`Limits::default`] (or
+/// [`Limits::fuzzing`]) and set fields.
+///
+/// ```
+/// use qcow2_guard::build::{ImageModel, SnapshotModel};
+/// use qcow2_guard::header::field;
+/// use qcow2_guard::{Image, Limits, Policy};
+///
+/// let bytes = ImageModel {
+///     snapshots: vec![SnapshotModel { name: "before-upgrade".into() }],
+///     ..ImageModel::default() // one 64 KiB cluster of virtual disk
+/// }
+/// .build()?
+/// .bytes;
+///
+/// // A service that accepts no internal snapshots: open refuses the image
+/// // before reading the snapshot table.
+/// let mut limits = Limits::default();
+/// limits.max_snapshots = 0;
+/// let err = Image::open_with(bytes.as_slice(), limits).unwrap_err();
+/// assert_eq!((err.code(), err.offset()), ("limit_exceeded", field::NB_SNAPSHOTS));
+/// assert!(err.is_refusal()); // over the caller's limits, not malformed
+///
+/// // The virtual size limit is the safety policy's: the image opens, and
+/// // the policy refuses it.
+/// let limits = Limits::default().with_max_virtual_size(32 << 10);
+/// let image = Image::open_with(bytes.as_slice(), limits)?;
+/// let findings = image.policy_findings(&Policy::default());
+/// assert_eq!(findings[0].code, "policy_virtual_size");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Limits {

@@ -8,9 +8,11 @@ use crate::error::What;
 /// One metadata range in the image file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Range {
+    /// File offset of the first byte.
     pub start: u64,
     /// One past the last byte.
     pub end: u64,
+    /// The structure stored there.
     pub what: What,
 }
 

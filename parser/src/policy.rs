@@ -23,13 +23,22 @@ pub struct Policy {
 
 /// Policy finding codes.
 pub mod code {
+    /// Refused: the image names a backing file (unless [`crate::Policy::allow_backing`]).
     pub const BACKING_FILE: &str = "policy_backing_file";
+    /// Refused: guest data lives in an external data file (unless
+    /// [`crate::Policy::allow_data_file`]).
     pub const DATA_FILE: &str = "policy_external_data_file";
+    /// Refused: the image is encrypted (unless [`crate::Policy::allow_encryption`]).
     pub const ENCRYPTION: &str = "policy_encryption";
+    /// Refused: incompatible feature bits this reader does not know.
     pub const UNKNOWN_INCOMPATIBLE: &str = "policy_unknown_incompatible_features";
+    /// Refused: QEMU marked the image corrupt (incompatible bit 1).
     pub const CORRUPT_BIT: &str = "policy_corrupt_bit";
+    /// Refused: the virtual size exceeds [`crate::Limits::max_virtual_size`].
     pub const VIRTUAL_SIZE: &str = "policy_virtual_size";
+    /// Warning: the dirty bit is set, so refcounts may be stale.
     pub const DIRTY_BIT: &str = "dirty_bit";
+    /// Warning: autoclear bits this reader does not know (QEMU clears them).
     pub const UNKNOWN_AUTOCLEAR: &str = "unknown_autoclear_features";
 }
 

@@ -15,6 +15,56 @@
 //! supplied a backing image with [`Image::set_backing`]; the library never
 //! opens a backing file named inside an image. A compressed cluster must
 //! decompress to exactly one cluster, into a buffer of exactly one cluster.
+//!
+//! ```
+//! use std::io::{Read, Seek, SeekFrom};
+//!
+//! use qcow2_guard::build::{GuestCluster, ImageModel};
+//! use qcow2_guard::{ExtentKind, Image};
+//!
+//! let built = ImageModel {
+//!     cluster_bits: 12, // 4 KiB clusters
+//!     clusters: vec![
+//!         GuestCluster::Data(1),
+//!         GuestCluster::Data(2),
+//!         GuestCluster::Zero,
+//!         GuestCluster::Compressed(3),
+//!         GuestCluster::Unallocated,
+//!     ],
+//!     ..ImageModel::default()
+//! }
+//! .build()?;
+//! // `built.guest` is what the virtual disk must contain.
+//! let image = Image::open(built.bytes.as_slice())?;
+//!
+//! // Any range, across cluster boundaries.
+//! let mut buf = vec![0u8; 10_000];
+//! image.read_at(3000, &mut buf)?;
+//! assert_eq!(buf, built.guest[3000..13_000]);
+//!
+//! // The two data clusters are contiguous on the host: one extent.
+//! let extents = image.map(0, image.virtual_size())?.collect::<Result<Vec<_>, _>>()?;
+//! let kinds: Vec<_> = extents.iter().map(|e| (e.guest_offset, e.len, e.kind)).collect();
+//! assert!(matches!(kinds[0], (0, 8192, ExtentKind::Data { .. })));
+//! assert_eq!(kinds[1], (8192, 4096, ExtentKind::Zero));
+//! assert!(matches!(kinds[2], (12_288, 4096, ExtentKind::Compressed(_))));
+//! assert_eq!(kinds[3], (16_384, 4096, ExtentKind::Unallocated));
+//!
+//! // io::Read + io::Seek over the whole disk.
+//! let mut disk = Vec::new();
+//! image.reader().read_to_end(&mut disk)?;
+//! assert_eq!(disk, built.guest);
+//! let mut reader = image.reader();
+//! reader.seek(SeekFrom::Start(12_288))?;
+//! let mut head = [0u8; 16];
+//! reader.read_exact(&mut head)?;
+//! assert_eq!(head, built.guest[12_288..12_304]);
+//!
+//! // Reads outside the virtual disk are errors, never short reads.
+//! let err = image.read_at(image.virtual_size() - 1, &mut [0u8; 2]).unwrap_err();
+//! assert_eq!(err.code(), "out_of_virtual_bounds");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::io;
 
@@ -31,7 +81,10 @@ pub enum ExtentKind {
     /// Guest data stored uncompressed at `host` (in the image file, or in
     /// the external data file when the image has one), contiguous for the
     /// whole extent.
-    Data { host: u64 },
+    Data {
+        /// Host offset of the extent's first guest byte.
+        host: u64,
+    },
     /// Reads as zeros (v3 zero flag, or zero subclusters).
     Zero,
     /// Not allocated: reads from the backing image if one was supplied,
@@ -48,6 +101,7 @@ pub struct Extent {
     pub guest_offset: u64,
     /// Length in bytes (never zero).
     pub len: u64,
+    /// What the range maps to.
     pub kind: ExtentKind,
 }
 

@@ -21,12 +21,19 @@ pub const V3_MIN_EXTRA_DATA: u32 = 16;
 pub struct Snapshot {
     /// File offset of this table entry.
     pub entry_offset: u64,
+    /// File offset of the snapshot's L1 table (a copy of the active one).
     pub l1_table_offset: u64,
+    /// Entries in the snapshot's L1 table.
     pub l1_size: u32,
+    /// Unique ID string (QEMU numbers them "1", "2", ...), decoded lossily.
     pub id: String,
+    /// Name (tag), decoded lossily as UTF-8.
     pub name: String,
+    /// Creation time: seconds since the Unix epoch.
     pub date_sec: u32,
+    /// Creation time: nanoseconds within the second.
     pub date_nsec: u32,
+    /// Guest clock at snapshot time, in nanoseconds.
     pub vm_clock_nsec: u64,
     /// VM state size (the 64-bit extra field when present).
     pub vm_state_size: u64,

@@ -1,8 +1,8 @@
 //! Positional reads over an image file or an in-memory byte slice.
 //!
 //! A [`Source`] knows its length up front and reads exact byte ranges at
-//! absolute offsets. Everything above it goes through [`span`] and
-//! [`read_vec`], which check `offset + len <= file length` with checked
+//! absolute offsets. Everything above it goes through `span` and
+//! `read_vec`, which check `offset + len <= file length` with checked
 //! arithmetic *before* anything is allocated, so a header that claims a
 //! terabyte table costs nothing but an error.
 

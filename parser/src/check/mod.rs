@@ -180,6 +180,7 @@ pub struct Stats {
 /// The result of a check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
+    /// The overall outcome, decided by the worst finding.
     pub verdict: Verdict,
     /// The process exit status for this verdict (shared table: 0 ok,
     /// 1 not checked, 2 corrupt, 3 leaks, 4 unsafe).
@@ -190,6 +191,7 @@ pub struct Report {
     pub counts: BTreeMap<&'static str, u64>,
     /// Findings counted but not stored.
     pub omitted: u64,
+    /// Counts about the image; all zero when it could not be opened.
     pub stats: Stats,
 }
 
@@ -321,6 +323,42 @@ impl Findings {
 /// Check `image` completely: policy, every metadata structure, refcounts,
 /// overlaps, and (with [`CheckOptions::decompress`]) every compressed
 /// payload.
+///
+/// Never fails: problems are findings, summed up in [`Report::verdict`].
+///
+/// ```
+/// use qcow2_guard::build::{GuestCluster, ImageModel};
+/// use qcow2_guard::{check, CheckOptions, Image, Verdict};
+///
+/// let built = ImageModel {
+///     cluster_bits: 12,
+///     clusters: vec![GuestCluster::Data(1), GuestCluster::Compressed(2)],
+///     ..ImageModel::default()
+/// }
+/// .build()?;
+/// let report = check(&Image::open(built.bytes.as_slice())?, &CheckOptions::default());
+/// assert_eq!((report.verdict, report.exit_code), (Verdict::Ok, 0));
+/// assert_eq!(report.stats.decompressed_clusters, 1);
+///
+/// // Point guest cluster 0 at the L1 table: a reader trusting it would
+/// // return metadata as guest data.
+/// let l1_offset = Image::open(built.bytes.as_slice())?.header().l1_table_offset;
+/// let entry = built.fields.iter().find(|f| f.name == "l2_entry").ok_or("no L2 entry")?;
+/// let at = entry.offset as usize;
+/// let mut bytes = built.bytes.clone();
+/// bytes[at..at + 8].copy_from_slice(&l1_offset.to_be_bytes());
+///
+/// let report = check(&Image::open(bytes)?, &CheckOptions::default());
+/// assert_eq!((report.verdict, report.exit_code), (Verdict::Corrupt, 2));
+/// assert_eq!(
+///     report.findings[0].to_string(),
+///     "error [data_overlaps_metadata] at 0x4000: data cluster at 0x1000 \
+///      (entry at 0x4000) lies in a cluster of the L1 table",
+/// );
+/// // The second reference to the L1 table's cluster also breaks refcounts.
+/// assert!(report.has("refcount_too_low") && report.has("leaked_cluster"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn check<S: Source>(image: &Image<S>, opts: &CheckOptions) -> Report {
     let mut findings = Findings::new(opts.max_findings);
     for f in image.policy_findings(&opts.policy) {
@@ -360,7 +398,6 @@ pub fn check_metadata<S: Source>(image: &Image<S>, policy: &Policy) -> Report {
     check(image, &CheckOptions::metadata_only(policy.clone()))
 }
 
-/// One cluster bit per tracked host cluster.
 #[cfg(test)]
 mod tests {
     use super::*;
