@@ -3,6 +3,9 @@
 # of fuzz/ and puts into $OUT, for each target, the binary, a seed corpus
 # zip (corpus/<target>/ plus corpus/regressions/<target>/), the dictionary
 # and a .options file. Runs from the repository root ($SRC/qcow2-guard).
+# Targets (fuzz/Cargo.toml bins): header, tables, decompress, structured,
+# read, check; every one gets the same options (inputs over 1 MiB are
+# ignored by the bodies, read's 16-byte trailer included).
 #
 # Local check without docker: scripts/oss-fuzz-local.sh.
 

@@ -9,6 +9,10 @@
 #   corpus/decompress/  compressed clusters found in those images, in the
 #                       decompress target's format (see fuzz/src/lib.rs)
 #   corpus/structured/  a few deterministic byte strings for the model
+#   corpus/read/        the tables images but the 64 KiB-cluster one, with
+#                       the read target's 16-byte trailer (whole disk; an
+#                       unaligned range too for images under 10 KB)
+#   corpus/check/       the tables images but the 64 KiB-cluster one
 #
 # Files it makes are overwritten; other files are kept: inputs a fuzzer
 # found that add coverage (merged with -merge=1, named by their SHA-1) and
@@ -19,7 +23,7 @@ out=corpus
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-mkdir -p "$out/tables" "$out/header" "$out/decompress" "$out/structured"
+mkdir -p "$out/tables" "$out/header" "$out/decompress" "$out/structured" "$out/read" "$out/check"
 
 io() { # io IMAGE CMD...: run qemu-io commands, quietly
     local img=$1; shift
@@ -159,9 +163,35 @@ rng = random.Random(5)
 for n in (0, 8, 32, 64, 128, 256, 512, 1024):
     open(os.path.join(out, "structured", f"random-{n}"), "wb").write(
         bytes(rng.getrandbits(8) for _ in range(n)))
+# read and check: the tables images (not the 384 KiB 64k-cluster one).
+# read's trailer: [offset u64] [len u32] [flags u8] [reader chunk u16] [0].
+for name in sorted(n for n in os.listdir(tables) if n.endswith(".qcow2")):
+    if name == "v3-c64k.qcow2":
+        continue
+    data = open(os.path.join(tables, name), "rb").read()
+    open(os.path.join(out, "check", name), "wb").write(data)
+    if "bitmaps" in name:
+        continue
+    base = name[: -len(".qcow2")]
+    ranges = [("all", 0, 0xFFFFFFFF, 0)]
+    if len(data) <= 10000:
+        ranges.append(("mid", 700, 5000, 0))
+    for tag, off, ln, flags in ranges:
+        open(os.path.join(out, "read", f"{base}-{tag}"), "wb").write(
+            data + struct.pack(">QIBHB", off, ln, flags, 999, 0))
+# Flags 2 and 4: the image bytes as backing image and as data file.
+for name, flags, tag in (("v3-c512-backing", 2, "with-backing"),
+                         ("v3-c512-datafile", 4, "with-datafile"),
+                         ("v3-c512", 2, "with-backing")):
+    data = open(os.path.join(tables, name + ".qcow2"), "rb").read()
+    open(os.path.join(out, "read", f"{name}-{tag}"), "wb").write(
+        data + struct.pack(">QIBHB", 0, 0xFFFFFFFF, flags, 999, 0))
+data = open(os.path.join(tables, "v3-c512.qcow2"), "rb").read()
+open(os.path.join(out, "read", "v3-c512-past-end"), "wb").write(
+    data + struct.pack(">QIBHB", 32768 - 100, 200, 1, 0, 0))
 PY
 
 du -sh "$out"
-for d in tables header decompress structured; do
+for d in tables header decompress structured read check; do
     echo "$d: $(ls "$out/$d" | wc -l) files, $(du -sb "$out/$d" | cut -f1) bytes"
 done

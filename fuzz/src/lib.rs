@@ -11,15 +11,19 @@
 
 #![forbid(unsafe_code)]
 
+use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Unstructured};
 use qcow2_guard::build::{GuestCluster, ImageModel, SnapshotModel};
+use qcow2_guard::check::{code, CheckOptions, Report, Verdict};
 use qcow2_guard::compressed::{self, Descriptor};
 use qcow2_guard::extensions::{Extensions, FeatureKind};
 use qcow2_guard::l1l2::{Cluster, L1Entry};
+use qcow2_guard::read::RawBacking;
 use qcow2_guard::{bitmap, refcount, CompressionType, Geometry, Header, Image, Limits, Policy};
-use qcow2_guard::{Error, FileSource, Source};
+use qcow2_guard::{Error, ExtentKind, FileSource, Source};
 
 /// Inputs longer than this are ignored.
 pub const MAX_INPUT: usize = 1 << 20;
@@ -37,6 +41,8 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("tables", tables),
     ("decompress", decompress),
     ("structured", structured),
+    ("read", read),
+    ("check", check),
 ];
 
 /// Run target `name` on `data`; false when there is no such target.
@@ -254,6 +260,321 @@ pub fn walk<S: Source>(img: &Image<S>) -> u64 {
     failures
 }
 
+/// Longest guest range the `read` target reads.
+pub const MAX_READ: u64 = 256 << 10;
+
+/// Length of the `read` target's trailer (see [`read`]).
+pub const READ_TRAILER: usize = 16;
+
+/// `read`: guest reads at fuzzer-chosen ranges.
+///
+/// Input format: the image, then a 16-byte trailer:
+/// - bytes 0..8: guest offset (big-endian);
+/// - bytes 8..12: length (big-endian), at most [`MAX_READ`];
+/// - byte 12: bit 0 set = use offset and length as given (a range past the
+///   end of the disk must be refused), clear = fold the offset into the
+///   disk and the length into what is left of it; bit 1 set = supply the
+///   image bytes themselves as a raw backing image; bit 2 set = supply
+///   them as the external data file;
+/// - bytes 13..15: chunk size of the [`qcow2_guard::GuestReader`] reads,
+///   `1 + value % 8192` (big-endian);
+/// - byte 15: unused.
+///
+/// Oracles on a range inside the disk (see [`compare_reads`]): one
+/// `read_at`, one `read_at` per cluster, the `GuestReader` and the `map`
+/// extents agree.
+pub fn read(data: &[u8]) {
+    if data.len() > MAX_INPUT || data.len() < READ_TRAILER {
+        return;
+    }
+    let (file, t) = data.split_at(data.len() - READ_TRAILER);
+    let offset = u64::from_be_bytes(t[0..8].try_into().expect("8 bytes"));
+    let len = u64::from(u32::from_be_bytes(t[8..12].try_into().expect("4 bytes"))).min(MAX_READ);
+    let raw = t[12] & 1 != 0;
+    let chunk = usize::from(u16::from_be_bytes([t[13], t[14]])) % 8192 + 1;
+    let mut img = match Image::open_with(file, Limits::fuzzing()) {
+        Ok(img) => img,
+        Err(e) => return consume(&e),
+    };
+    if t[12] & 2 != 0 {
+        img.set_backing(Arc::new(RawBacking(file.to_vec())));
+    }
+    if t[12] & 4 != 0 {
+        img.set_data_file(Arc::new(file.to_vec()));
+    }
+    let size = img.virtual_size();
+    let (offset, len) = if raw {
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            let mut buf = vec![0u8; len as usize];
+            let e = img
+                .read_at(offset, &mut buf)
+                .expect_err("a read past the end of the disk succeeds");
+            assert_eq!(e.code(), "out_of_virtual_bounds", "{e}");
+            assert!(img.map(offset, len).is_err(), "map past the end");
+            return;
+        }
+        (offset, len)
+    } else {
+        let offset = offset.checked_rem(size).unwrap_or(0);
+        (offset, len.min(size - offset))
+    };
+    compare_reads(&img, file, offset, len, chunk);
+}
+
+/// The oracles of the `read` target on guest range `off .. off + len`
+/// (inside the disk) of `img`, opened from `file`, with no backing image or
+/// `file` itself as a raw backing image, and with no data file or `file`
+/// itself as the data file.
+///
+/// Let A be one `read_at` of the range, and P the `read_at`s of its
+/// pieces, split at cluster boundaries, in order:
+/// - A succeeds iff every P succeeds, and then the bytes are equal;
+/// - when both fail, A's error has the code of the first failing P (the
+///   read walks the range in order and stops at the first error);
+/// - the `GuestReader`, seeked to `off` and read in `chunk`-byte reads,
+///   never ends early; when it succeeds, A succeeds with the same bytes;
+///   when A succeeds and it fails, the failure is in the clusters it reads
+///   beyond the range (it buffers whole clusters): a `read_at` of the
+///   range widened to whole clusters fails too;
+/// - when A succeeds, `map` succeeds and its extents tile the range, zero
+///   extents read as zeros, unallocated ones as the backing bytes at the
+///   same guest offset (zeros past its end or without one), and data
+///   extents as the file bytes at their host offset; when `map` fails, A
+///   fails.
+///
+/// An empty range has no pieces: only `map` is checked (no extents).
+pub fn compare_reads<S: Source>(img: &Image<S>, file: &[u8], off: u64, len: u64, chunk: usize) {
+    let g = *img.geometry();
+    let n = len as usize;
+    let end = off + len;
+    let range = format!("guest range {off:#x}+{len:#x}");
+
+    let mut whole = vec![0u8; n];
+    let one = img.read_at(off, &mut whole);
+
+    let mut pieces = vec![0u8; n];
+    let mut first_err: Option<(u64, Error)> = None;
+    let mut pos = off;
+    while pos < end {
+        let next = (g.cluster_start(pos) + g.cluster_size).min(end);
+        let piece = &mut pieces[(pos - off) as usize..(next - off) as usize];
+        if let Err(e) = img.read_at(pos, piece) {
+            first_err.get_or_insert((pos, e));
+        }
+        pos = next;
+    }
+    if len == 0 {
+        // No pieces to compare with: an empty read may still be refused
+        // (an encrypted image), and map with it.
+        if let Ok(extents) = img.map(off, 0) {
+            assert_eq!(extents.count(), 0, "{range}: extents of an empty range");
+        }
+        return;
+    }
+    match (&one, &first_err) {
+        (Ok(()), None) => assert!(whole == pieces, "{range}: per-cluster bytes differ"),
+        (Ok(()), Some((at, e))) => {
+            panic!("{range} reads in one call, the cluster piece at {at:#x} fails: {e}")
+        }
+        (Err(e), None) => panic!("{range} fails in one call ({e}), every cluster piece reads"),
+        (Err(e), Some((at, p))) => assert_eq!(
+            e.code(),
+            p.code(),
+            "{range}: one call fails with {e}, the first failing piece (at {at:#x}) with {p}"
+        ),
+    }
+
+    let mut reader = img.reader();
+    assert_eq!(reader.seek(SeekFrom::Start(off)).expect("seek"), off);
+    let mut via = vec![0u8; n];
+    let mut done = 0;
+    let mut reader_err = None;
+    while done < n {
+        let to = (done + chunk).min(n);
+        match reader.read(&mut via[done..to]) {
+            Ok(0) => panic!("{range}: GuestReader ends at {:#x}", off + done as u64),
+            Ok(k) => done += k,
+            Err(e) => {
+                reader_err = Some(e);
+                break;
+            }
+        }
+    }
+    match (&one, reader_err) {
+        (Ok(()), None) => assert!(whole == via, "{range}: GuestReader bytes differ"),
+        (Err(e), None) => panic!("{range}: GuestReader reads, read_at fails: {e}"),
+        (Ok(()), Some(e)) => {
+            let start = g.cluster_start(off);
+            let stop = if end == off {
+                end
+            } else {
+                (g.cluster_start(end - 1) + g.cluster_size).min(img.virtual_size())
+            };
+            let mut wide = vec![0u8; (stop - start) as usize];
+            assert!(
+                img.read_at(start, &mut wide).is_err(),
+                "{range} reads, GuestReader fails ({e}), whole clusters {start:#x}..{stop:#x} read"
+            );
+        }
+        (Err(_), Some(_)) => {}
+    }
+
+    match img.map(off, len) {
+        Ok(extents) => {
+            let mut pos = off;
+            let mut failed = None;
+            for e in extents {
+                let e = match e {
+                    Ok(e) => e,
+                    Err(err) => {
+                        failed = Some(err);
+                        break;
+                    }
+                };
+                assert_eq!(e.guest_offset, pos, "{range}: extents do not tile");
+                assert!(e.len > 0 && e.end() <= end, "{range}: extent {e:?}");
+                pos = e.end();
+                if one.is_err() {
+                    continue;
+                }
+                let got = &whole[(e.guest_offset - off) as usize..(e.end() - off) as usize];
+                match e.kind {
+                    ExtentKind::Zero => {
+                        assert!(got.iter().all(|&b| b == 0), "{range}: {e:?} not zeros")
+                    }
+                    ExtentKind::Unallocated => {
+                        let backing = if img.backing().is_some() { file } else { &[] };
+                        let from = usize::try_from(e.guest_offset).unwrap_or(usize::MAX);
+                        let want = backing.get(from..).unwrap_or(&[]);
+                        let want = &want[..want.len().min(got.len())];
+                        let (head, tail) = got.split_at(want.len());
+                        assert!(
+                            head == want && tail.iter().all(|&b| b == 0),
+                            "{range}: {e:?} differs from the backing image"
+                        );
+                    }
+                    ExtentKind::Data { host } => {
+                        let want = usize::try_from(host)
+                            .ok()
+                            .and_then(|h| file.get(h..h.checked_add(got.len())?));
+                        assert!(want == Some(got), "{range}: {e:?} differs from the file");
+                    }
+                    _ => {}
+                }
+            }
+            match failed {
+                Some(err) => assert!(one.is_err(), "{range} reads, map fails: {err}"),
+                None => assert_eq!(pos, end, "{range}: extents stop short"),
+            }
+        }
+        Err(e) => assert!(one.is_err(), "{range} reads, map refuses it: {e}"),
+    }
+}
+
+/// `check`: the full check ([`CheckOptions`] with decompression) of an
+/// image opened from raw bytes; see [`checked_reads`] for the oracle.
+pub fn check(data: &[u8]) {
+    if data.len() > MAX_INPUT {
+        return;
+    }
+    match Image::open_with(data, Limits::fuzzing()) {
+        Ok(img) => {
+            let full = checked_reads(&img);
+            let _ = full.blocks_convert();
+            // Metadata only (what convert runs first), and with room to
+            // track a single host cluster: refused unless the file has at
+            // most one cluster.
+            let _ = qcow2_guard::check_metadata(&img, &Policy::default()).blocks_convert();
+            let tiny = CheckOptions {
+                max_tracked_clusters: 1,
+                ..CheckOptions::default()
+            };
+            if img.file_len() > img.geometry().cluster_size {
+                let r = qcow2_guard::check(&img, &tiny);
+                assert!(r.verdict == Verdict::Invalid && r.has(code::TOO_LARGE_TO_CHECK));
+            }
+        }
+        Err(e) => {
+            let r = Report::from_open_error(&e);
+            assert_ne!(r.verdict, Verdict::Ok, "an image that fails to open is ok");
+            consume(&e);
+        }
+    }
+}
+
+/// Most guest bytes [`checked_reads`] reads back.
+const CHECK_READ: u64 = 32 << 20;
+
+/// Most extents [`checked_reads`] walks.
+const CHECK_EXTENTS: u64 = 1 << 18;
+
+/// Check `img`; when the verdict is `ok` or `leaks`, the whole virtual
+/// disk must read without error: `map` over the whole disk succeeds and
+/// tiles it, and every data and compressed extent reads with `read_at`
+/// (zero and unallocated extents are not read, so huge sparse disks stay
+/// fast; at most [`CHECK_READ`] bytes and [`CHECK_EXTENTS`] extents;
+/// compressed extents are skipped when the check's decompression budget
+/// ran out, as the check did not verify them then).
+pub fn checked_reads<S: Source>(img: &Image<S>) -> Report {
+    let opts = CheckOptions {
+        decompress: true,
+        ..CheckOptions::default()
+    };
+    let report = qcow2_guard::check(img, &opts);
+    for f in &report.findings {
+        let _ = f.to_string();
+    }
+    let want_exit = match report.verdict {
+        Verdict::Ok => 0,
+        Verdict::Leaks => 3,
+        Verdict::Unsafe => 4,
+        Verdict::Corrupt => 2,
+        Verdict::Invalid => report.exit_code.clamp(1, 2),
+    };
+    assert_eq!(report.exit_code, want_exit, "{:?}", report.verdict);
+    if !matches!(report.verdict, Verdict::Ok | Verdict::Leaks) {
+        return report;
+    }
+    let verdict = report.verdict.as_str();
+    let skip_compressed = report.has(code::DECOMPRESS_BUDGET);
+    let size = img.virtual_size();
+    let extents = img
+        .map(0, size)
+        .unwrap_or_else(|e| panic!("verdict {verdict}, but map refuses the disk: {e}"));
+    let (mut budget, mut steps, mut pos) = (CHECK_READ, CHECK_EXTENTS, 0u64);
+    let mut buf = Vec::new();
+    for e in extents {
+        let e =
+            e.unwrap_or_else(|err| panic!("verdict {verdict}, but map fails at {pos:#x}: {err}"));
+        assert_eq!(e.guest_offset, pos, "extents do not tile the disk");
+        pos = e.end();
+        steps -= 1;
+        if steps == 0 {
+            return report;
+        }
+        match e.kind {
+            ExtentKind::Zero | ExtentKind::Unallocated => continue,
+            ExtentKind::Compressed(_) if skip_compressed => continue,
+            _ => {}
+        }
+        let mut at = e.guest_offset;
+        while at < e.end() {
+            let n = (e.end() - at).min(1 << 20).min(budget);
+            if n == 0 {
+                return report;
+            }
+            budget -= n;
+            buf.resize(n as usize, 0);
+            if let Err(err) = img.read_at(at, &mut buf) {
+                panic!("verdict {verdict}, but guest {at:#x}+{n:#x} ({e:?}) fails: {err}");
+            }
+            at += n;
+        }
+    }
+    assert_eq!(pos, size, "extents stop short of the disk's end");
+    report
+}
+
 /// `decompress`: the compressed-cluster path alone.
 ///
 /// Input format (documented for seed makers):
@@ -408,9 +729,12 @@ impl FuzzImage {
 /// `structured`: an arbitrary valid image written by the project's encoder
 /// ([`qcow2_guard::build`]), then edited.
 ///
-/// Oracles: with no edits the image opens with [`Limits::fuzzing`] and
-/// every guest cluster maps without error. With edits, no panic (and the
-/// bounded memory every target has).
+/// Oracles: with no edits the image opens with [`Limits::fuzzing`], every
+/// guest cluster maps without error, every host cluster is referenced, the
+/// full check is clean (verdict `ok`, exit 0), and `read_at` over the whole
+/// disk and the `GuestReader` give [`qcow2_guard::build::BuiltImage::guest`]
+/// byte for byte. With edits: the [`checked_reads`] oracle, no panic, and
+/// the bounded memory every target has.
 pub fn structured(data: &[u8]) {
     if data.len() > MAX_INPUT {
         return;
@@ -429,16 +753,9 @@ pub fn structured(data: &[u8]) {
         assert_eq!(img.snapshots().len(), model.snapshots.len());
         let cs = img.geometry().cluster_size;
         for i in 0..model.clusters.len() as u64 {
-            let c = match img.cluster(i * cs) {
-                Ok(c) => c,
-                Err(e) => panic!("guest cluster {i} of a built image: {e}\n{model:?}"),
-            };
-            let at = (i * cs) as usize;
-            let want = &built.guest[at..at + cs as usize];
-            assert!(
-                guest_cluster(&img, &built.bytes, c) == want,
-                "guest cluster {i} ({c:?}) does not read back\n{model:?}"
-            );
+            if let Err(e) = img.cluster(i * cs) {
+                panic!("guest cluster {i} of a built image: {e}\n{model:?}");
+            }
         }
         assert_eq!(
             walk(&img),
@@ -451,7 +768,25 @@ pub fn structured(data: &[u8]) {
                 "host cluster {c} unreferenced\n{model:?}"
             );
         }
-        // LATER: check::check(&img) is clean and read_at gives built.guest.
+        let report = checked_reads(&img);
+        assert!(
+            report.verdict == Verdict::Ok && report.exit_code == 0,
+            "a built image does not check clean: {:?} {:?}\n{model:?}",
+            report.verdict,
+            report.findings
+        );
+        let mut guest = vec![0u8; built.guest.len()];
+        if let Err(e) = img.read_at(0, &mut guest) {
+            panic!("a built image does not read: {e}\n{model:?}");
+        }
+        if let Some(i) = (0..guest.len()).find(|&i| guest[i] != built.guest[i]) {
+            panic!("guest byte {i:#x} of a built image differs\n{model:?}");
+        }
+        let mut via = Vec::new();
+        img.reader()
+            .read_to_end(&mut via)
+            .unwrap_or_else(|e| panic!("GuestReader on a built image: {e}\n{model:?}"));
+        assert!(via == built.guest, "GuestReader differs\n{model:?}");
         return;
     }
     let mut bytes = built.bytes;
@@ -461,32 +796,10 @@ pub fn structured(data: &[u8]) {
     match Image::open_with(&bytes[..], Limits::fuzzing()) {
         Ok(img) => {
             walk(&img);
+            checked_reads(&img);
         }
         Err(e) => consume(&e),
     }
-}
-
-/// The content of one guest cluster mapped to `c`, read by hand from the
-/// image bytes (no backing file, no data file). Stands in for `read_at`
-/// until the library has it.
-fn guest_cluster<S: Source>(img: &Image<S>, file: &[u8], c: Cluster) -> Vec<u8> {
-    let g = *img.geometry();
-    let cs = g.cluster_size as usize;
-    let sub = g.subcluster_size as usize;
-    let mut out = vec![0u8; cs];
-    if let Cluster::Compressed(d) = c {
-        let kind = img.header().compression().expect("known compression");
-        let stream = &file[d.start() as usize..(d.end() as usize).min(file.len())];
-        compressed::decompress(kind, stream, &mut out)
-            .unwrap_or_else(|e| panic!("compressed cluster of a built image: {e}"));
-        return out;
-    }
-    for (s, chunk) in out.chunks_mut(sub).enumerate() {
-        if let qcow2_guard::l1l2::SubclusterState::Data(host) = c.subcluster(s as u32, &g) {
-            chunk.copy_from_slice(&file[host as usize..host as usize + sub]);
-        }
-    }
-    out
 }
 
 fn apply(bytes: &mut Vec<u8>, fields: &[qcow2_guard::build::Field], edit: &Edit) {
