@@ -7,7 +7,7 @@
 
 use crate::codec::{Need, Reader, Writer};
 use crate::error::{Error, Result, What};
-use crate::limits::Limits;
+use crate::limits::{bound, Limits};
 use crate::qemu;
 use crate::source::{span, table_bytes};
 
@@ -405,22 +405,13 @@ impl Header {
 
         // Snapshot table: at least 40 bytes per entry must be in the file.
         let nb = u64::from(self.nb_snapshots);
-        if nb > qemu::MAX_SNAPSHOTS {
-            return Err(Error::TooLarge {
-                what: What::SnapshotTable,
-                offset: field::NB_SNAPSHOTS,
-                value: nb,
-                limit: qemu::MAX_SNAPSHOTS,
-            });
-        }
-        if nb > limits.max_snapshots {
-            return Err(Error::LimitExceeded {
-                what: What::SnapshotTable,
-                offset: field::NB_SNAPSHOTS,
-                value: nb,
-                limit: limits.max_snapshots,
-            });
-        }
+        bound(
+            What::SnapshotTable,
+            field::NB_SNAPSHOTS,
+            nb,
+            qemu::MAX_SNAPSHOTS,
+            limits.max_snapshots,
+        )?;
         table_check(
             What::SnapshotTable,
             field::NB_SNAPSHOTS,
@@ -456,22 +447,13 @@ impl Header {
         if start < self.length() {
             return Err(bad("starts inside the header"));
         }
-        if len > qemu::MAX_BACKING_FILE_NAME {
-            return Err(Error::TooLarge {
-                what: What::BackingFileName,
-                offset: field::BACKING_FILE_SIZE,
-                value: len,
-                limit: qemu::MAX_BACKING_FILE_NAME,
-            });
-        }
-        if len > limits.max_backing_file_name {
-            return Err(Error::LimitExceeded {
-                what: What::BackingFileName,
-                offset: field::BACKING_FILE_SIZE,
-                value: len,
-                limit: limits.max_backing_file_name,
-            });
-        }
+        bound(
+            What::BackingFileName,
+            field::BACKING_FILE_SIZE,
+            len,
+            qemu::MAX_BACKING_FILE_NAME,
+            limits.max_backing_file_name,
+        )?;
         match start.checked_add(len) {
             Some(end) if end <= cluster_size => {}
             _ => return Err(bad("not inside the first cluster")),
@@ -504,22 +486,7 @@ fn table_check(
     file_len: u64,
 ) -> Result<()> {
     let bytes = table_bytes(what, count_field, count, entry_bytes)?;
-    if bytes > qemu_cap {
-        return Err(Error::TooLarge {
-            what,
-            offset: count_field,
-            value: bytes,
-            limit: qemu_cap,
-        });
-    }
-    if bytes > limit {
-        return Err(Error::LimitExceeded {
-            what,
-            offset: count_field,
-            value: bytes,
-            limit,
-        });
-    }
+    bound(what, count_field, bytes, qemu_cap, limit)?;
     if count == 0 {
         return Ok(());
     }
