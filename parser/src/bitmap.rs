@@ -3,7 +3,7 @@
 use crate::codec::{Need, Reader, Writer};
 use crate::error::{Error, Result, What};
 use crate::extensions::BitmapsExt;
-use crate::header::{is_aligned, Geometry};
+use crate::header::{host_pointer, is_aligned, Geometry};
 use crate::limits::Limits;
 use crate::qemu;
 use crate::source::{read_vec, span, Source};
@@ -211,27 +211,21 @@ pub fn read_directory<S: Source + ?Sized>(
 /// Decode bitmap table entry `raw` at file offset `at`: the data cluster's
 /// offset, or `None` for an unallocated cluster (all zeros or all ones).
 pub fn table_entry(raw: u64, at: u64, g: &Geometry) -> Result<Option<u64>> {
+    // Bit 0 ("all ones") is meaningful only for an unallocated cluster.
     let off = raw & crate::l1l2::OFFSET_MASK;
     let reserved = if off != 0 {
         TABLE_RESERVED_MASK | 1
     } else {
         TABLE_RESERVED_MASK
     };
-    if raw & reserved != 0 {
-        return Err(Error::ReservedBits {
-            what: What::BitmapTable,
-            offset: at,
-            value: raw,
-        });
-    }
-    if !is_aligned(off, g.cluster_size) {
-        return Err(Error::Unaligned {
-            what: What::BitmapTable,
-            offset: at,
-            value: off,
-        });
-    }
-    Ok((off != 0).then_some(off))
+    host_pointer(
+        What::BitmapTable,
+        raw,
+        at,
+        reserved,
+        crate::l1l2::OFFSET_MASK,
+        g.cluster_size,
+    )
 }
 
 #[cfg(test)]

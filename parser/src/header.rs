@@ -509,6 +509,36 @@ fn table_check(
     Ok(())
 }
 
+/// Decode a table entry that points at a host cluster (L1 entries,
+/// refcount table entries, bitmap table entries): bits in `reserved` must
+/// be clear, the offset (`raw & offset_mask`) cluster aligned, and 0 means
+/// "not allocated". `at` is the entry's file offset.
+pub(crate) fn host_pointer(
+    what: What,
+    raw: u64,
+    at: u64,
+    reserved: u64,
+    offset_mask: u64,
+    cluster_size: u64,
+) -> Result<Option<u64>> {
+    if raw & reserved != 0 {
+        return Err(Error::ReservedBits {
+            what,
+            offset: at,
+            value: raw,
+        });
+    }
+    let off = raw & offset_mask;
+    if !is_aligned(off, cluster_size) {
+        return Err(Error::Unaligned {
+            what,
+            offset: at,
+            value: off,
+        });
+    }
+    Ok((off != 0).then_some(off))
+}
+
 /// Whether `value` is a multiple of the power of two `align`.
 pub(crate) fn is_aligned(value: u64, align: u64) -> bool {
     value & align.wrapping_sub(1) == 0

@@ -8,7 +8,7 @@
 
 use crate::compressed::{Descriptor, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::error::{Error, Result, What};
-use crate::header::{is_aligned, Geometry};
+use crate::header::{host_pointer, is_aligned, Geometry};
 
 /// Bits 9..55: host offset of an L2 table or data cluster.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -31,23 +31,16 @@ pub struct L1Entry {
 impl L1Entry {
     /// Decode the L1 entry `raw` found at file offset `at`.
     pub fn decode(raw: u64, at: u64, g: &Geometry) -> Result<L1Entry> {
-        if raw & L1_RESERVED_MASK != 0 {
-            return Err(Error::ReservedBits {
-                what: What::L1Entry,
-                offset: at,
-                value: raw,
-            });
-        }
-        let off = raw & OFFSET_MASK;
-        if !is_aligned(off, g.cluster_size) {
-            return Err(Error::Unaligned {
-                what: What::L1Entry,
-                offset: at,
-                value: off,
-            });
-        }
+        let l2_offset = host_pointer(
+            What::L1Entry,
+            raw,
+            at,
+            L1_RESERVED_MASK,
+            OFFSET_MASK,
+            g.cluster_size,
+        )?;
         Ok(L1Entry {
-            l2_offset: (off != 0).then_some(off),
+            l2_offset,
             copied: raw & OFLAG_COPIED != 0,
         })
     }

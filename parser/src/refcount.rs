@@ -3,8 +3,8 @@
 //! Widths below 8 bits are packed LSB first within each byte; wider ones
 //! are big-endian integers.
 
-use crate::error::{Error, Result, What};
-use crate::header::{is_aligned, Geometry};
+use crate::error::{Result, What};
+use crate::header::{host_pointer, Geometry};
 
 /// Refcount table entry bits that must be zero.
 pub const REFTABLE_RESERVED_MASK: u64 = 0x1ff;
@@ -12,21 +12,15 @@ pub const REFTABLE_RESERVED_MASK: u64 = 0x1ff;
 /// Decode refcount table entry `raw` at file offset `at`: the refcount
 /// block's offset, or `None` when not allocated.
 pub fn table_entry(raw: u64, at: u64, g: &Geometry) -> Result<Option<u64>> {
-    if raw & REFTABLE_RESERVED_MASK != 0 {
-        return Err(Error::ReservedBits {
-            what: What::RefcountTable,
-            offset: at,
-            value: raw,
-        });
-    }
-    if !is_aligned(raw, g.cluster_size) {
-        return Err(Error::Unaligned {
-            what: What::RefcountTable,
-            offset: at,
-            value: raw,
-        });
-    }
-    Ok((raw != 0).then_some(raw))
+    // Bits 9..63 are the offset: only the low reserved bits can be wrong.
+    host_pointer(
+        What::RefcountTable,
+        raw,
+        at,
+        REFTABLE_RESERVED_MASK,
+        !REFTABLE_RESERVED_MASK,
+        g.cluster_size,
+    )
 }
 
 /// Read refcount `index` from a refcount block's bytes.
