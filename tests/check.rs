@@ -652,18 +652,7 @@ fn data_cluster_in_l1_table_with_consistent_refcounts() {
 fn backing_file_refused_by_default() {
     let dir = tmpdir();
     let base = create(dir.path(), "base.qcow2", "", "4M");
-    let p = dir.path().join("overlay.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        s(&p),
-    ]);
+    let p = overlay(dir.path(), "overlay.qcow2", &base, "qcow2");
     qemu_io(&p, &["write -P 1 0 64k"]);
     assert_eq!(qemu_check(&p), 0);
     let (c, v) = guard_check(&p, &[]);
@@ -749,18 +738,7 @@ fn header_feature_bits() {
 fn corrupt_and_unsafe() {
     let dir = tmpdir();
     let base = create(dir.path(), "base.qcow2", "", "4M");
-    let p = dir.path().join("overlay.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        s(&p),
-    ]);
+    let p = overlay(dir.path(), "overlay.qcow2", &base, "qcow2");
     qemu_io(&p, &["write -P 1 0 64k"]);
     let cs = cluster_size(&p);
     let data = be64(&p, l2_entry_at(&p, 0, 0)) & OFFSET_MASK;

@@ -730,18 +730,7 @@ fn metadata_check_before_writing() {
 fn backing_files_only_when_handed_in() {
     let d = tmpdir();
     let base = image(d.path(), "base.qcow2", "", "3M", &["write -P 0x61 0 3M"]);
-    let top = d.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    let top = overlay(d.path(), "top.qcow2", &base, "qcow2");
     qemu_io(&top, &["write -P 0x62 1M 64k", "write -z 2M 4k"]);
     // Refused by default, before anything is written.
     assert_refused(&top, 4, "policy_backing_file", &[]);

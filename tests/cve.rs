@@ -152,15 +152,7 @@ fn read_extensions(p: &Path) -> Vec<(u32, Vec<u8>)> {
 /// `records`, end marker added.
 fn write_extensions(p: &Path, records: &[(u32, Vec<u8>)]) {
     assert_eq!(be64(p, 8), 0, "image has a backing file name");
-    let mut b = Vec::new();
-    for (ty, data) in records {
-        b.extend_from_slice(&ty.to_be_bytes());
-        b.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
-        b.extend_from_slice(data);
-        b.resize(b.len().next_multiple_of(8), 0);
-    }
-    b.extend_from_slice(&[0; 8]);
-    patch(p, u64::from(be32(p, 100)), &b);
+    patch(p, u64::from(be32(p, 100)), &ext_records(records));
 }
 
 /// Replace the external data file name of `p` with `name`; returns the

@@ -159,16 +159,8 @@ fn bitmap_dir(p: &Path) -> u64 {
 
 /// Replace the extension area (at 112) with `records`, end marker added.
 fn rewrite_extensions(p: &Path, records: &[(u32, &[u8])]) {
-    let mut b = Vec::new();
-    for (ty, data) in records {
-        b.extend_from_slice(&ty.to_be_bytes());
-        b.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
-        b.extend_from_slice(data);
-        b.resize(b.len().next_multiple_of(8), 0);
-    }
-    b.extend_from_slice(&[0; 8]);
     assert_eq!(be32(p, 100), 112);
-    patch(p, 112, &b);
+    patch(p, 112, &ext_records(records));
 }
 
 /// One hostile image.

@@ -165,3 +165,41 @@ pub fn copy(src: &Path, dir: &Path, name: &str) -> PathBuf {
     std::fs::copy(src, &dst).expect("copy image");
     dst
 }
+
+/// `qemu-img create -f qcow2 -b BASE -F BASE_FMT dir/name` (the virtual
+/// size is the base's); returns the overlay's path.
+pub fn overlay(dir: &Path, name: &str, base: &Path, base_fmt: &str) -> PathBuf {
+    let path = dir.join(name);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().expect("utf-8 path"),
+        "-F",
+        base_fmt,
+        path.to_str().expect("utf-8 path"),
+    ]);
+    path
+}
+
+/// Header extension records (type, length, data padded to 8) followed by
+/// the end marker, as raw bytes: lets tests write lengths and contents the
+/// library's encoder never would.
+pub fn ext_records<D: AsRef<[u8]>>(records: &[(u32, D)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (ty, data) in records {
+        let data = data.as_ref();
+        b.extend_from_slice(&ty.to_be_bytes());
+        b.extend_from_slice(
+            &u32::try_from(data.len())
+                .expect("record length")
+                .to_be_bytes(),
+        );
+        b.extend_from_slice(data);
+        b.resize(b.len().next_multiple_of(8), 0);
+    }
+    b.extend_from_slice(&[0; 8]);
+    b
+}
