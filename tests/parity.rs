@@ -134,7 +134,12 @@ fn extended_l2_entry_bit_0_is_reserved() {
     assert_eq!(ours, 2, "{codes:?}");
     assert_eq!(codes.first().map(String::as_str), Some("reserved_bits"));
     let out = dir.path().join("out.raw");
-    let conv = guard(&["convert", "-q", img.to_str().unwrap(), out.to_str().unwrap()]);
+    let conv = guard(&[
+        "convert",
+        "-q",
+        img.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(code(&conv), 2);
     assert!(!out.exists());
 }
@@ -158,9 +163,17 @@ fn unaligned_virtual_size_reads_whole_sectors() {
         img.to_str().unwrap(),
         theirs.to_str().unwrap(),
     ]);
-    let conv = guard(&["convert", "-q", img.to_str().unwrap(), ours.to_str().unwrap()]);
+    let conv = guard(&[
+        "convert",
+        "-q",
+        img.to_str().unwrap(),
+        ours.to_str().unwrap(),
+    ]);
     assert_eq!(code(&conv), 0, "{}", String::from_utf8_lossy(&conv.stderr));
-    let (a, b) = (std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap());
+    let (a, b) = (
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap(),
+    );
     assert_eq!(b.len(), (1 << 20) - 512);
     assert_eq!(a.len(), b.len());
     assert!(a == b, "outputs differ");

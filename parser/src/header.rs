@@ -498,7 +498,10 @@ fn table_check(
             value: offset,
         });
     }
-    if offset.checked_add(bytes).is_none_or(|end| end > i64::MAX.unsigned_abs()) {
+    if offset
+        .checked_add(bytes)
+        .is_none_or(|end| end > i64::MAX.unsigned_abs())
+    {
         return Err(Error::Overflow {
             what,
             offset: offset_field,
