@@ -112,6 +112,7 @@ pub mod limits;
 pub mod metadata;
 pub mod policy;
 pub mod qemu;
+pub mod qemu_map;
 pub mod read;
 pub mod refcount;
 pub mod snapshot;
@@ -124,6 +125,7 @@ pub use header::{CompressionType, CryptMethod, Geometry, Header};
 pub use image::Image;
 pub use limits::Limits;
 pub use policy::Policy;
+pub use qemu_map::{qemu_map, MapEntry, MapLayer};
 pub use read::{Extent, ExtentKind, GuestReader};
 pub use source::{FileSource, Source};
 
