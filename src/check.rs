@@ -91,7 +91,7 @@ pub fn run(args: &Args) -> Exit {
     exit_for(&rep)
 }
 
-fn exit_for(rep: &Report) -> Exit {
+pub(crate) fn exit_for(rep: &Report) -> Exit {
     match rep.exit_code {
         0 => Exit::Ok,
         2 => Exit::Corrupt,

@@ -40,6 +40,12 @@ pub trait Source: Send + Sync {
         let len = self.len();
         Ok((offset < len).then_some((offset, len)))
     }
+
+    /// Bytes the source occupies on its storage (a sparse file's
+    /// allocated blocks), when known. The default does not know.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A file opened read-only, with its length taken once at open time.
@@ -103,6 +109,13 @@ impl Source for FileSource {
         };
         Ok(Some((start, end)))
     }
+
+    /// `st_blocks * 512`, as QEMU's `bdrv_get_allocated_file_size`.
+    fn allocated_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata().ok()?;
+        Some(m.blocks().saturating_mul(512))
+    }
 }
 
 fn slice_read(data: &[u8], offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -152,6 +165,9 @@ impl<T: Source + ?Sized> Source for &T {
     fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
         (**self).data_run(offset)
     }
+    fn allocated_bytes(&self) -> Option<u64> {
+        (**self).allocated_bytes()
+    }
 }
 
 impl<T: Source + ?Sized> Source for Arc<T> {
@@ -164,6 +180,9 @@ impl<T: Source + ?Sized> Source for Arc<T> {
     fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
         (**self).data_run(offset)
     }
+    fn allocated_bytes(&self) -> Option<u64> {
+        (**self).allocated_bytes()
+    }
 }
 
 impl<T: Source + ?Sized> Source for Box<T> {
@@ -175,6 +194,9 @@ impl<T: Source + ?Sized> Source for Box<T> {
     }
     fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
         (**self).data_run(offset)
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        (**self).allocated_bytes()
     }
 }
 
