@@ -176,7 +176,7 @@ fn spool_file(target: &Path) -> Result<tempfile::NamedTempFile, (PathBuf, io::Er
         .map_err(|e| (dir, e))
 }
 
-fn exit_for(rep: &Report) -> Exit {
+pub(crate) fn exit_for(rep: &Report) -> Exit {
     match rep.exit_code {
         0 => Exit::Ok,
         2 => Exit::Corrupt,

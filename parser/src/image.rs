@@ -229,9 +229,12 @@ impl<S: Source> Image<S> {
         self.file_len
     }
 
-    /// Virtual disk size in bytes.
+    /// Virtual disk size in bytes as QEMU exposes it: whole 512-byte
+    /// sectors, so a header size that is not a multiple of 512 is rounded
+    /// down (`qemu-img convert` writes that many bytes). The header's own
+    /// value is [`Header::size`].
     pub fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.header.size & !511
     }
 
     /// The limits the image was opened with.
@@ -367,11 +370,11 @@ impl<S: Source> Image<S> {
         table: &mut Option<(u64, Arc<L2Table>)>,
     ) -> Result<Cluster> {
         let g = self.geometry;
-        if guest_offset >= self.header.size {
+        if guest_offset >= self.virtual_size() {
             return Err(Error::OutOfVirtualBounds {
                 offset: guest_offset,
                 len: 1,
-                size: self.header.size,
+                size: self.virtual_size(),
             });
         }
         let l1_index = guest_offset >> g.l2_span_bits();

@@ -58,6 +58,12 @@ pub trait Source: Send + Sync {
         let _ = (kind, offset, len, cluster_size);
         None
     }
+
+    /// Bytes the source occupies on its storage (a sparse file's
+    /// allocated blocks), when known. The default does not know.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A file opened read-only, with its length taken once at open time.
@@ -121,6 +127,13 @@ impl Source for FileSource {
         };
         Ok(Some((start, end)))
     }
+
+    /// `st_blocks * 512`, as QEMU's `bdrv_get_allocated_file_size`.
+    fn allocated_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata().ok()?;
+        Some(m.blocks().saturating_mul(512))
+    }
 }
 
 fn slice_read(data: &[u8], offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -179,6 +192,9 @@ impl<T: Source + ?Sized> Source for &T {
     ) -> Option<std::result::Result<(), String>> {
         (**self).payload_outcome(kind, offset, len, cluster_size)
     }
+    fn allocated_bytes(&self) -> Option<u64> {
+        (**self).allocated_bytes()
+    }
 }
 
 impl<T: Source + ?Sized> Source for Arc<T> {
@@ -200,6 +216,9 @@ impl<T: Source + ?Sized> Source for Arc<T> {
     ) -> Option<std::result::Result<(), String>> {
         (**self).payload_outcome(kind, offset, len, cluster_size)
     }
+    fn allocated_bytes(&self) -> Option<u64> {
+        (**self).allocated_bytes()
+    }
 }
 
 impl<T: Source + ?Sized> Source for Box<T> {
@@ -220,6 +239,9 @@ impl<T: Source + ?Sized> Source for Box<T> {
         cluster_size: u64,
     ) -> Option<std::result::Result<(), String>> {
         (**self).payload_outcome(kind, offset, len, cluster_size)
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        (**self).allocated_bytes()
     }
 }
 
