@@ -51,6 +51,7 @@ use qcow2_guard::header::{CryptMethod, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use qcow2_guard::{FileSource, Image};
 
 use crate::exit::Exit;
+use crate::qemu::QemuArgs;
 use crate::report::{self, finding_json};
 use crate::{ImageArg, PolicyArgs};
 
@@ -58,9 +59,15 @@ use crate::{ImageArg, PolicyArgs};
 pub struct Args {
     #[command(flatten)]
     image: ImageArg,
-    /// Print JSON (schema in the documentation of `check`).
+    /// Print JSON (schema in the documentation of `check`); the same as
+    /// --output=json.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    qemu: QemuArgs,
+    /// Print nothing; the exit status tells (qemu-img's -q).
+    #[arg(short, long)]
+    quiet: bool,
     /// Check metadata only: do not decompress compressed clusters.
     #[arg(long)]
     metadata_only: bool,
@@ -70,9 +77,13 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Exit {
     let path = &args.image.image;
+    let json = args.qemu.json(args.json);
+    if let Err(e) = args.qemu.require_qcow2(path) {
+        return e;
+    }
     let src = match FileSource::open(path) {
         Ok(s) => s,
-        Err(e) => return report::unreadable(path, &e, args.json),
+        Err(e) => return report::unreadable(path, &e, json),
     };
     let opts = CheckOptions {
         policy: args.policy.policy(),
@@ -84,7 +95,9 @@ pub fn run(args: &Args) -> Exit {
         Err(e) => (Report::from_open_error(&e), None),
     };
     let v = report_json(path, image.as_ref(), &rep, args.metadata_only);
-    if args.json {
+    if args.quiet {
+        // qemu-img check -q: the exit status only.
+    } else if json {
         report::print_json(&v);
     } else {
         print_human(path, image.as_ref(), &rep);
@@ -140,6 +153,7 @@ fn report_json(
             }),
         );
         let s = &rep.stats;
+        qemu_fields(obj, s);
         obj.insert(
             "stats".into(),
             json!({
@@ -160,6 +174,38 @@ fn report_json(
         obj.insert("metadata-only".into(), json!(metadata_only));
     }
     v
+}
+
+/// The fields of `qemu-img check --output=json`, present when qemu-img
+/// shows them (counts only when non-zero, cluster totals only when
+/// something is allocated).
+fn qemu_fields(obj: &mut serde_json::Map<String, Value>, s: &check::Stats) {
+    let mut put = |k: &str, v: u64, show: bool| {
+        if show {
+            obj.insert(k.into(), json!(v));
+        }
+    };
+    let allocated = s.allocated_clusters > 0 && s.total_clusters > 0;
+    put(
+        "image-end-offset",
+        s.image_end_offset,
+        s.image_end_offset > 0,
+    );
+    put(
+        "compressed-clusters",
+        s.compressed_clusters,
+        allocated && s.compressed_clusters > 0,
+    );
+    put("total-clusters", s.total_clusters, allocated);
+    put("corruptions", s.corruptions, s.corruptions > 0);
+    put("check-errors", 0, true);
+    put("leaks", s.leaks, s.leaks > 0);
+    put("allocated-clusters", s.allocated_clusters, allocated);
+    put(
+        "fragmented-clusters",
+        s.fragmented_clusters,
+        allocated && s.fragmented_clusters > 0,
+    );
 }
 
 fn pct(n: u64, total: u64) -> f64 {

@@ -13,6 +13,7 @@ use qcow2_guard::header::{
 use qcow2_guard::{FileSource, Image, Severity};
 
 use crate::exit::Exit;
+use crate::qemu::QemuArgs;
 use crate::report::{self, finding_json};
 use crate::{ImageArg, PolicyArgs};
 
@@ -20,25 +21,32 @@ use crate::{ImageArg, PolicyArgs};
 pub struct Args {
     #[command(flatten)]
     image: ImageArg,
-    /// Print JSON (keys follow `qemu-img info --output=json`).
+    /// Print JSON (keys follow `qemu-img info --output=json`); the same
+    /// as --output=json.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    qemu: QemuArgs,
     #[command(flatten)]
     policy: PolicyArgs,
 }
 
 pub fn run(args: &Args) -> Exit {
     let path = &args.image.image;
+    let json = args.qemu.json(args.json);
+    if let Err(e) = args.qemu.require_qcow2(path) {
+        return e;
+    }
     let src = match FileSource::open(path) {
         Ok(s) => s,
-        Err(e) => return report::unreadable(path, &e, args.json),
+        Err(e) => return report::unreadable(path, &e, json),
     };
     let actual_size = std::fs::metadata(path)
         .map(|m| m.blocks().saturating_mul(512))
         .ok();
     let image = match Image::open_with(src, args.policy.limits()) {
         Ok(i) => i,
-        Err(e) => return report::fatal(path, &e, args.json),
+        Err(e) => return report::fatal(path, &e, json),
     };
     let findings = image.policy_findings(&args.policy.policy());
     let exit = if findings.iter().any(|f| f.severity == Severity::Error) {
@@ -47,7 +55,7 @@ pub fn run(args: &Args) -> Exit {
         Exit::Ok
     };
     let v = info_json(path, &image, actual_size, &findings, exit);
-    if args.json {
+    if json {
         report::print_json(&v);
     } else {
         print_human(&v);
@@ -66,6 +74,27 @@ fn info_json(
     let g = image.geometry();
     let ext = image.extensions();
     let mut top = Map::new();
+    // The protocol node qemu-img shows under the image (the data file,
+    // named inside the image, is never opened, so it is not shown).
+    let mut file = Map::new();
+    file.insert("children".into(), json!([]));
+    // QEMU counts the file in 512-byte sectors, the last one partial.
+    let file_sectors = image.file_len().div_ceil(512).saturating_mul(512);
+    file.insert("virtual-size".into(), json!(file_sectors));
+    file.insert("filename".into(), json!(path.display().to_string()));
+    file.insert("format".into(), json!("file"));
+    if let Some(a) = actual_size {
+        file.insert("actual-size".into(), json!(a));
+    }
+    file.insert(
+        "format-specific".into(),
+        json!({"type": "file", "data": {}}),
+    );
+    file.insert("dirty-flag".into(), json!(false));
+    top.insert(
+        "children".into(),
+        json!([{"name": "file", "info": Value::Object(file)}]),
+    );
     top.insert("filename".into(), json!(path.display().to_string()));
     top.insert("format".into(), json!("qcow2"));
     // QEMU counts the disk in 512-byte sectors and drops a partial last
