@@ -7,7 +7,8 @@
 //! {
 //!   "filename":  string,
 //!   "format":    "qcow2",
-//!   "verdict":   "ok" | "leaks" | "unsafe" | "corrupt" | "invalid",
+//!   "verdict":   "ok" | "leaks" | "unsafe" | "corrupt" | "invalid"
+//!                | "needs_random_access",   // check - without --spool
 //!   "exit-code": 0 | 3 | 4 | 2 | 1,     // the process exit status
 //!   "findings": [                        // walk order, at most 1000
 //!     { "code": string,                  // stable snake_case identifier
@@ -42,13 +43,17 @@
 //! opened (exit 2 for a malformed qcow2 header, 1 when the file is not
 //! qcow2, unreadable, or too large to check).
 
-use std::path::Path;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
 use qcow2_guard::check::{self, CheckOptions, Report, Verdict};
 use qcow2_guard::header::{CryptMethod, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
-use qcow2_guard::{FileSource, Image};
+use qcow2_guard::stream::{Inspector, SpoolFile};
+use qcow2_guard::{FileSource, Image, Source};
 
 use crate::exit::Exit;
 use crate::qemu::QemuArgs;
@@ -71,6 +76,11 @@ pub struct Args {
     /// Check metadata only: do not decompress compressed clusters.
     #[arg(long)]
     metadata_only: bool,
+    /// With IMAGE `-` (standard input, inspected as a stream): keep a copy
+    /// of the stream in FILE, which also serves to read back tables that
+    /// point backwards.
+    #[arg(long, value_name = "FILE")]
+    spool: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -80,6 +90,9 @@ pub fn run(args: &Args) -> Exit {
     let json = args.qemu.json(args.json);
     if let Err(e) = args.qemu.require_qcow2(path) {
         return e;
+    }
+    if path.as_os_str() == "-" {
+        return run_stream(args);
     }
     let src = match FileSource::open(path) {
         Ok(s) => s,
@@ -94,15 +107,84 @@ pub fn run(args: &Args) -> Exit {
         Ok(image) => (check::check(&image, &opts), Some(image)),
         Err(e) => (Report::from_open_error(&e), None),
     };
-    let v = report_json(path, image.as_ref(), &rep, args.metadata_only);
+    emit(args, path, image.as_ref(), &rep)
+}
+
+/// Print the report as asked (nothing with -q) and return the exit status.
+fn emit<S: Source>(args: &Args, path: &Path, image: Option<&Image<S>>, rep: &Report) -> Exit {
     if args.quiet {
         // qemu-img check -q: the exit status only.
-    } else if json {
-        report::print_json(&v);
+    } else if args.qemu.json(args.json) {
+        report::print_json(&report_json(path, image, rep, args.metadata_only));
     } else {
-        print_human(path, image.as_ref(), &rep);
+        print_human(path, image, rep);
     }
-    exit_for(&rep)
+    exit_for(rep)
+}
+
+/// `check -`: inspect standard input as it arrives ([`Inspector`]), with
+/// `--spool FILE` keeping a copy (written beside FILE, renamed at the end).
+fn run_stream(args: &Args) -> Exit {
+    let path = Path::new("-");
+    let opts = CheckOptions {
+        policy: args.policy.policy(),
+        decompress: !args.metadata_only,
+        ..CheckOptions::default()
+    };
+    let limits = args.policy.limits();
+    let spool = match args.spool.as_deref().map(spool_file).transpose() {
+        Ok(s) => s,
+        Err((p, e)) => return report::unreadable(&p, &e, args.qemu.json(args.json)),
+    };
+    let mut inspector = match &spool {
+        Some(tmp) => match tmp.as_file().try_clone() {
+            Ok(f) => Inspector::with_spool(limits, opts, Arc::new(SpoolFile::new(f))),
+            Err(e) => return report::unreadable(tmp.path(), &e, args.qemu.json(args.json)),
+        },
+        None => Inspector::new(limits, opts),
+    };
+    let mut stdin = io::stdin().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return report::unreadable(path, &e, args.qemu.json(args.json)),
+        };
+        let chunk = buf.get(..n).unwrap_or(&[]);
+        if let Some(tmp) = &spool {
+            if let Err(e) = tmp.as_file().write_all(chunk) {
+                return report::unreadable(tmp.path(), &e, args.qemu.json(args.json));
+            }
+        }
+        inspector.feed(chunk);
+    }
+    let done = inspector.finish();
+    if let (Some(tmp), Some(target)) = (spool, args.spool.as_deref()) {
+        if let Err(e) = tmp.persist(target) {
+            return report::unreadable(target, &e.error, args.qemu.json(args.json));
+        }
+    }
+    emit(args, path, done.image.as_ref(), &done.report)
+}
+
+/// A temporary file beside `target` (removed unless persisted).
+fn spool_file(target: &Path) -> Result<tempfile::NamedTempFile, (PathBuf, io::Error)> {
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "spool".to_owned());
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .prefix(&format!(".{name}."))
+        .suffix(".qcow2-guard-tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| (dir, e))
 }
 
 pub(crate) fn exit_for(rep: &Report) -> Exit {
@@ -115,9 +197,9 @@ pub(crate) fn exit_for(rep: &Report) -> Exit {
     }
 }
 
-fn report_json(
+fn report_json<S: Source>(
     path: &Path,
-    image: Option<&Image<FileSource>>,
+    image: Option<&Image<S>>,
     rep: &Report,
     metadata_only: bool,
 ) -> Value {
@@ -216,7 +298,7 @@ fn pct(n: u64, total: u64) -> f64 {
     }
 }
 
-fn print_human(path: &Path, image: Option<&Image<FileSource>>, rep: &Report) {
+fn print_human<S: Source>(path: &Path, image: Option<&Image<S>>, rep: &Report) {
     for f in &rep.findings {
         outln!("{f}");
     }
@@ -252,6 +334,9 @@ fn print_human(path: &Path, image: Option<&Image<FileSource>>, rep: &Report) {
             }
         }
         Verdict::Unsafe => outln!("The image is refused by the safety policy."),
+        Verdict::NeedsRandomAccess => outln!(
+            "The stream could not be checked without random access (give --spool FILE)."
+        ),
         Verdict::Corrupt | Verdict::Invalid => outln!(
             "{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
             errors.saturating_add(rep.omitted)

@@ -175,6 +175,7 @@ pub mod read;
 pub mod refcount;
 pub mod snapshot;
 pub mod source;
+pub mod stream;
 
 pub use check::{check, check_metadata, CheckOptions, Report, Verdict};
 pub use error::{Error, Result, What};
