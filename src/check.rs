@@ -51,13 +51,12 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use qcow2_guard::check::{self, CheckOptions, Report, Verdict};
-use qcow2_guard::header::{CryptMethod, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use qcow2_guard::stream::{Inspector, SpoolFile};
 use qcow2_guard::{FileSource, Image, Source};
 
 use crate::exit::Exit;
 use crate::qemu::QemuArgs;
-use crate::report::{self, finding_json};
+use crate::report;
 use crate::{ImageArg, PolicyArgs};
 
 #[derive(Debug, clap::Args)]
@@ -203,91 +202,13 @@ fn report_json<S: Source>(
     rep: &Report,
     metadata_only: bool,
 ) -> Value {
-    let mut v = json!({
-        "filename": path.display().to_string(),
-        "format": "qcow2",
-        "verdict": rep.verdict.as_str(),
-        "exit-code": rep.exit_code,
-        "findings": rep.findings.iter().map(finding_json).collect::<Vec<_>>(),
-        "findings-omitted": rep.omitted,
-        "finding-counts": rep.counts,
-    });
-    if let (Some(image), Some(obj)) = (image, v.as_object_mut()) {
-        let h = image.header();
-        let g = image.geometry();
-        obj.insert(
-            "image".into(),
-            json!({
-                "virtual-size": h.size,
-                "file-length": image.file_len(),
-                "cluster-size": g.cluster_size,
-                "compat": if h.version >= 3 { "1.1" } else { "0.10" },
-                "refcount-bits": g.refcount_bits,
-                "compression-type": h.compression().map_or("unknown", |c| c.as_str()),
-                "extended-l2": g.extended_l2,
-                "lazy-refcounts": h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
-                "dirty": h.incompatible_features & INCOMPAT_DIRTY != 0,
-                "snapshots": image.snapshots().len(),
-                "bitmaps": image.bitmaps().len(),
-                "backing-file": h.has_backing_file(),
-                "data-file": h.has_data_file(),
-                "encrypted": h.crypt() != Some(CryptMethod::None),
-            }),
-        );
-        let s = &rep.stats;
-        qemu_fields(obj, s);
-        obj.insert(
-            "stats".into(),
-            json!({
-                "total-clusters": s.total_clusters,
-                "host-clusters": s.host_clusters,
-                "allocated-clusters": s.allocated_clusters,
-                "compressed-clusters": s.compressed_clusters,
-                "fragmented-clusters": s.fragmented_clusters,
-                "image-end-offset": s.image_end_offset,
-                "corruptions": s.corruptions,
-                "leaks": s.leaks,
-                "l2-tables": s.l2_tables,
-                "decompressed-clusters": s.decompressed_clusters,
-            }),
-        );
-    }
+    let name = path.display().to_string();
+    let mut v = qcow2_guard::json::check(&name, image, rep, metadata_only);
     if let Some(obj) = v.as_object_mut() {
-        obj.insert("metadata-only".into(), json!(metadata_only));
+        // After "verdict", as the schema lists it.
+        obj.shift_insert(3, "exit-code".into(), json!(exit_for(rep).code()));
     }
     v
-}
-
-/// The fields of `qemu-img check --output=json`, present when qemu-img
-/// shows them (counts only when non-zero, cluster totals only when
-/// something is allocated).
-fn qemu_fields(obj: &mut serde_json::Map<String, Value>, s: &check::Stats) {
-    let mut put = |k: &str, v: u64, show: bool| {
-        if show {
-            obj.insert(k.into(), json!(v));
-        }
-    };
-    let allocated = s.allocated_clusters > 0 && s.total_clusters > 0;
-    put(
-        "image-end-offset",
-        s.image_end_offset,
-        s.image_end_offset > 0,
-    );
-    put(
-        "compressed-clusters",
-        s.compressed_clusters,
-        allocated && s.compressed_clusters > 0,
-    );
-    put("total-clusters", s.total_clusters, allocated);
-    put("corruptions", s.corruptions, s.corruptions > 0);
-    put("check-errors", 0, true);
-    put("leaks", s.leaks, s.leaks > 0);
-    put("allocated-clusters", s.allocated_clusters, allocated);
-    put(
-        "fragmented-clusters",
-        s.fragmented_clusters,
-        allocated && s.fragmented_clusters > 0,
-    );
 }
 
 fn pct(n: u64, total: u64) -> f64 {

@@ -165,6 +165,8 @@ pub mod extensions;
 pub mod finding;
 pub mod header;
 pub mod image;
+#[cfg(feature = "json")]
+pub mod json;
 pub mod l1l2;
 pub mod limits;
 pub mod metadata;
