@@ -18,12 +18,14 @@ use std::sync::Arc;
 use arbitrary::{Arbitrary, Unstructured};
 use qcow2_guard::build::{GuestCluster, ImageModel, SnapshotModel};
 use qcow2_guard::check::{code, CheckOptions, Report, Verdict};
-use qcow2_guard::compressed::{self, Descriptor};
+use qcow2_guard::compressed::Descriptor;
 use qcow2_guard::extensions::{Extensions, FeatureKind};
 use qcow2_guard::l1l2::{Cluster, L1Entry};
 use qcow2_guard::read::RawBacking;
 use qcow2_guard::{bitmap, refcount, CompressionType, Geometry, Header, Image, Limits, Policy};
 use qcow2_guard::{Error, ExtentKind, FileSource, Source};
+
+pub mod qemu_decompress;
 
 /// Inputs longer than this are ignored.
 pub const MAX_INPUT: usize = 1 << 20;
@@ -43,6 +45,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("structured", structured),
     ("read", read),
     ("check", check),
+    ("stream", stream),
 ];
 
 /// Run target `name` on `data`; false when there is no such target.
@@ -502,6 +505,92 @@ pub fn check(data: &[u8]) {
     }
 }
 
+/// `stream`, in the spirit of wasm-tools' `incremental_parse`: the image
+/// after a 4-byte seed, fed to [`qcow2_guard::stream::Inspector`] in
+/// chunks whose sizes (1 byte to 8 KiB) the seed draws. The report must
+/// equal the whole-file check's: always with a spool, and in one chunk
+/// without one; chunked without a spool, it equals it or is
+/// `needs_random_access`, and then the same chunking with a spool did
+/// read passed bytes back (a backward reference was followed). An early
+/// refusal is never followed by `ok` or `leaks`; the inspector never
+/// holds more than [`Limits::max_retained_bytes`].
+pub fn stream(data: &[u8]) {
+    use qcow2_guard::stream::{Early, Finished, Inspector};
+    if data.len() > MAX_INPUT.saturating_add(4) {
+        return;
+    }
+    let (seed, image) = data.split_at(data.len().min(4));
+    let mut x = seed.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }) | 1;
+    let mut sizes = Vec::new();
+    let mut total = 0usize;
+    while total < image.len() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Mostly small pieces, sometimes up to 8 KiB.
+        let n = 1 + (x % (1u64 << (x >> 60).min(13))) as usize;
+        sizes.push(n);
+        total += n;
+    }
+    let limits = Limits::fuzzing();
+    let opts = CheckOptions::default();
+    let whole = match Image::open_with(image, limits.clone()) {
+        Ok(img) => qcow2_guard::check(&img, &opts),
+        Err(e) => Report::from_open_error(&e),
+    };
+    let run = |chunks: &[usize], spool: bool| -> Finished {
+        let mut i = if spool {
+            Inspector::with_spool(limits.clone(), opts.clone(), Arc::new(image.to_vec()))
+        } else {
+            Inspector::new(limits.clone(), opts.clone())
+        };
+        let mut at = 0;
+        let mut refused = false;
+        for &n in chunks {
+            let end = (at + n).min(image.len());
+            i.feed(&image[at..end]);
+            at = end;
+            assert!(i.retained_bytes() <= limits.max_retained_bytes);
+            match i.early() {
+                Early::Refused(f) => {
+                    assert!(!f.is_empty());
+                    refused = true;
+                }
+                _ => assert!(!refused, "an early refusal was withdrawn"),
+            }
+        }
+        let done = i.finish();
+        if refused {
+            assert!(
+                !matches!(done.report.verdict, Verdict::Ok | Verdict::Leaks),
+                "refused early, then {:?}",
+                done.report.verdict
+            );
+        }
+        done
+    };
+    let one = run(&[image.len().max(1)], false);
+    assert_eq!(one.report, whole, "in one chunk");
+    assert!(
+        one.read_back.is_empty(),
+        "in one chunk: {:?}",
+        one.read_back
+    );
+    let with = run(&sizes, true);
+    assert_eq!(with.report, whole, "chunked, with a spool");
+    let without = run(&sizes, false);
+    if without.report.verdict == Verdict::NeedsRandomAccess {
+        assert!(!without.read_back.is_empty() && !with.read_back.is_empty());
+        assert_eq!(without.report.exit_code, 1);
+        assert!(without.report.has(code::NEEDS_RANDOM_ACCESS));
+    } else {
+        assert_eq!(without.report, whole, "chunked, without a spool");
+        assert!(without.read_back.is_empty());
+    }
+}
+
 /// Most guest bytes [`checked_reads`] reads back.
 const CHECK_READ: u64 = 32 << 20;
 
@@ -602,7 +691,7 @@ pub fn decompress(data: &[u8]) {
     let entry = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
     let file = &data[10..];
     let g = Geometry::new(cluster_bits, false, 4);
-    let mut out = vec![0u8; g.cluster_size as usize];
+    let cluster = g.cluster_size as usize;
 
     let d = Descriptor::decode(entry, &g);
     assert_eq!(
@@ -619,9 +708,9 @@ pub fn decompress(data: &[u8]) {
         let end = d.readable_end(len);
         assert!(end <= len && d.end() - end < 512, "readable range");
         let stream = &file[d.start() as usize..end as usize];
-        let _ = compressed::decompress(kind, stream, &mut out);
+        qemu_decompress::differential(kind, stream, cluster);
     }
-    let _ = compressed::decompress(kind, file, &mut out);
+    qemu_decompress::differential(kind, file, cluster);
 }
 
 /// A guest cluster of the structured model.
