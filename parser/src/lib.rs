@@ -116,6 +116,7 @@ pub mod read;
 pub mod refcount;
 pub mod snapshot;
 pub mod source;
+pub mod walker;
 
 pub use check::{check, check_metadata, CheckOptions, Report, Verdict};
 pub use error::{Error, Result, What};
