@@ -30,6 +30,9 @@ for t in $targets; do
         fi
     done
     [ -x "$OUT/$t" ] || { echo "not executable: $t"; fail=1; }
+    # ClusterFuzz reads sanitizer settings from the .options file too.
+    grep -q '^quarantine_size_mb = 64$' "$OUT/$t.options" ||
+        { echo "$t.options lacks the ASan quarantine setting"; fail=1; }
     n=$(unzip -Z1 "$OUT/${t}_seed_corpus.zip" | wc -l)
     mkdir -p "$WORK/$t"
     unzip -q -o "$OUT/${t}_seed_corpus.zip" -d "$WORK/$t"

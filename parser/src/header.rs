@@ -97,7 +97,8 @@ pub enum CryptMethod {
 /// Compression algorithm for compressed clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CompressionType {
-    /// Raw deflate with a 4 KiB window.
+    /// Raw deflate (QEMU writes it with a 4 KiB window; distances are
+    /// checked against the one-cluster output, as zlib does).
     Deflate,
     /// Zstandard frames.
     Zstd,
@@ -493,15 +494,27 @@ fn table_check(
 ) -> Result<()> {
     let bytes = table_bytes(what, count_field, count, entry_bytes)?;
     bound(what, count_field, bytes, qemu_cap, limit)?;
-    if count == 0 {
-        return Ok(());
-    }
+    // QEMU validates the offset of an empty table too (alignment, and
+    // offset + size <= i64::MAX) and refuses to open the image otherwise,
+    // e.g. "Snapshot table offset invalid" with nb_snapshots == 0.
     if !is_aligned(offset, cluster_size) {
         return Err(Error::Unaligned {
             what,
             offset: offset_field,
             value: offset,
         });
+    }
+    if offset
+        .checked_add(bytes)
+        .is_none_or(|end| end > i64::MAX.unsigned_abs())
+    {
+        return Err(Error::Overflow {
+            what,
+            offset: offset_field,
+        });
+    }
+    if count == 0 {
+        return Ok(());
     }
     if offset == 0 {
         return Err(Error::MetadataOverlap {

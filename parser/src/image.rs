@@ -230,9 +230,12 @@ impl<S: Source> Image<S> {
         self.file_len
     }
 
-    /// Virtual disk size in bytes.
+    /// Virtual disk size in bytes as QEMU exposes it: whole 512-byte
+    /// sectors, so a header size that is not a multiple of 512 is rounded
+    /// down (`qemu-img convert` writes that many bytes). The header's own
+    /// value is [`Header::size`].
     pub fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.header.size & !511
     }
 
     /// The limits the image was opened with.
@@ -368,11 +371,11 @@ impl<S: Source> Image<S> {
         table: &mut Option<(u64, Arc<L2Table>)>,
     ) -> Result<Cluster> {
         let g = self.geometry;
-        if guest_offset >= self.header.size {
+        if guest_offset >= self.virtual_size() {
             return Err(Error::OutOfVirtualBounds {
                 offset: guest_offset,
                 len: 1,
-                size: self.header.size,
+                size: self.virtual_size(),
             });
         }
         let l1_index = guest_offset >> g.l2_span_bits();
@@ -474,6 +477,35 @@ impl<S: Source> Image<S> {
         input: &mut Vec<u8>,
         out: &mut [u8],
     ) -> Result<()> {
+        let (kind, start, len) = self.compressed_stream(d)?;
+        input.resize(usize::try_from(len).unwrap_or(0), 0);
+        read_into(&self.src, start, input)?;
+        let outcome = compressed::decompress(kind, input, out);
+        decompress_error(outcome, start, guest)
+    }
+
+    /// Whether compressed cluster `d` decompresses to exactly one cluster:
+    /// what a source that already decompressed it says (a streamed
+    /// inspection, [`Source::payload_outcome`]), else
+    /// [`Image::read_compressed`].
+    pub fn verify_compressed(
+        &self,
+        d: &Descriptor,
+        guest: u64,
+        input: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let (kind, start, len) = self.compressed_stream(d)?;
+        let cs = self.geometry.cluster_size;
+        match self.src.payload_outcome(kind, start, len, cs) {
+            Some(outcome) => decompress_error(outcome, start, guest),
+            None => self.read_compressed(d, guest, input, out),
+        }
+    }
+
+    /// The compression type, start and readable length of the stream of
+    /// compressed cluster `d`.
+    fn compressed_stream(&self, d: &Descriptor) -> Result<(CompressionType, u64, u64)> {
         let kind = self.compression_type()?;
         let start = d.start();
         let len = d.readable_end(self.file_len).saturating_sub(start);
@@ -486,13 +518,7 @@ impl<S: Source> Image<S> {
             });
         }
         span(What::CompressedCluster, start, start, len, self.file_len)?;
-        input.resize(usize::try_from(len).unwrap_or(0), 0);
-        read_into(&self.src, start, input)?;
-        compressed::decompress(kind, input, out).map_err(|reason| Error::Decompress {
-            offset: start,
-            guest_offset: guest,
-            reason,
-        })
+        Ok((kind, start, len))
     }
 
     /// Decode refcount table entry `index`: the block's offset, if any.
@@ -546,6 +572,20 @@ impl<S: Source> Image<S> {
     pub fn metadata(&self) -> &MetadataMap {
         self.metadata.get_or_init(|| walker::metadata(self))
     }
+}
+
+/// [`Error::Decompress`] for a failed decompression of the stream at host
+/// offset `start` (guest cluster at `guest`).
+fn decompress_error(
+    outcome: std::result::Result<(), String>,
+    start: u64,
+    guest: u64,
+) -> Result<()> {
+    outcome.map_err(|reason| Error::Decompress {
+        offset: start,
+        guest_offset: guest,
+        reason,
+    })
 }
 
 /// Guest data of a backing image, handed in by the caller (see

@@ -47,6 +47,18 @@ impl L1Entry {
             OFFSET_MASK,
             g.cluster_size,
         )?;
+        // Flag bits with offset 0: QEMU's read path calls the entry
+        // unallocated, but `qemu-img check` takes every non-zero entry as
+        // an L2 table at its offset and walks cluster 0 (the header) as
+        // one, reporting corruption. The stricter side wins.
+        if raw != 0 && l2_offset.is_none() {
+            return Err(Error::MetadataOverlap {
+                what: What::L1Entry,
+                offset: at,
+                target: 0,
+                other: What::Header,
+            });
+        }
         Ok(L1Entry {
             l2_offset,
             copied: raw & OFLAG_COPIED != 0,
@@ -144,9 +156,15 @@ impl Cluster {
             }
             return Ok(Cluster::Compressed(Descriptor::decode(raw, g)));
         }
-        // Bit 0 is the zero flag in standard entries; with extended L2 it
-        // is unused (the bitmap says what reads as zero) and QEMU ignores it.
-        if raw & L2_RESERVED_MASK != 0 {
+        // Bit 0 is the zero flag in standard entries; with extended L2 the
+        // spec makes it reserved ("always 0"; the bitmap says what reads as
+        // zero). QEMU ignores it there; we refuse it (SECURITY.md).
+        let reserved = if bitmap.is_some() {
+            L2_RESERVED_MASK | OFLAG_ZERO
+        } else {
+            L2_RESERVED_MASK
+        };
+        if raw & reserved != 0 {
             return Err(Error::ReservedBits {
                 what: What::L2Entry,
                 offset: at,

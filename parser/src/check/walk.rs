@@ -646,7 +646,7 @@ impl<'a, S: Source> Walk<'a, S> {
         self.out_buf.resize(idx(g.cluster_size), 0);
         match self
             .img
-            .read_compressed(&d, guest, &mut self.in_buf, &mut self.out_buf)
+            .verify_compressed(&d, guest, &mut self.in_buf, &mut self.out_buf)
         {
             Ok(()) => {
                 self.stats.decompressed_clusters =
