@@ -24,6 +24,7 @@ mod check;
 mod convert;
 mod exit;
 mod info;
+mod output;
 mod report;
 
 use std::path::PathBuf;
