@@ -121,7 +121,7 @@ pub fn run(args: &Args) -> Exit {
                 errln!("  {f}");
             }
             match report.verdict {
-                Verdict::Invalid => Exit::NotChecked,
+                Verdict::Invalid | Verdict::NeedsRandomAccess => Exit::NotChecked,
                 Verdict::Unsafe => Exit::Refused,
                 _ => Exit::Corrupt,
             }

@@ -227,7 +227,7 @@ fn audit<T: Source>(image: &Image<T>, opts: &ConvertOptions) -> Result<Report, C
     let report = check(image, &check_opts);
     match report.verdict {
         Verdict::Ok | Verdict::Leaks => Ok(report),
-        Verdict::Corrupt | Verdict::Unsafe | Verdict::Invalid => Err(ConvertError::Audit {
+        _ => Err(ConvertError::Audit {
             input: Input::Image,
             report: Box::new(report),
         }),
