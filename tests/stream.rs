@@ -331,3 +331,24 @@ fn cli_reads_a_pipe() {
     let out = guard(&["check", "--spool", s(&spool), s(&sample)]);
     assert_eq!(code(&out), 1);
 }
+
+#[test]
+fn fuzz_body_on_a_backward_layout() {
+    // The stream fuzz target's oracle on the sample (tables before the
+    // L1 table pointing at them), with a few chunkings.
+    let sample =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sample.qcow2"))
+            .unwrap();
+    for seed in [*b"seed", [0; 4], [0xff; 4], *b"\x01\x02\x03\x04"] {
+        let mut input = seed.to_vec();
+        input.extend_from_slice(&sample);
+        qcow2_guard_fuzz::stream(&input);
+    }
+}
+
+#[test]
+fn the_inspector_can_move_between_threads() {
+    fn send<T: Send>() {}
+    send::<Inspector>();
+    send::<qcow2_guard::stream::Finished>();
+}
