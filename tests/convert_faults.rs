@@ -338,14 +338,14 @@ fn signals_leave_nothing_behind() {
     fs::create_dir(&outdir).unwrap();
     let out = outdir.join("disk.raw");
     for sig in ["TERM", "KILL"] {
-        let mut child = start(&img, &out, &[]);
+        let mut child = start(img, &out, &[]);
         kill(&child, sig);
         let st = child.wait().unwrap();
         assert!(st.signal().is_some(), "SIG{sig}: {st}");
         assert_eq!(names(&outdir), Vec::<String>::new(), "after SIG{sig}");
     }
     for (sig, n) in [("TERM", 15), ("INT", 2), ("HUP", 1)] {
-        let mut child = start(&img, &out, &[("QCOW2_GUARD_NO_TMPFILE", "1")]);
+        let mut child = start(img, &out, &[("QCOW2_GUARD_NO_TMPFILE", "1")]);
         // The fallback's temporary is visible while it is written.
         assert_eq!(names(&outdir).len(), 1);
         kill(&child, sig);
@@ -364,7 +364,7 @@ fn output_directory_vanishes() {
     let outdir = d.path().join("out");
     fs::create_dir(&outdir).unwrap();
     let out = outdir.join("disk.raw");
-    let child = start(&img, &out, &[]);
+    let child = start(img, &out, &[]);
     kill(&child, "STOP");
     let removed = fs::remove_dir(&outdir);
     kill(&child, "CONT");
