@@ -67,6 +67,9 @@ pub mod code {
     /// Warning: the file has too many host clusters for the audit's
     /// refcount rebuild.
     pub const AUDIT_TOO_LARGE: &str = "convert_audit_too_large";
+    /// Refused: the internal snapshot asked for
+    /// ([`super::Inputs::snapshot`]) is not in the image.
+    pub const SNAPSHOT_NOT_FOUND: &str = "convert_snapshot_not_found";
 }
 
 /// Which input of a conversion an error concerns.
