@@ -1,0 +1,199 @@
+//! [`Conversion::run`]: workers fill chunks, the sink takes them.
+//!
+//! Two workers take chunks in turn (worker `w` takes chunks `w, w + 2,
+//! ...`). Into a positional sink each worker writes its own chunks, so
+//! there are no hand-offs and many small hole chunks cost nothing; into a
+//! sequential sink the calling thread writes the chunks in order. At most
+//! a few chunks are in flight, so memory does not grow with the image.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use super::chunks::{chunks, fill, Chunk, HostRun, Piece};
+use super::{Conversion, ConvertError, Sink};
+use crate::source::Source;
+use crate::Image;
+
+/// Workers filling chunks.
+const WORKERS: usize = 2;
+/// Chunk buffers per worker (sequential sinks): one being filled, one
+/// queued, one being written.
+const BUFFERS: usize = 3;
+
+/// A progress callback: called with the number of guest bytes just done.
+pub type Progress<'a> = Option<&'a (dyn Fn(u64) + Sync)>;
+
+impl<S: Source> Conversion<S> {
+    /// Write the whole guest disk into `sink`, then call
+    /// [`Sink::finish`]. `progress` is called with each chunk's length as
+    /// it is done. On error the sink holds part of the disk: the caller
+    /// discards it.
+    pub fn run(&self, sink: &dyn Sink, progress: Progress<'_>) -> Result<(), ConvertError> {
+        let image = &self.image;
+        if sink.sequential() {
+            to_sequential(image, sink, progress)?;
+        } else {
+            to_positional(image, sink, progress)?;
+        }
+        sink.finish(image.virtual_size())
+            .map_err(ConvertError::Sink)
+    }
+}
+
+fn write_chunk(sink: &dyn Sink, c: &Chunk) -> Result<(), ConvertError> {
+    for p in c.pieces() {
+        match p {
+            Piece::Data(at, data) => sink.write_at(at, data),
+            Piece::Hole(at, len) => sink.write_zeros(at, len),
+        }
+        .map_err(ConvertError::Sink)?;
+    }
+    Ok(())
+}
+
+fn len_of(start: u64, end: u64) -> Result<usize, ConvertError> {
+    end.checked_sub(start)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or(ConvertError::image(crate::Error::Overflow {
+            what: crate::What::L2Table,
+            offset: start,
+        }))
+}
+
+fn worker_died() -> ConvertError {
+    ConvertError::Sink(std::io::Error::other(
+        "a conversion worker stopped unexpectedly",
+    ))
+}
+
+fn to_positional<S: Source>(
+    image: &Image<S>,
+    sink: &dyn Sink,
+    progress: Progress<'_>,
+) -> Result<(), ConvertError> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let stop = &stop;
+                s.spawn(move || -> Result<(), ConvertError> {
+                    let mut buf = Vec::new();
+                    let mut runs = HostRun::default();
+                    for (start, end, hole) in chunks(image).skip(w).step_by(WORKERS) {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let r = if hole {
+                            sink.write_zeros(start, end.saturating_sub(start))
+                                .map_err(ConvertError::Sink)
+                        } else {
+                            fill(image, start, end, std::mem::take(&mut buf), &mut runs)
+                                .map_err(ConvertError::image)
+                                .and_then(|c| write_chunk(sink, &c).map(|()| buf = c.data))
+                        };
+                        if let Err(e) = r {
+                            stop.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        if let Some(p) = progress {
+                            p(end.saturating_sub(start));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut result = Ok(());
+        for h in workers {
+            let r = h.join().unwrap_or_else(|_| Err(worker_died()));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
+}
+
+fn to_sequential<S: Source>(
+    image: &Image<S>,
+    sink: &dyn Sink,
+    progress: Progress<'_>,
+) -> Result<(), ConvertError> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let mut lanes = Vec::with_capacity(WORKERS);
+        for w in 0..WORKERS {
+            let (tx, rx) = mpsc::sync_channel::<Result<Chunk, ConvertError>>(1);
+            let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+            lanes.push((rx, back_tx));
+            let stop = &stop;
+            s.spawn(move || {
+                let mut buffers = 0usize;
+                let mut runs = HostRun::default();
+                for (start, end, hole) in chunks(image).skip(w).step_by(WORKERS) {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let r = len_of(start, end).and_then(|len| {
+                        if hole {
+                            return Ok(Chunk::hole(start, len));
+                        }
+                        // Reuse written buffers; at most BUFFERS per worker.
+                        let buf = match back_rx.try_recv() {
+                            Ok(b) => b,
+                            Err(_) if buffers < BUFFERS => {
+                                buffers = buffers.saturating_add(1);
+                                Vec::new()
+                            }
+                            Err(_) => back_rx.recv().map_err(|_| worker_died())?,
+                        };
+                        fill(image, start, end, buf, &mut runs).map_err(ConvertError::image)
+                    });
+                    let failed = r.is_err();
+                    if tx.send(r).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        }
+        let size = image.virtual_size();
+        let mut pos = 0u64;
+        let mut result = Ok(());
+        for (rx, back) in lanes.iter().cycle() {
+            if pos >= size {
+                break;
+            }
+            let chunk = match rx.recv() {
+                Ok(Ok(c)) if c.start == pos => Ok(c),
+                Ok(Ok(_)) => Err(ConvertError::Sink(std::io::Error::other(
+                    "conversion chunks out of order",
+                ))),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(worker_died()),
+            }
+            .and_then(|c| write_chunk(sink, &c).map(|()| c));
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            let len = u64::try_from(chunk.len).unwrap_or(u64::MAX);
+            pos = pos.saturating_add(len);
+            if let Some(p) = progress {
+                p(len);
+            }
+            if !chunk.data.is_empty() {
+                // The worker may be gone already; then the buffer is freed.
+                let _ = back.send(chunk.data);
+            }
+        }
+        if result.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        // Dropping the receivers unblocks any worker waiting to send.
+        drop(lanes);
+        result
+    })
+}
