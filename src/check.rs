@@ -7,7 +7,8 @@
 //! {
 //!   "filename":  string,
 //!   "format":    "qcow2",
-//!   "verdict":   "ok" | "leaks" | "unsafe" | "corrupt" | "invalid",
+//!   "verdict":   "ok" | "leaks" | "unsafe" | "corrupt" | "invalid"
+//!                | "needs_random_access",   // check - without --spool
 //!   "exit-code": 0 | 3 | 4 | 2 | 1,     // the process exit status
 //!   "findings": [                        // walk order, at most 1000
 //!     { "code": string,                  // stable snake_case identifier
@@ -42,16 +43,19 @@
 //! opened (exit 2 for a malformed qcow2 header, 1 when the file is not
 //! qcow2, unreadable, or too large to check).
 
-use std::path::Path;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
 use qcow2_guard::check::{self, CheckOptions, Report, Verdict};
-use qcow2_guard::header::{CryptMethod, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
-use qcow2_guard::{FileSource, Image};
+use qcow2_guard::stream::{Inspector, SpoolFile};
+use qcow2_guard::{FileSource, Image, Source};
 
 use crate::exit::Exit;
-use crate::report::{self, finding_json};
+use crate::report;
 use crate::{ImageArg, PolicyArgs};
 
 #[derive(Debug, clap::Args)]
@@ -64,12 +68,20 @@ pub struct Args {
     /// Check metadata only: do not decompress compressed clusters.
     #[arg(long)]
     metadata_only: bool,
+    /// With IMAGE `-` (standard input, inspected as a stream): keep a copy
+    /// of the stream in FILE, which also serves to read back tables that
+    /// point backwards.
+    #[arg(long, value_name = "FILE")]
+    spool: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
 
 pub fn run(args: &Args) -> Exit {
     let path = &args.image.image;
+    if path.as_os_str() == "-" {
+        return run_stream(args);
+    }
     let src = match FileSource::open(path) {
         Ok(s) => s,
         Err(e) => return report::unreadable(path, &e, args.json),
@@ -92,7 +104,78 @@ pub fn run(args: &Args) -> Exit {
     exit_for(&rep)
 }
 
-fn exit_for(rep: &Report) -> Exit {
+/// `check -`: inspect standard input as it arrives ([`Inspector`]), with
+/// `--spool FILE` keeping a copy (written beside FILE, renamed at the end).
+fn run_stream(args: &Args) -> Exit {
+    let path = Path::new("-");
+    let opts = CheckOptions {
+        policy: args.policy.policy(),
+        decompress: !args.metadata_only,
+        ..CheckOptions::default()
+    };
+    let limits = args.policy.limits();
+    let spool = match args.spool.as_deref().map(spool_file).transpose() {
+        Ok(s) => s,
+        Err((p, e)) => return report::unreadable(&p, &e, args.json),
+    };
+    let mut inspector = match &spool {
+        Some(tmp) => match tmp.as_file().try_clone() {
+            Ok(f) => Inspector::with_spool(limits, opts, Arc::new(SpoolFile::new(f))),
+            Err(e) => return report::unreadable(tmp.path(), &e, args.json),
+        },
+        None => Inspector::new(limits, opts),
+    };
+    let mut stdin = io::stdin().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return report::unreadable(path, &e, args.json),
+        };
+        let chunk = buf.get(..n).unwrap_or(&[]);
+        if let Some(tmp) = &spool {
+            if let Err(e) = tmp.as_file().write_all(chunk) {
+                return report::unreadable(tmp.path(), &e, args.json);
+            }
+        }
+        inspector.feed(chunk);
+    }
+    let done = inspector.finish();
+    if let (Some(tmp), Some(target)) = (spool, args.spool.as_deref()) {
+        if let Err(e) = tmp.persist(target) {
+            return report::unreadable(target, &e.error, args.json);
+        }
+    }
+    let v = report_json(path, done.image.as_ref(), &done.report, args.metadata_only);
+    if args.json {
+        report::print_json(&v);
+    } else {
+        print_human(path, done.image.as_ref(), &done.report);
+    }
+    exit_for(&done.report)
+}
+
+/// A temporary file beside `target` (removed unless persisted).
+fn spool_file(target: &Path) -> Result<tempfile::NamedTempFile, (PathBuf, io::Error)> {
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "spool".to_owned());
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .prefix(&format!(".{name}."))
+        .suffix(".qcow2-guard-tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| (dir, e))
+}
+
+pub(crate) fn exit_for(rep: &Report) -> Exit {
     match rep.exit_code {
         0 => Exit::Ok,
         2 => Exit::Corrupt,
@@ -102,62 +185,17 @@ fn exit_for(rep: &Report) -> Exit {
     }
 }
 
-fn report_json(
+fn report_json<S: Source>(
     path: &Path,
-    image: Option<&Image<FileSource>>,
+    image: Option<&Image<S>>,
     rep: &Report,
     metadata_only: bool,
 ) -> Value {
-    let mut v = json!({
-        "filename": path.display().to_string(),
-        "format": "qcow2",
-        "verdict": rep.verdict.as_str(),
-        "exit-code": rep.exit_code,
-        "findings": rep.findings.iter().map(finding_json).collect::<Vec<_>>(),
-        "findings-omitted": rep.omitted,
-        "finding-counts": rep.counts,
-    });
-    if let (Some(image), Some(obj)) = (image, v.as_object_mut()) {
-        let h = image.header();
-        let g = image.geometry();
-        obj.insert(
-            "image".into(),
-            json!({
-                "virtual-size": h.size,
-                "file-length": image.file_len(),
-                "cluster-size": g.cluster_size,
-                "compat": if h.version >= 3 { "1.1" } else { "0.10" },
-                "refcount-bits": g.refcount_bits,
-                "compression-type": h.compression().map_or("unknown", |c| c.as_str()),
-                "extended-l2": g.extended_l2,
-                "lazy-refcounts": h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
-                "dirty": h.incompatible_features & INCOMPAT_DIRTY != 0,
-                "snapshots": image.snapshots().len(),
-                "bitmaps": image.bitmaps().len(),
-                "backing-file": h.has_backing_file(),
-                "data-file": h.has_data_file(),
-                "encrypted": h.crypt() != Some(CryptMethod::None),
-            }),
-        );
-        let s = &rep.stats;
-        obj.insert(
-            "stats".into(),
-            json!({
-                "total-clusters": s.total_clusters,
-                "host-clusters": s.host_clusters,
-                "allocated-clusters": s.allocated_clusters,
-                "compressed-clusters": s.compressed_clusters,
-                "fragmented-clusters": s.fragmented_clusters,
-                "image-end-offset": s.image_end_offset,
-                "corruptions": s.corruptions,
-                "leaks": s.leaks,
-                "l2-tables": s.l2_tables,
-                "decompressed-clusters": s.decompressed_clusters,
-            }),
-        );
-    }
+    let name = path.display().to_string();
+    let mut v = qcow2_guard::json::check(&name, image, rep, metadata_only);
     if let Some(obj) = v.as_object_mut() {
-        obj.insert("metadata-only".into(), json!(metadata_only));
+        // After "verdict", as the schema lists it.
+        obj.shift_insert(3, "exit-code".into(), json!(exit_for(rep).code()));
     }
     v
 }
@@ -170,7 +208,7 @@ fn pct(n: u64, total: u64) -> f64 {
     }
 }
 
-fn print_human(path: &Path, image: Option<&Image<FileSource>>, rep: &Report) {
+fn print_human<S: Source>(path: &Path, image: Option<&Image<S>>, rep: &Report) {
     for f in &rep.findings {
         outln!("{f}");
     }
@@ -206,6 +244,9 @@ fn print_human(path: &Path, image: Option<&Image<FileSource>>, rep: &Report) {
             }
         }
         Verdict::Unsafe => outln!("The image is refused by the safety policy."),
+        Verdict::NeedsRandomAccess => outln!(
+            "The stream could not be checked without random access (give --spool FILE)."
+        ),
         Verdict::Corrupt | Verdict::Invalid => outln!(
             "{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
             errors.saturating_add(rep.omitted)

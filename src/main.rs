@@ -24,6 +24,9 @@ mod check;
 mod convert;
 mod exit;
 mod info;
+mod map;
+mod open;
+mod qemu;
 mod report;
 
 use std::path::PathBuf;
@@ -54,6 +57,9 @@ enum Command {
     Check(check::Args),
     /// Write the raw guest disk of an image (like `qemu-img convert -O raw`).
     Convert(convert::Args),
+    /// Print the guest ranges and where they are stored, as `qemu-img map`
+    /// does (byte-identical JSON).
+    Map(map::Args),
 }
 
 /// Options shared by every command that applies the safety policy.
@@ -143,6 +149,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(&args),
         Command::Check(args) => check::run(&args),
         Command::Convert(args) => convert::run(&args),
+        Command::Map(args) => map::run(&args),
     };
     exit.into()
 }

@@ -5,19 +5,9 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use qcow2_guard::{Error, Finding};
+use qcow2_guard::Error;
 
 use crate::exit::Exit;
-
-/// JSON object for a finding.
-pub fn finding_json(f: &Finding) -> Value {
-    json!({
-        "code": f.code,
-        "severity": f.severity.as_str(),
-        "offset": f.offset,
-        "message": f.message,
-    })
-}
 
 /// Report a fatal error for `path`: one line on stderr, or with `json` an
 /// error object on stdout. Returns the exit status.
@@ -26,11 +16,7 @@ pub fn fatal(path: &Path, e: &Error, json: bool) -> Exit {
     if json {
         let v = json!({
             "filename": path.display().to_string(),
-            "error": {
-                "code": e.code(),
-                "offset": e.offset(),
-                "message": e.to_string(),
-            },
+            "error": qcow2_guard::json::error(e),
             "exit-code": exit.code(),
         });
         print_json(&v);

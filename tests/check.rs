@@ -29,6 +29,8 @@ fn guard_check(p: &Path, extra: &[&str]) -> (i32, Value) {
     let v = json(&out);
     let c = code(&out);
     assert_eq!(v["exit-code"].as_i64(), Some(i64::from(c)), "{v:#}");
+    // Every image of this catalogue, also inspected as a stream.
+    assert_streams_like(p, extra, &v);
     (c, v)
 }
 

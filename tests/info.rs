@@ -315,6 +315,72 @@ fn check(build: impl FnOnce(&Path) -> Built) {
     assert_eq!(img.file_len(), img.source().len());
     if b.map {
         assert_map_agrees(&b.image, b.data_file.as_deref());
+        assert_map_identical(&b);
+    }
+}
+
+/// The backing chain below `image` as qemu-img resolves it (top first,
+/// the image itself left out).
+fn backing_chain(image: &Path) -> Vec<String> {
+    let out = qemu_img(&[
+        "info",
+        "--backing-chain",
+        "--output=json",
+        "-U",
+        image.to_str().unwrap(),
+    ]);
+    let chain: Value = serde_json::from_slice(&out.stdout).unwrap();
+    chain.as_array().unwrap()[1..]
+        .iter()
+        .map(|i| i["filename"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// `qcow2-guard map` prints exactly what `qemu-img map` prints, in JSON
+/// and human form (exit code, stdout, and the error line qemu-img gives
+/// for compressed clusters), with the backing chain and data file handed
+/// in explicitly.
+fn assert_map_identical(b: &Built) {
+    let p = b.image.to_str().unwrap();
+    let chain = backing_chain(&b.image);
+    let mut extra: Vec<&str> = b.allow.to_vec();
+    for layer in &chain {
+        extra.extend(["--backing", layer.as_str()]);
+    }
+    let df = b.data_file.as_ref().map(|d| d.to_str().unwrap().to_owned());
+    if let Some(df) = &df {
+        extra.extend(["--data-file", df.as_str()]);
+    }
+    for output in ["--output=json", "--output=human"] {
+        let qemu = qemu_img_status(&["map", output, "-f", "qcow2", p]);
+        let ours = guard(&[&["map", output, "-f", "qcow2"], &extra[..], &[p]].concat());
+        let show = |o: &std::process::Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        assert_eq!(
+            code(&ours),
+            qemu.status.code().unwrap(),
+            "{p} map {output}: qemu-img:\n{}\nours:\n{}",
+            show(&qemu),
+            show(&ours)
+        );
+        assert!(
+            ours.stdout == qemu.stdout,
+            "{p} map {output} differs:\nqemu-img:\n{}\nours:\n{}",
+            show(&qemu),
+            show(&ours)
+        );
+        if !qemu.status.success() {
+            let tail = |o: &std::process::Output| {
+                let e = String::from_utf8_lossy(&o.stderr).into_owned();
+                e.split_once(": ").map(|(_, m)| m.to_owned()).unwrap_or(e)
+            };
+            assert_eq!(tail(&ours), tail(&qemu), "{p} map {output}: error message");
+        }
     }
 }
 
@@ -524,6 +590,46 @@ matrix! {
             ..Built::plain(image)
         }
     };
+    zero_alloc => |d| {
+        // Zeroing allocated clusters keeps their host clusters (qemu-img
+        // map shows an offset for them); -u gives them up.
+        let image = create(d, "a.qcow2", "cluster_size=4k", "1M");
+        qemu_io(&image, &["write -P 1 0 64k", "write -z 0 16k", "write -z -u 16k 16k", "write -z 40k 4k"]);
+        Built::plain(image)
+    };
+    preallocation_metadata => |d| {
+        let image = create(d, "a.qcow2", "preallocation=metadata,cluster_size=4k", "2M");
+        qemu_io(&image, &["write -P 1 8k 4k", "write -P 2 1M 6k", "write -z 64k 8k"]);
+        Built::plain(image)
+    };
+    chain_of_three => |d| {
+        let base = create(d, "base.qcow2", "cluster_size=4k", "1M");
+        qemu_io(&base, &["write -P 1 0 512k", "write -z 600k 8k"]);
+        let mid = overlay(d, "mid.qcow2", &base, "qcow2");
+        qemu_io(&mid, &["write -P 2 64k 64k", "write -z 200k 16k", "discard 300k 64k"]);
+        let image = create(d, "top.qcow2", "backing_file=mid.qcow2,backing_fmt=qcow2,extended_l2=on,cluster_size=32k", "1M");
+        qemu_io(&image, &["write -P 3 4k 4k", "write -P 4 100k 40k", "write -z 480k 32k"]);
+        Built {
+            exit: 4,
+            refused: &["policy_backing_file"],
+            allow: &["--allow-backing"],
+            ..Built::plain(image)
+        }
+    };
+    short_backing => |d| {
+        // The backing image is smaller than the overlay: past its end the
+        // overlay's unallocated ranges read as zeros at depth 0.
+        let base = create(d, "base.qcow2", "", "256k");
+        qemu_io(&base, &["write -P 1 0 256k"]);
+        let image = create(d, "top.qcow2", "backing_file=base.qcow2,backing_fmt=qcow2", "1M");
+        qemu_io(&image, &["write -P 2 128k 4k", "write -P 3 768k 4k"]);
+        Built {
+            exit: 4,
+            refused: &["policy_backing_file"],
+            allow: &["--allow-backing"],
+            ..Built::plain(image)
+        }
+    };
     everything => |d| {
         // Many features at once: v3, 16k extended L2, zstd, lazy refcounts,
         // refcount_bits=8, backing file, snapshots and bitmaps.
@@ -575,6 +681,7 @@ fn sample_image() {
         return;
     }
     assert_map_agrees(&copy, None);
+    assert_map_identical(&Built::plain(copy));
 }
 
 /// `full-backing-filename` resolves a relative name against the image's

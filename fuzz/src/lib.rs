@@ -530,6 +530,7 @@ pub fn checked_reads<S: Source>(img: &Image<S>) -> Report {
         Verdict::Unsafe => 4,
         Verdict::Corrupt => 2,
         Verdict::Invalid => report.exit_code.clamp(1, 2),
+        Verdict::NeedsRandomAccess => 1,
     };
     assert_eq!(report.exit_code, want_exit, "{:?}", report.verdict);
     if !matches!(report.verdict, Verdict::Ok | Verdict::Leaks) {

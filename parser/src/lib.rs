@@ -165,15 +165,19 @@ pub mod extensions;
 pub mod finding;
 pub mod header;
 pub mod image;
+#[cfg(feature = "json")]
+pub mod json;
 pub mod l1l2;
 pub mod limits;
 pub mod metadata;
 pub mod policy;
 pub mod qemu;
+pub mod qemu_map;
 pub mod read;
 pub mod refcount;
 pub mod snapshot;
 pub mod source;
+pub mod stream;
 
 pub use check::{check, check_metadata, CheckOptions, Report, Verdict};
 pub use error::{Error, Result, What};
@@ -182,6 +186,7 @@ pub use header::{CompressionType, CryptMethod, Geometry, Header};
 pub use image::Image;
 pub use limits::Limits;
 pub use policy::Policy;
+pub use qemu_map::{qemu_map, MapEntry, MapLayer};
 pub use read::{Extent, ExtentKind, GuestReader};
 pub use source::{FileSource, Source};
 

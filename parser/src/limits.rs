@@ -89,6 +89,11 @@ pub struct Limits {
     /// Total bytes a full check may decompress; past this, compressed
     /// payloads are no longer verified and a finding says so.
     pub max_decompressed_bytes: u64,
+    /// Bytes a streamed inspection ([`crate::stream`]) may keep in memory:
+    /// the tables, refcount blocks and compressed payloads it still needs,
+    /// and its bookkeeping. Past it, what is needed is read back from the
+    /// spool, or the inspection ends needing random access.
+    pub max_retained_bytes: u64,
 }
 
 const KIB: u64 = 1 << 10;
@@ -109,6 +114,7 @@ impl Default for Limits {
             max_virtual_size: 64 * TIB,
             max_cache_bytes: 16 * MIB,
             max_decompressed_bytes: 1 << 50,
+            max_retained_bytes: 256 * MIB,
         }
     }
 }
@@ -140,6 +146,7 @@ impl Limits {
             max_virtual_size: 64 * TIB,
             max_cache_bytes: 4 * MIB,
             max_decompressed_bytes: 64 * MIB,
+            max_retained_bytes: 16 * MIB,
         }
     }
 }

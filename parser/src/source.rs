@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result, What};
+use crate::header::CompressionType;
 
 /// Random-access, read-only bytes of known length.
 ///
@@ -39,6 +40,29 @@ pub trait Source: Send + Sync {
     fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
         let len = self.len();
         Ok((offset < len).then_some((offset, len)))
+    }
+
+    /// What [`crate::compressed::decompress`] gave for the `len` bytes at
+    /// `offset` (`kind`, one cluster of `cluster_size` bytes), for sources
+    /// that already decompressed them: a streamed inspection
+    /// ([`crate::stream`]) verifies each compressed payload as it passes
+    /// and keeps only the outcome. `None` (the default): not known, the
+    /// reader reads the bytes and decompresses them itself.
+    fn payload_outcome(
+        &self,
+        kind: CompressionType,
+        offset: u64,
+        len: u64,
+        cluster_size: u64,
+    ) -> Option<std::result::Result<(), String>> {
+        let _ = (kind, offset, len, cluster_size);
+        None
+    }
+
+    /// Bytes the source occupies on its storage (a sparse file's
+    /// allocated blocks), when known. The default does not know.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
     }
 }
 
@@ -103,6 +127,13 @@ impl Source for FileSource {
         };
         Ok(Some((start, end)))
     }
+
+    /// `st_blocks * 512`, as QEMU's `bdrv_get_allocated_file_size`.
+    fn allocated_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata().ok()?;
+        Some(m.blocks().saturating_mul(512))
+    }
 }
 
 fn slice_read(data: &[u8], offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -152,6 +183,18 @@ impl<T: Source + ?Sized> Source for &T {
     fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
         (**self).data_run(offset)
     }
+    fn payload_outcome(
+        &self,
+        kind: CompressionType,
+        offset: u64,
+        len: u64,
+        cluster_size: u64,
+    ) -> Option<std::result::Result<(), String>> {
+        (**self).payload_outcome(kind, offset, len, cluster_size)
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        (**self).allocated_bytes()
+    }
 }
 
 impl<T: Source + ?Sized> Source for Arc<T> {
@@ -164,6 +207,18 @@ impl<T: Source + ?Sized> Source for Arc<T> {
     fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
         (**self).data_run(offset)
     }
+    fn payload_outcome(
+        &self,
+        kind: CompressionType,
+        offset: u64,
+        len: u64,
+        cluster_size: u64,
+    ) -> Option<std::result::Result<(), String>> {
+        (**self).payload_outcome(kind, offset, len, cluster_size)
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        (**self).allocated_bytes()
+    }
 }
 
 impl<T: Source + ?Sized> Source for Box<T> {
@@ -175,6 +230,18 @@ impl<T: Source + ?Sized> Source for Box<T> {
     }
     fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
         (**self).data_run(offset)
+    }
+    fn payload_outcome(
+        &self,
+        kind: CompressionType,
+        offset: u64,
+        len: u64,
+        cluster_size: u64,
+    ) -> Option<std::result::Result<(), String>> {
+        (**self).payload_outcome(kind, offset, len, cluster_size)
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        (**self).allocated_bytes()
     }
 }
 

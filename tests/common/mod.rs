@@ -203,3 +203,62 @@ pub fn ext_records<D: AsRef<[u8]>>(records: &[(u32, D)]) -> Vec<u8> {
     b.extend_from_slice(&[0; 8]);
     b
 }
+
+/// `qcow2-guard check --json ARGS -` with `image` on standard input (read
+/// as a stream), with `--spool` into `dir` when `spool`: (exit code, JSON).
+pub fn guard_stream(image: &Path, args: &[&str], spool: Option<&Path>) -> (i32, serde_json::Value) {
+    let mut c = Command::new(bin());
+    c.args(["check", "--json"]).args(args);
+    if let Some(sp) = spool {
+        c.arg("--spool").arg(sp);
+    }
+    c.arg("-");
+    c.stdin(std::fs::File::open(image).expect("open image"));
+    let out = run(&mut c);
+    let v = json(&out);
+    (code(&out), v)
+}
+
+/// The streamed check of `image` (`check -`, with a spool and without)
+/// against `whole`, the JSON of `check IMAGE` with the same `args`: equal
+/// with a spool (and the spool a copy of the image); equal without one,
+/// or `needs_random_access`. Returns whether it streamed without a spool.
+pub fn assert_streams_like(image: &Path, args: &[&str], whole: &serde_json::Value) -> bool {
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("filename");
+        }
+        v
+    };
+    let dir = tmpdir();
+    let spool = dir.path().join("spool.qcow2");
+    let (_, with) = guard_stream(image, args, Some(&spool));
+    assert_eq!(
+        strip(&with),
+        strip(whole),
+        "streamed with a spool: {}",
+        image.display()
+    );
+    assert_eq!(
+        std::fs::read(&spool).expect("spool written"),
+        std::fs::read(image).expect("image"),
+        "the spool is a copy of the stream"
+    );
+    let (code, without) = guard_stream(image, args, None);
+    if without["verdict"] == "needs_random_access" {
+        assert_eq!(code, 1, "{without:#}");
+        assert!(
+            without["findings"][0]["code"] == "needs_random_access",
+            "{without:#}"
+        );
+        return false;
+    }
+    assert_eq!(
+        strip(&without),
+        strip(whole),
+        "streamed without a spool: {}",
+        image.display()
+    );
+    true
+}

@@ -74,6 +74,9 @@ pub mod code {
     pub const DECOMPRESS_BUDGET: &str = "decompress_budget_exhausted";
     /// The file has more clusters than the check may track.
     pub const TOO_LARGE_TO_CHECK: &str = "too_large_to_check";
+    /// A streamed inspection without a spool needed bytes the stream had
+    /// already passed (a backward reference, or over the retention budget).
+    pub const NEEDS_RANDOM_ACCESS: &str = "needs_random_access";
 }
 
 /// What to check and how much to spend on it.
@@ -135,6 +138,10 @@ pub enum Verdict {
     /// qcow2 header, 1 when not a qcow2 image, unreadable, or too large to
     /// check.
     Invalid,
+    /// A streamed inspection without a spool could not finish: the check
+    /// needed bytes the stream had already passed ([`crate::stream`]).
+    /// Exit 1 (not checked); the findings name the byte ranges.
+    NeedsRandomAccess,
 }
 
 impl Verdict {
@@ -146,6 +153,7 @@ impl Verdict {
             Verdict::Unsafe => "unsafe",
             Verdict::Corrupt => "corrupt",
             Verdict::Invalid => "invalid",
+            Verdict::NeedsRandomAccess => "needs_random_access",
         }
     }
 }
@@ -226,7 +234,7 @@ impl Report {
     pub fn blocks_convert(&self) -> bool {
         matches!(
             self.verdict,
-            Verdict::Corrupt | Verdict::Unsafe | Verdict::Invalid
+            Verdict::Corrupt | Verdict::Unsafe | Verdict::Invalid | Verdict::NeedsRandomAccess
         )
     }
 }

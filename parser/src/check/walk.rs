@@ -864,16 +864,25 @@ impl<S: Source> Walk<'_, S> {
             .header()
             .compression()
             .unwrap_or(crate::CompressionType::Deflate);
-        self.out_buf.resize(idx(g.cluster_size), 0);
-        self.in_buf.resize(
-            idx(d.readable_end(self.file_len).saturating_sub(d.start())),
-            0,
-        );
-        if let Err(e) = read_into(self.img.source(), d.start(), &mut self.in_buf) {
-            self.f.error(&e);
-            return;
-        }
-        match compressed::decompress(kind, &self.in_buf, &mut self.out_buf) {
+        let len = d.readable_end(self.file_len).saturating_sub(d.start());
+        // A streamed inspection decompressed the payload as it passed.
+        let known = self
+            .img
+            .source()
+            .payload_outcome(kind, d.start(), len, g.cluster_size);
+        let outcome = match known {
+            Some(outcome) => outcome,
+            None => {
+                self.out_buf.resize(idx(g.cluster_size), 0);
+                self.in_buf.resize(idx(len), 0);
+                if let Err(e) = read_into(self.img.source(), d.start(), &mut self.in_buf) {
+                    self.f.error(&e);
+                    return;
+                }
+                compressed::decompress(kind, &self.in_buf, &mut self.out_buf)
+            }
+        };
+        match outcome {
             Ok(()) => {
                 self.stats.decompressed_clusters =
                     self.stats.decompressed_clusters.saturating_add(1);

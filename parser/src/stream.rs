@@ -1,0 +1,1401 @@
+//! Streaming inspection: the full [`check`] verdict while an upload is
+//! still arriving, in memory bounded by [`Limits::max_retained_bytes`].
+//!
+//! An [`Inspector`] is fed the file's bytes in order, in chunks of any
+//! size. It keeps only what the check will read: the header cluster, the
+//! L1, refcount, snapshot and bitmap tables, L2 tables and refcount
+//! blocks, and compressed payloads until they have been decompressed
+//! (never data clusters). What it needs is found by decoding what it has
+//! kept with the library's own decoders ([`Header::decode`],
+//! [`Extensions::decode`], [`L1Entry::decode`], [`Cluster::decode`],
+//! [`refcount::table_entry`], [`snapshot::read_table`],
+//! [`bitmap::read_directory`]); each compressed payload is decompressed by
+//! [`compressed::decompress`] as soon as it has passed, and only the
+//! outcome is kept.
+//!
+//! [`Inspector::finish`] then runs the ordinary [`Image::open_with`] and
+//! [`check`] over the kept bytes ([`Retained`], a sparse [`Source`]): the
+//! verdict comes from the same walker as a random-access check, by
+//! construction, and equals it whenever everything the check reads was
+//! kept.
+//!
+//! Tables may point backwards (an L2 table or refcount block written
+//! before the table that references it, as after snapshots or refcount
+//! table growth). What the stream had already passed is read back from a
+//! spool when the caller gives one ([`Inspector::with_spool`]: the file
+//! the upload is being written to); without one the inspection ends with
+//! [`Verdict::NeedsRandomAccess`] and a `needs_random_access` finding per
+//! byte range, never with a verdict built on missing bytes.
+//!
+//! [`Inspector::early`] says, once the header cluster has passed, whether
+//! the image is already refused (malformed header or extensions, tables
+//! over QEMU's caps or the limits, or the safety policy: backing file,
+//! data file, encryption, unknown features), so an upload can be aborted.
+//!
+//! ```
+//! use qcow2_guard::build::{GuestCluster, ImageModel};
+//! use qcow2_guard::stream::{Early, Inspector};
+//! use qcow2_guard::{check, CheckOptions, Image, Limits, Verdict};
+//!
+//! let bytes = ImageModel {
+//!     cluster_bits: 12,
+//!     clusters: vec![GuestCluster::Data(1), GuestCluster::Compressed(2)],
+//!     ..ImageModel::default()
+//! }
+//! .build()?
+//! .bytes;
+//!
+//! let mut inspector = Inspector::new(Limits::default(), CheckOptions::default());
+//! for chunk in bytes.chunks(4096) {
+//!     inspector.feed(chunk);
+//!     if let Early::Refused(findings) = inspector.early() {
+//!         panic!("refused early: {findings:?}");
+//!     }
+//! }
+//! let streamed = inspector.finish();
+//! let whole = check(&Image::open(bytes.as_slice())?, &CheckOptions::default());
+//! assert_eq!(streamed.report, whole);
+//! assert_eq!(streamed.report.verdict, Verdict::Ok);
+//! assert!(streamed.read_back.is_empty()); // every table came before its data
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [`check`]: crate::check()
+//! [`Header::decode`]: crate::Header::decode
+//! [`Extensions::decode`]: crate::extensions::Extensions::decode
+//! [`L1Entry::decode`]: crate::l1l2::L1Entry::decode
+//! [`Cluster::decode`]: crate::l1l2::Cluster::decode
+//! [`refcount::table_entry`]: crate::refcount::table_entry
+//! [`snapshot::read_table`]: crate::snapshot::read_table
+//! [`bitmap::read_directory`]: crate::bitmap::read_directory
+//! [`compressed::decompress`]: crate::compressed::decompress
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use crate::bitmap;
+use crate::check::{code, CheckOptions, Report, Stats, Verdict};
+use crate::compressed;
+use crate::error::Error;
+use crate::extensions::Extensions;
+use crate::finding::{Category, Finding, Severity};
+use crate::header::{CompressionType, Geometry, Header, AUTOCLEAR_BITMAPS};
+use crate::l1l2::{Cluster, L1Entry, L2Table};
+use crate::limits::Limits;
+use crate::refcount;
+use crate::snapshot;
+use crate::source::{be_u64s, Source};
+use crate::Image;
+
+/// Bytes the fixed header decoder reads (as [`Image::open_with`] does).
+const HEADER_PROBE: u64 = 112;
+
+/// Bookkeeping bytes counted against the budget per pending structure,
+/// per L2 table seen and per decompressed payload remembered.
+const PENDING_COST: u64 = 64;
+const SEEN_COST: u64 = 16;
+const MEMO_COST: u64 = 16;
+
+/// What can be said before the stream ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Early {
+    /// The header cluster has not passed yet.
+    Pending,
+    /// Header, extensions and the safety policy raise no objection so far
+    /// (the final verdict may still refuse the image).
+    Clear,
+    /// Already refused: the image cannot open (the error, as
+    /// [`Report::from_open_error`] words it) or the safety policy refuses
+    /// it (its error findings). The final verdict will not be `ok`.
+    Refused(Vec<Finding>),
+}
+
+/// The outcome of a streamed inspection.
+#[derive(Debug)]
+pub struct Finished {
+    /// The report: the same as [`crate::check()`] on the whole file, or
+    /// [`Verdict::NeedsRandomAccess`] without a spool when the check
+    /// needed bytes the stream had passed.
+    pub report: Report,
+    /// The image over the kept bytes (header facts, tables), when it
+    /// opened and the report is not `needs_random_access`.
+    pub image: Option<Image<Retained>>,
+    /// Byte ranges (start, end) the check needed after the stream had
+    /// passed them: read back from the spool, or, without one, the reason
+    /// for `needs_random_access`. Empty for a layout that streams.
+    pub read_back: Vec<(u64, u64)>,
+}
+
+/// Why a needed range was not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// It had passed before anything said it was needed.
+    Passed,
+    /// Keeping it would have gone over the retention budget.
+    Budget,
+}
+
+/// A structure still to come, and what to do with it once it is whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// The fixed header fields.
+    Probe,
+    /// The first cluster: header extensions.
+    FirstCluster,
+    /// The active L1 table, or a snapshot's: its L2 tables.
+    L1,
+    /// The refcount table: its blocks.
+    RefcountTable,
+    /// Snapshot table entry `index`, starting at `pos`.
+    Snapshot { pos: u64, index: u32 },
+    /// The bitmap directory: the bitmap tables.
+    BitmapDirectory,
+    /// An L2 table: its compressed payloads.
+    L2,
+    /// Only kept (refcount blocks, bitmap tables).
+    Keep,
+}
+
+/// The chunk being fed: in hand until `feed` returns.
+#[derive(Clone, Copy)]
+struct Chunk<'a> {
+    start: u64,
+    bytes: &'a [u8],
+}
+
+impl Chunk<'_> {
+    fn end(&self) -> u64 {
+        self.start.saturating_add(len64(self.bytes))
+    }
+
+    /// The chunk's bytes of `start .. end` (clipped to the chunk).
+    fn part(&self, start: u64, end: u64) -> &[u8] {
+        let s = start.max(self.start).saturating_sub(self.start);
+        let e = end.min(self.end()).saturating_sub(self.start);
+        match (usize::try_from(s), usize::try_from(e)) {
+            (Ok(s), Ok(e)) if s < e => self.bytes.get(s..e).unwrap_or(&[]),
+            _ => &[],
+        }
+    }
+}
+
+fn len64(b: &[u8]) -> u64 {
+    u64::try_from(b.len()).unwrap_or(u64::MAX)
+}
+
+/// Kept byte ranges, without overlaps, appended to as the stream passes.
+#[derive(Debug, Default)]
+struct Extents {
+    map: BTreeMap<u64, Vec<u8>>,
+    bytes: u64,
+}
+
+impl Extents {
+    /// The extent holding byte `p`: (start, bytes).
+    fn at(&self, p: u64) -> Option<(u64, &Vec<u8>)> {
+        let (&s, v) = self.map.range(..=p).next_back()?;
+        (s.saturating_add(len64(v)) > p).then_some((s, v))
+    }
+
+    /// Start of the first extent after `p`, or `limit`.
+    fn next_start(&self, p: u64, limit: u64) -> u64 {
+        self.map
+            .range(p.saturating_add(1)..)
+            .next()
+            .map_or(limit, |(&s, _)| s.min(limit))
+    }
+
+    /// Whether every byte of `start .. end` is kept.
+    fn covers(&self, start: u64, end: u64) -> bool {
+        let mut p = start;
+        while p < end {
+            match self.at(p) {
+                Some((s, v)) => p = s.saturating_add(len64(v)),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Bytes of `start .. end` not kept yet.
+    fn missing(&self, start: u64, end: u64) -> u64 {
+        let mut p = start;
+        let mut n = 0u64;
+        while p < end {
+            match self.at(p) {
+                Some((s, v)) => p = s.saturating_add(len64(v)),
+                None => {
+                    let q = self.next_start(p, end);
+                    n = n.saturating_add(q.saturating_sub(p));
+                    p = q;
+                }
+            }
+        }
+        n
+    }
+
+    /// Keep `data` (the bytes at `start`), skipping what is kept already.
+    fn insert(&mut self, start: u64, data: &[u8]) {
+        let end = start.saturating_add(len64(data));
+        let mut p = start;
+        while p < end {
+            if let Some((s, v)) = self.at(p) {
+                p = s.saturating_add(len64(v));
+                continue;
+            }
+            let q = self.next_start(p, end);
+            let from = usize::try_from(p.saturating_sub(start)).unwrap_or(usize::MAX);
+            let to = usize::try_from(q.saturating_sub(start)).unwrap_or(usize::MAX);
+            let piece = data.get(from..to).unwrap_or(&[]);
+            self.bytes = self.bytes.saturating_add(len64(piece));
+            // The stream arrives in order: usually this extends the last
+            // extent.
+            let before = self
+                .map
+                .range_mut(..p)
+                .next_back()
+                .filter(|(&s, v)| s.saturating_add(len64(v)) == p);
+            match before {
+                Some((_, v)) => v.extend_from_slice(piece),
+                None => {
+                    self.map.insert(p, piece.to_vec());
+                }
+            }
+            p = q;
+        }
+    }
+
+    /// Copy what is kept of `start .. start + buf.len()` into `buf`; the
+    /// ranges not kept go to `gaps`.
+    fn fill(&self, start: u64, buf: &mut [u8], gaps: &mut Vec<(u64, u64)>) {
+        let end = start.saturating_add(len64(buf));
+        let mut p = start;
+        while p < end {
+            let (q, src) = match self.at(p) {
+                Some((s, v)) => {
+                    let q = s.saturating_add(len64(v)).min(end);
+                    let from = usize::try_from(p.saturating_sub(s)).unwrap_or(usize::MAX);
+                    let to = usize::try_from(q.saturating_sub(s)).unwrap_or(usize::MAX);
+                    (q, v.get(from..to))
+                }
+                None => {
+                    let q = self.next_start(p, end);
+                    gaps.push((p, q));
+                    (q, None)
+                }
+            };
+            if let Some(src) = src {
+                let from = usize::try_from(p.saturating_sub(start)).unwrap_or(usize::MAX);
+                let to = usize::try_from(q.saturating_sub(start)).unwrap_or(usize::MAX);
+                if let Some(dst) = buf.get_mut(from..to) {
+                    dst.copy_from_slice(src);
+                }
+            }
+            p = q;
+        }
+    }
+}
+
+/// Outcomes of the payloads decompressed as they passed, by (start, len).
+#[derive(Debug, Default)]
+struct Memo {
+    /// Sorted (start, len) of payloads that decompressed to one cluster.
+    ok: Vec<(u64, u64)>,
+    failed: BTreeMap<(u64, u64), String>,
+}
+
+impl Memo {
+    fn knows(&self, key: (u64, u64)) -> bool {
+        self.ok.binary_search(&key).is_ok() || self.failed.contains_key(&key)
+    }
+
+    fn record(&mut self, key: (u64, u64), outcome: std::result::Result<(), String>) {
+        match outcome {
+            Ok(()) => {
+                // Payloads complete in stream order, so this is almost
+                // always an append.
+                let i = self.ok.partition_point(|k| *k < key);
+                if self.ok.get(i) != Some(&key) {
+                    self.ok.insert(i, key);
+                }
+            }
+            Err(reason) => {
+                self.failed.insert(key, reason);
+            }
+        }
+    }
+
+    fn get(&self, key: (u64, u64)) -> Option<std::result::Result<(), String>> {
+        if self.ok.binary_search(&key).is_ok() {
+            return Some(Ok(()));
+        }
+        self.failed.get(&key).map(|r| Err(r.clone()))
+    }
+
+    fn len(&self) -> u64 {
+        u64::try_from(self.ok.len().saturating_add(self.failed.len())).unwrap_or(u64::MAX)
+    }
+}
+
+/// What the header cluster said.
+#[derive(Debug, Clone)]
+struct Format {
+    header: Header,
+    geometry: Geometry,
+}
+
+/// A streaming inspector: [`Inspector::feed`] the file in order, then
+/// [`Inspector::finish`].
+pub struct Inspector {
+    limits: Limits,
+    opts: CheckOptions,
+    spool: Option<Arc<dyn Source>>,
+    pos: u64,
+    store: Extents,
+    /// Structures still to come: (start, end) -> what to do when whole.
+    pending: BTreeMap<(u64, u64), Vec<Need>>,
+    pending_count: u64,
+    /// Compressed payloads arriving: (start, end) -> bytes so far.
+    payloads: BTreeMap<(u64, u64), Vec<u8>>,
+    payload_bytes: u64,
+    memo: Memo,
+    seen_l2: HashSet<u64>,
+    format: Option<Format>,
+    extensions: Option<Extensions>,
+    refused: Option<Vec<Finding>>,
+    missed: Vec<(u64, u64, Why)>,
+    decompressed: u64,
+    out_buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Inspector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inspector")
+            .field("position", &self.pos)
+            .field("retained", &self.retained_bytes())
+            .field("spool", &self.spool.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inspector {
+    /// An inspector without a spool: a backward reference ends it with
+    /// [`Verdict::NeedsRandomAccess`].
+    pub fn new(limits: Limits, opts: CheckOptions) -> Inspector {
+        let mut me = Inspector {
+            limits,
+            opts,
+            spool: None,
+            pos: 0,
+            store: Extents::default(),
+            pending: BTreeMap::new(),
+            pending_count: 0,
+            payloads: BTreeMap::new(),
+            payload_bytes: 0,
+            memo: Memo::default(),
+            seen_l2: HashSet::new(),
+            format: None,
+            extensions: None,
+            refused: None,
+            missed: Vec::new(),
+            decompressed: 0,
+            out_buf: Vec::new(),
+        };
+        me.pending.insert((0, HEADER_PROBE), vec![Need::Probe]);
+        me.pending_count = 1;
+        me
+    }
+
+    /// An inspector that reads what the stream has passed back from
+    /// `spool`: a source holding at least every byte fed before the
+    /// current [`Inspector::feed`] call (the file the caller writes the
+    /// upload to; see [`SpoolFile`]), and the whole stream at
+    /// [`Inspector::finish`].
+    pub fn with_spool(limits: Limits, opts: CheckOptions, spool: Arc<dyn Source>) -> Inspector {
+        let mut me = Inspector::new(limits, opts);
+        me.spool = Some(spool);
+        me
+    }
+
+    /// Bytes fed so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Bytes held now, bookkeeping included (bounded by
+    /// [`Limits::max_retained_bytes`]).
+    pub fn retained_bytes(&self) -> u64 {
+        self.store
+            .bytes
+            .saturating_add(self.payload_bytes)
+            .saturating_add(self.pending_count.saturating_mul(PENDING_COST))
+            .saturating_add(len64_count(self.seen_l2.len()).saturating_mul(SEEN_COST))
+            .saturating_add(self.memo.len().saturating_mul(MEMO_COST))
+    }
+
+    /// Whether `extra` more bytes fit in the budget.
+    fn fits(&self, extra: u64) -> bool {
+        self.retained_bytes().saturating_add(extra) <= self.limits.max_retained_bytes
+    }
+
+    /// What can be said now (see [`Early`]).
+    pub fn early(&self) -> Early {
+        if let Some(f) = &self.refused {
+            return Early::Refused(f.clone());
+        }
+        if self.extensions.is_some() {
+            Early::Clear
+        } else {
+            Early::Pending
+        }
+    }
+
+    /// The next bytes of the file.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        let chunk = Chunk {
+            start: self.pos,
+            bytes,
+        };
+        let end = chunk.end();
+        let mut ready = Vec::new();
+
+        // Structures in flight take their part of the chunk.
+        let flying: Vec<(u64, u64)> = self.pending.range(..(end, 0)).map(|(k, _)| *k).collect();
+        for key in flying {
+            let (s, e) = key;
+            if !self.keep(s, e, chunk) {
+                if let Some(needs) = self.pending.remove(&key) {
+                    self.pending_count =
+                        self.pending_count.saturating_sub(len64_count(needs.len()));
+                }
+                continue;
+            }
+            if e <= end {
+                if let Some(needs) = self.pending.remove(&key) {
+                    self.pending_count =
+                        self.pending_count.saturating_sub(len64_count(needs.len()));
+                    ready.extend(needs.into_iter().map(|n| (key, n)));
+                }
+            }
+        }
+        let flying: Vec<(u64, u64)> = self.payloads.range(..(end, 0)).map(|(k, _)| *k).collect();
+        for key in flying {
+            if let Some(buf) = self.payloads.get_mut(&key) {
+                // Only bytes not taken from earlier chunks.
+                let have = key.0.saturating_add(len64(buf));
+                let take = chunk.part(have.max(chunk.start), key.1);
+                buf.extend_from_slice(take);
+                self.payload_bytes = self.payload_bytes.saturating_add(len64(take));
+                if key.0.saturating_add(len64(buf)) >= key.1 {
+                    if let Some(buf) = self.payloads.remove(&key) {
+                        self.payload_bytes = self.payload_bytes.saturating_sub(len64(&buf));
+                        self.verify(key, buf);
+                    }
+                }
+            }
+        }
+
+        while let Some((key, need)) = ready.pop() {
+            self.act(key, need, chunk, &mut ready);
+        }
+        self.pos = end;
+    }
+
+    /// Keep the chunk's part of `start .. end`. False when it cannot be
+    /// kept and there is no spool to read it back from (recorded).
+    fn keep(&mut self, start: u64, end: u64, chunk: Chunk<'_>) -> bool {
+        let part = chunk.part(start, end);
+        if part.is_empty() {
+            return true;
+        }
+        let from = start.max(chunk.start);
+        let to = from.saturating_add(len64(part));
+        let new = self.store.missing(from, to);
+        if !self.fits(new) {
+            if self.spool.is_some() {
+                return true;
+            }
+            self.missed.push((from, to, Why::Budget));
+            return false;
+        }
+        self.store.insert(from, part);
+        true
+    }
+
+    /// Ask for `start .. end`, to be handled as `need` once whole.
+    fn want(
+        &mut self,
+        start: u64,
+        end: u64,
+        need: Need,
+        chunk: Chunk<'_>,
+        ready: &mut Vec<((u64, u64), Need)>,
+    ) {
+        if end <= start {
+            return;
+        }
+        if start < chunk.start {
+            let back = end.min(chunk.start);
+            if self.spool.is_none() && !self.store.covers(start, back) {
+                self.missed.push((start, back, Why::Passed));
+                return;
+            }
+        }
+        if !self.keep(start, end, chunk) {
+            return;
+        }
+        if end <= chunk.end() {
+            ready.push(((start, end), need));
+            return;
+        }
+        if !self.fits(PENDING_COST) && self.spool.is_none() {
+            self.missed.push((start, end, Why::Budget));
+            return;
+        }
+        let needs = self.pending.entry((start, end)).or_default();
+        if !needs.contains(&need) {
+            needs.push(need);
+            self.pending_count = self.pending_count.saturating_add(1);
+        }
+    }
+
+    /// A compressed payload at `start .. end`: decompressed once whole.
+    fn want_payload(&mut self, start: u64, end: u64, chunk: Chunk<'_>) {
+        let key = (start, end);
+        if end <= start || self.memo.knows(key) || self.payloads.contains_key(&key) {
+            return;
+        }
+        let len = end.saturating_sub(start);
+        if !self.fits(len.saturating_add(MEMO_COST)) {
+            if self.spool.is_none() {
+                self.missed.push((start, end, Why::Budget));
+            }
+            return;
+        }
+        let mut buf = Vec::new();
+        if start < chunk.start {
+            let back = end.min(chunk.start);
+            match self.view(chunk).read(start, back.saturating_sub(start)) {
+                Some(b) => buf = b,
+                None => {
+                    self.missed.push((start, back, Why::Passed));
+                    return;
+                }
+            }
+        }
+        let from = start.saturating_add(len64(&buf));
+        buf.extend_from_slice(chunk.part(from, end));
+        if start.saturating_add(len64(&buf)) >= end {
+            self.verify(key, buf);
+        } else {
+            self.payload_bytes = self.payload_bytes.saturating_add(len64(&buf));
+            self.payloads.insert(key, buf);
+        }
+    }
+
+    /// Decompress a whole payload and remember the outcome (or keep its
+    /// bytes when the decompression budget is spent).
+    fn verify(&mut self, key: (u64, u64), buf: Vec<u8>) {
+        let Some(f) = &self.format else { return };
+        let cs = f.geometry.cluster_size;
+        let kind = f.header.compression().unwrap_or(CompressionType::Deflate);
+        if self.decompressed.saturating_add(cs) > self.limits.max_decompressed_bytes {
+            self.store.insert(key.0, &buf);
+            return;
+        }
+        self.decompressed = self.decompressed.saturating_add(cs);
+        self.out_buf
+            .resize(usize::try_from(cs).unwrap_or(usize::MAX), 0);
+        let outcome = compressed::decompress(kind, &buf, &mut self.out_buf);
+        self.memo
+            .record((key.0, key.1.saturating_sub(key.0)), outcome);
+    }
+
+    fn view<'a>(&'a self, chunk: Chunk<'a>) -> View<'a> {
+        View {
+            store: &self.store,
+            chunk,
+            spool: self.spool.as_deref(),
+            missing: Mutex::new(None),
+            from_chunk: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Keep what a decoder read from the chunk in hand through `view`.
+    fn keep_read(&mut self, read: Vec<(u64, u64)>, chunk: Chunk<'_>) {
+        for (s, e) in read {
+            self.keep(s, e, chunk);
+        }
+    }
+
+    fn refuse(&mut self, e: &Error) {
+        if self.refused.is_none() {
+            self.refused = Some(Report::from_open_error(e).findings);
+        }
+    }
+
+    /// A structure is whole: decode it and ask for what it points to.
+    fn act(
+        &mut self,
+        key: (u64, u64),
+        need: Need,
+        chunk: Chunk<'_>,
+        ready: &mut Vec<((u64, u64), Need)>,
+    ) {
+        let (start, end) = key;
+        let Some(bytes) = self.view(chunk).read(start, end.saturating_sub(start)) else {
+            return;
+        };
+        match need {
+            Need::Probe => self.header(&bytes, chunk, ready),
+            Need::FirstCluster => self.first_cluster(&bytes, chunk, ready),
+            Need::L1 => {
+                let Some(g) = self.format.as_ref().map(|f| f.geometry) else {
+                    return;
+                };
+                for (i, raw) in (0u64..).zip(be_u64s(&bytes)) {
+                    let at = start.saturating_add(i.saturating_mul(8));
+                    if let Ok(L1Entry {
+                        l2_offset: Some(l2),
+                        ..
+                    }) = L1Entry::decode(raw, at, &g)
+                    {
+                        if self.seen_l2.insert(l2) {
+                            let l2_end = l2.saturating_add(g.cluster_size);
+                            self.want(l2, l2_end, Need::L2, chunk, ready);
+                        }
+                    }
+                }
+            }
+            Need::RefcountTable => {
+                let Some(g) = self.format.as_ref().map(|f| f.geometry) else {
+                    return;
+                };
+                for (i, raw) in (0u64..).zip(be_u64s(&bytes)) {
+                    let at = start.saturating_add(i.saturating_mul(8));
+                    if let Ok(Some(block)) = refcount::table_entry(raw, at, &g) {
+                        let block_end = block.saturating_add(g.cluster_size);
+                        self.want(block, block_end, Need::Keep, chunk, ready);
+                    }
+                }
+            }
+            Need::Snapshot { pos, index } => self.snapshot(key, pos, index, chunk, ready),
+            Need::BitmapDirectory => self.bitmap_directory(chunk, ready),
+            Need::L2 => self.l2_table(start, &bytes, chunk),
+            Need::Keep => {}
+        }
+    }
+
+    fn header(&mut self, bytes: &[u8], chunk: Chunk<'_>, ready: &mut Vec<((u64, u64), Need)>) {
+        let header = match Header::decode(bytes) {
+            Ok(h) => h,
+            Err(e) => return self.refuse(&e),
+        };
+        // The file length is not known yet: only what holds for any
+        // length is judged now; the check judges the rest.
+        let geometry = match header.validate(u64::MAX, &self.limits) {
+            Ok(g) => g,
+            Err(e) => return self.refuse(&e),
+        };
+        let cs = geometry.cluster_size;
+        self.format = Some(Format { header, geometry });
+        self.want(0, cs, Need::FirstCluster, chunk, ready);
+    }
+
+    fn first_cluster(
+        &mut self,
+        bytes: &[u8],
+        chunk: Chunk<'_>,
+        ready: &mut Vec<((u64, u64), Need)>,
+    ) {
+        let Some(Format {
+            header: h,
+            geometry: g,
+        }) = self.format.clone()
+        else {
+            return;
+        };
+        let ext = match Extensions::decode(&h, bytes) {
+            Ok(x) => x,
+            Err(e) => return self.refuse(&e),
+        };
+        // The same evaluation as Image::policy_findings.
+        let refusals: Vec<Finding> = self
+            .opts
+            .policy
+            .evaluate(&h, &ext, self.limits.max_virtual_size)
+            .into_iter()
+            .filter(|f| f.severity == Severity::Error)
+            .collect();
+        if !refusals.is_empty() && self.refused.is_none() {
+            self.refused = Some(refusals);
+        }
+        let cs = g.cluster_size;
+        // The backing file name lies inside the first cluster (validated).
+        let l1_end = h
+            .l1_table_offset
+            .saturating_add(u64::from(h.l1_size).saturating_mul(8));
+        self.want(h.l1_table_offset, l1_end, Need::L1, chunk, ready);
+        let rt_end = h
+            .refcount_table_offset
+            .saturating_add(u64::from(h.refcount_table_clusters).saturating_mul(cs));
+        self.want(
+            h.refcount_table_offset,
+            rt_end,
+            Need::RefcountTable,
+            chunk,
+            ready,
+        );
+        if h.nb_snapshots > 0 {
+            let pos = h.snapshots_offset;
+            let fixed_end = pos.saturating_add(snapshot::FIXED_ENTRY_BYTES);
+            self.want(
+                pos,
+                fixed_end,
+                Need::Snapshot { pos, index: 0 },
+                chunk,
+                ready,
+            );
+        }
+        if let Some(b) = ext.bitmaps {
+            if h.autoclear_features & AUTOCLEAR_BITMAPS != 0
+                && b.directory_size <= self.limits.max_bitmap_directory_bytes
+            {
+                let dir_end = b.directory_offset.saturating_add(b.directory_size);
+                self.want(
+                    b.directory_offset,
+                    dir_end,
+                    Need::BitmapDirectory,
+                    chunk,
+                    ready,
+                );
+            }
+        }
+        self.extensions = Some(ext);
+    }
+
+    fn snapshot(
+        &mut self,
+        key: (u64, u64),
+        pos: u64,
+        index: u32,
+        chunk: Chunk<'_>,
+        ready: &mut Vec<((u64, u64), Need)>,
+    ) {
+        let Some(Format {
+            header: h,
+            geometry: g,
+        }) = self.format.clone()
+        else {
+            return;
+        };
+        // One entry at a time through the table reader itself; what it
+        // could not read yet is what to wait for.
+        let view = self.view(chunk);
+        let got = snapshot::read_table(&view, pos, 1, h.version, &g, &self.limits);
+        let missing = view.missing();
+        let read = view.read_from_chunk();
+        self.keep_read(read, chunk);
+        let snap = match got {
+            Ok(v) => v.into_iter().next(),
+            Err(e) => {
+                match missing {
+                    Some(range) if range != key => {
+                        let need = Need::Snapshot { pos, index };
+                        self.want(range.0, range.1, need, chunk, ready);
+                    }
+                    Some(_) => {}
+                    None => self.refuse(&e),
+                }
+                return;
+            }
+        };
+        let Some(s) = snap else { return };
+        let l1_bytes = u64::from(s.l1_size)
+            .saturating_mul(8)
+            .min(self.limits.max_l1_entries.saturating_mul(8));
+        let l1_end = s.l1_table_offset.saturating_add(l1_bytes);
+        self.want(s.l1_table_offset, l1_end, Need::L1, chunk, ready);
+        let next_index = index.saturating_add(1);
+        if next_index < h.nb_snapshots {
+            let next = s.entry_offset.saturating_add(s.entry_len);
+            let fixed_end = next.saturating_add(snapshot::FIXED_ENTRY_BYTES);
+            let need = Need::Snapshot {
+                pos: next,
+                index: next_index,
+            };
+            self.want(next, fixed_end, need, chunk, ready);
+        }
+    }
+
+    fn bitmap_directory(&mut self, chunk: Chunk<'_>, ready: &mut Vec<((u64, u64), Need)>) {
+        let (Some(f), Some(ext)) = (self.format.clone(), self.extensions.clone()) else {
+            return;
+        };
+        let Some(b) = ext.bitmaps else { return };
+        let view = self.view(chunk);
+        let got = bitmap::read_directory(&view, &b, f.header.size, &f.geometry, &self.limits);
+        let missing = view.missing();
+        let read = view.read_from_chunk();
+        self.keep_read(read, chunk);
+        let bitmaps = match got {
+            Ok(list) => list,
+            Err(e) => {
+                if missing.is_none() {
+                    self.refuse(&e);
+                }
+                return;
+            }
+        };
+        for bm in bitmaps {
+            let end = bm
+                .table_offset
+                .saturating_add(u64::from(bm.table_size).saturating_mul(8));
+            self.want(bm.table_offset, end, Need::Keep, chunk, ready);
+        }
+    }
+
+    fn l2_table(&mut self, start: u64, bytes: &[u8], chunk: Chunk<'_>) {
+        let Some(Format {
+            header: h,
+            geometry: g,
+        }) = self.format.clone()
+        else {
+            return;
+        };
+        // What the check decompresses (CheckOptions::decompress, not
+        // encrypted, no external data file).
+        if !self.opts.decompress || h.crypt_method != 0 || h.has_data_file() {
+            return;
+        }
+        let table = L2Table::new(start, bytes, &g);
+        for i in 0..table.len() {
+            let Some((raw, bm, at)) = table.raw(i) else {
+                break;
+            };
+            if let Ok(Cluster::Compressed(d)) = Cluster::decode(raw, bm, at, &g, false) {
+                if d.validate(at, &g, u64::MAX).is_ok() {
+                    self.want_payload(d.start(), d.end(), chunk);
+                }
+            }
+        }
+    }
+
+    /// The stream has ended: check what was kept.
+    pub fn finish(mut self) -> Finished {
+        let len = self.pos;
+        // Payloads cut by the end of the file: the check reads what there is.
+        for ((start, _), buf) in std::mem::take(&mut self.payloads) {
+            self.store.insert(start, &buf);
+        }
+        let format = self.format.as_ref();
+        let log = Arc::new(Mutex::new(BTreeSet::new()));
+        let src = Retained {
+            store: std::mem::take(&mut self.store),
+            len,
+            spool: self.spool.clone(),
+            memo: std::mem::take(&mut self.memo),
+            kind: format.and_then(|f| f.header.compression()),
+            cluster_size: format.map_or(0, |f| f.geometry.cluster_size),
+            read_back: Arc::clone(&log),
+        };
+        let (report, image) = match Image::open_with(src, self.limits.clone()) {
+            Ok(image) => (crate::check(&image, &self.opts), Some(image)),
+            Err(e) => (Report::from_open_error(&e), None),
+        };
+        let read_back: Vec<(u64, u64)> = log
+            .lock()
+            .map(|set| set.iter().copied().collect())
+            .unwrap_or_default();
+        if self.spool.is_none() && !read_back.is_empty() {
+            return Finished {
+                report: self.needs_random_access(&read_back),
+                image: None,
+                read_back,
+            };
+        }
+        Finished {
+            report,
+            image,
+            read_back,
+        }
+    }
+
+    fn needs_random_access(&self, ranges: &[(u64, u64)]) -> Report {
+        let mut findings = Vec::new();
+        for &(start, end) in ranges.iter().take(self.opts.max_findings) {
+            let budget = self
+                .missed
+                .iter()
+                .any(|&(s, e, why)| why == Why::Budget && s < end && start < e);
+            let why = if budget {
+                format!(
+                    "keeping them would have gone over the retention budget of {} bytes",
+                    self.limits.max_retained_bytes
+                )
+            } else {
+                "the reference to them comes later in the file".to_string()
+            };
+            findings.push(Finding::new(
+                code::NEEDS_RANDOM_ACCESS,
+                Severity::Error,
+                Category::Other,
+                start,
+                format!(
+                    "bytes {start:#x}..{end:#x} were needed after the stream had passed them ({why}); inspect with a spool, or check the stored file"
+                ),
+            ));
+        }
+        let total = len64_count(ranges.len());
+        let stored = len64_count(findings.len());
+        Report {
+            verdict: Verdict::NeedsRandomAccess,
+            exit_code: 1,
+            findings,
+            counts: [(code::NEEDS_RANDOM_ACCESS, total)].into_iter().collect(),
+            omitted: total.saturating_sub(stored),
+            stats: Stats::default(),
+        }
+    }
+}
+
+fn len64_count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// What the inspector can read while the stream is passing: what it
+/// kept, the chunk in hand, and the spool for what has passed. Its
+/// length is unknown (`u64::MAX`); a read of bytes still to come fails
+/// and is remembered, so the decoders say themselves what they need.
+struct View<'a> {
+    store: &'a Extents,
+    chunk: Chunk<'a>,
+    spool: Option<&'a dyn Source>,
+    missing: Mutex<Option<(u64, u64)>>,
+    /// Ranges read from the chunk in hand: to be kept, as the check will
+    /// read them too.
+    from_chunk: Mutex<Vec<(u64, u64)>>,
+}
+
+impl View<'_> {
+    fn read(&self, start: u64, len: u64) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; usize::try_from(len).ok()?];
+        self.read_exact_at(start, &mut buf).ok()?;
+        Some(buf)
+    }
+
+    /// The first read that asked for bytes still to come.
+    fn missing(&self) -> Option<(u64, u64)> {
+        self.missing.lock().ok().and_then(|m| *m)
+    }
+
+    /// Ranges read from the chunk in hand.
+    fn read_from_chunk(&self) -> Vec<(u64, u64)> {
+        self.from_chunk
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Source for View<'_> {
+    fn len(&self) -> u64 {
+        u64::MAX
+    }
+
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset.saturating_add(len64(buf));
+        let mut gaps = Vec::new();
+        self.store.fill(offset, buf, &mut gaps);
+        for (s, e) in gaps {
+            let mut p = s;
+            // Passed: the spool.
+            if p < self.chunk.start {
+                let q = e.min(self.chunk.start);
+                let Some(spool) = self.spool else {
+                    return Err(not_kept());
+                };
+                let dst = slice_of(buf, offset, p, q).ok_or_else(not_kept)?;
+                spool.read_exact_at(p, dst)?;
+                p = q;
+            }
+            // In hand: the chunk.
+            if p < e && p < self.chunk.end() {
+                let q = e.min(self.chunk.end());
+                let src = self.chunk.part(p, q);
+                let dst = slice_of(buf, offset, p, q).ok_or_else(not_kept)?;
+                if dst.len() != src.len() {
+                    return Err(not_kept());
+                }
+                dst.copy_from_slice(src);
+                if let Ok(mut v) = self.from_chunk.lock() {
+                    v.push((p, q));
+                }
+                p = q;
+            }
+            // Still to come.
+            if p < e {
+                if let Ok(mut m) = self.missing.lock() {
+                    m.get_or_insert((offset, end));
+                }
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "not arrived yet"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `buf`'s part for file bytes `p .. q`, `buf` holding bytes from `base`.
+fn slice_of(buf: &mut [u8], base: u64, p: u64, q: u64) -> Option<&mut [u8]> {
+    let from = usize::try_from(p.checked_sub(base)?).ok()?;
+    let to = usize::try_from(q.checked_sub(base)?).ok()?;
+    buf.get_mut(from..to)
+}
+
+fn not_kept() -> io::Error {
+    io::Error::other("not kept by the streamed inspection")
+}
+
+/// The bytes a streamed inspection kept, as a sparse [`Source`] of the
+/// whole stream's length: what [`Inspector::finish`] checks. Bytes not
+/// kept are read from the spool, or fail; either way the range is logged
+/// ([`Finished::read_back`]). Compressed payloads report the outcome of
+/// their decompression in the stream ([`Source::payload_outcome`]).
+pub struct Retained {
+    store: Extents,
+    len: u64,
+    spool: Option<Arc<dyn Source>>,
+    memo: Memo,
+    kind: Option<CompressionType>,
+    cluster_size: u64,
+    read_back: Arc<Mutex<BTreeSet<(u64, u64)>>>,
+}
+
+impl std::fmt::Debug for Retained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retained")
+            .field("len", &self.len)
+            .field("kept", &self.store.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Source for Retained {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset.checked_add(len64(buf));
+        if end.is_none_or(|e| e > self.len) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the stream",
+            ));
+        }
+        let mut gaps = Vec::new();
+        self.store.fill(offset, buf, &mut gaps);
+        for (s, e) in gaps {
+            if let Ok(mut log) = self.read_back.lock() {
+                log.insert((s, e));
+            }
+            let Some(spool) = &self.spool else {
+                return Err(not_kept());
+            };
+            let dst = slice_of(buf, offset, s, e).ok_or_else(not_kept)?;
+            spool.read_exact_at(s, dst)?;
+        }
+        Ok(())
+    }
+
+    fn payload_outcome(
+        &self,
+        kind: CompressionType,
+        offset: u64,
+        len: u64,
+        cluster_size: u64,
+    ) -> Option<std::result::Result<(), String>> {
+        if self.kind != Some(kind) || self.cluster_size != cluster_size {
+            return None;
+        }
+        self.memo.get((offset, len))
+    }
+}
+
+/// A spool file that is still being written: its length is asked for at
+/// every read (a [`crate::FileSource`] takes it once, at open).
+#[derive(Debug)]
+pub struct SpoolFile {
+    file: File,
+}
+
+impl SpoolFile {
+    /// Read the spool through `file` (opened for reading; the caller
+    /// appends to it, through this or another handle).
+    pub fn new(file: File) -> SpoolFile {
+        SpoolFile { file }
+    }
+}
+
+impl Source for SpoolFile {
+    fn len(&self) -> u64 {
+        self.file.metadata().map_or(0, |m| m.len())
+    }
+
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::{GuestCluster, ImageModel, SnapshotModel};
+
+    fn whole(bytes: &[u8], opts: &CheckOptions) -> Report {
+        match Image::open_with(bytes, Limits::default()) {
+            Ok(image) => crate::check(&image, opts),
+            Err(e) => Report::from_open_error(&e),
+        }
+    }
+
+    fn streamed(bytes: &[u8], chunk: usize, spool: bool, limits: Limits) -> Finished {
+        let opts = CheckOptions::default();
+        let mut i = if spool {
+            Inspector::with_spool(limits, opts, Arc::new(bytes.to_vec()))
+        } else {
+            Inspector::new(limits, opts)
+        };
+        for c in bytes.chunks(chunk.max(1)) {
+            i.feed(c);
+        }
+        assert_eq!(i.position(), len64(bytes));
+        i.finish()
+    }
+
+    fn model() -> Vec<u8> {
+        ImageModel {
+            cluster_bits: 9,
+            clusters: vec![
+                GuestCluster::Data(1),
+                GuestCluster::Compressed(2),
+                GuestCluster::Zero,
+                GuestCluster::Compressed(3),
+                GuestCluster::Unallocated,
+                GuestCluster::Data(4),
+            ],
+            snapshots: vec![SnapshotModel { name: "s".into() }],
+            ..ImageModel::default()
+        }
+        .build()
+        .unwrap()
+        .bytes
+    }
+
+    fn sample() -> Vec<u8> {
+        std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/sample.qcow2"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn any_chunking_gives_the_whole_file_report() {
+        let bytes = model();
+        let want = whole(&bytes, &CheckOptions::default());
+        assert_eq!(want.verdict, Verdict::Ok);
+        assert!(want.stats.decompressed_clusters > 0);
+        for chunk in [1, 7, 512, 513, 4096, bytes.len()] {
+            for spool in [false, true] {
+                let got = streamed(&bytes, chunk, spool, Limits::default());
+                assert_eq!(got.report, want, "chunk {chunk} spool {spool}");
+                assert!(got.read_back.is_empty(), "chunk {chunk}");
+                assert!(got.image.is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn backward_tables_need_the_spool() {
+        // The sample's L2 tables (0x3000, 0x4000) come before the L1
+        // table (0x28000) that points at them: written before a snapshot.
+        let bytes = sample();
+        let want = whole(&bytes, &CheckOptions::default());
+        let got = streamed(&bytes, 4096, false, Limits::default());
+        assert_eq!(got.report.verdict, Verdict::NeedsRandomAccess);
+        assert_eq!(got.report.exit_code, 1);
+        // The active L1 table's second L2 table, and the snapshot's L1
+        // table (0x39000, before the snapshot table at 0x3a000); the L2
+        // table at 0x3000 that only the snapshot maps is never reached.
+        assert_eq!(got.read_back, vec![(0x4000, 0x5000), (0x39000, 0x39010)]);
+        let f = &got.report.findings;
+        assert_eq!(f.len(), 2);
+        assert_eq!(
+            (f[0].code, f[0].offset),
+            (code::NEEDS_RANDOM_ACCESS, 0x4000)
+        );
+        assert!(f[0].message.contains("comes later in the file"), "{}", f[0]);
+        assert!(got.report.blocks_convert());
+        // With a spool: read back, the same report.
+        let got = streamed(&bytes, 4096, true, Limits::default());
+        assert_eq!(got.report, want);
+        assert_eq!(
+            got.read_back,
+            vec![(0x3000, 0x4000), (0x4000, 0x5000), (0x39000, 0x39010)]
+        );
+        // In one chunk nothing has passed before it is known to be needed.
+        let got = streamed(&bytes, bytes.len(), false, Limits::default());
+        assert_eq!(got.report, want);
+        assert!(got.read_back.is_empty());
+    }
+
+    #[test]
+    fn memory_stays_in_the_budget() {
+        let bytes = model();
+        let want = whole(&bytes, &CheckOptions::default());
+        let limits = Limits {
+            max_retained_bytes: 1024,
+            ..Limits::default()
+        };
+        let got = streamed(&bytes, 512, false, limits.clone());
+        assert_eq!(got.report.verdict, Verdict::NeedsRandomAccess);
+        assert!(
+            got.report.findings[0]
+                .message
+                .contains("retention budget of 1024 bytes"),
+            "{}",
+            got.report.findings[0]
+        );
+        let got = streamed(&bytes, 512, true, limits.clone());
+        assert_eq!(got.report, want);
+        assert!(!got.read_back.is_empty());
+        // And the inspector never held more than the budget.
+        let mut i = Inspector::new(limits, CheckOptions::default());
+        for c in bytes.chunks(100) {
+            i.feed(c);
+            assert!(i.retained_bytes() <= 1024, "{}", i.retained_bytes());
+        }
+    }
+
+    #[test]
+    fn payloads_are_decompressed_as_they_pass_and_dropped() {
+        let bytes = ImageModel {
+            cluster_bits: 12,
+            clusters: (0..64).map(GuestCluster::Compressed).collect(),
+            ..ImageModel::default()
+        }
+        .build()
+        .unwrap()
+        .bytes;
+        let mut i = Inspector::new(Limits::default(), CheckOptions::default());
+        i.feed(&bytes);
+        // Header cluster, L1 and refcount tables, blocks, L2 tables: a few
+        // clusters, none of the compressed payloads.
+        assert!(i.store.bytes <= 6 * 4096, "{}", i.store.bytes);
+        assert_eq!(i.memo.ok.len(), 64);
+        let got = i.finish();
+        assert_eq!(got.report, whole(&bytes, &CheckOptions::default()));
+        assert_eq!(got.report.stats.decompressed_clusters, 64);
+    }
+
+    #[test]
+    fn a_corrupt_payload_is_reported_like_the_whole_file_check() {
+        let built = ImageModel {
+            cluster_bits: 12,
+            clusters: vec![GuestCluster::Compressed(1), GuestCluster::Compressed(2)],
+            ..ImageModel::default()
+        }
+        .build()
+        .unwrap();
+        let image = Image::open(built.bytes.as_slice()).unwrap();
+        let Ok(Cluster::Compressed(d)) = image.cluster(0) else {
+            panic!("not compressed")
+        };
+        let mut bytes = built.bytes.clone();
+        let at = usize::try_from(d.start()).unwrap();
+        bytes[at..at + 8].copy_from_slice(&[0xff; 8]);
+        let want = whole(&bytes, &CheckOptions::default());
+        assert!(
+            want.has("decompress_failed") || want.verdict == Verdict::Corrupt,
+            "{want:?}"
+        );
+        for chunk in [1, 100, bytes.len()] {
+            assert_eq!(
+                streamed(&bytes, chunk, false, Limits::default()).report,
+                want
+            );
+        }
+    }
+
+    #[test]
+    fn early_verdicts() {
+        let bytes = model();
+        let mut i = Inspector::new(Limits::default(), CheckOptions::default());
+        i.feed(&bytes[..100]);
+        assert_eq!(i.early(), Early::Pending);
+        i.feed(&bytes[100..600]);
+        assert_eq!(i.early(), Early::Clear);
+
+        // A backing file: refused once the header cluster has passed.
+        let mut b = ImageModel::default().build().unwrap().bytes;
+        let name = b"/etc/passwd";
+        b[0x8000..0x8000 + name.len()].copy_from_slice(name);
+        b[8..16].copy_from_slice(&0x8000u64.to_be_bytes());
+        b[16..20].copy_from_slice(&u32::try_from(name.len()).unwrap().to_be_bytes());
+        let mut i = Inspector::new(Limits::default(), CheckOptions::default());
+        i.feed(&b[..0x8000]);
+        assert_eq!(i.early(), Early::Pending);
+        i.feed(&b[0x8000..0x10000]);
+        let Early::Refused(f) = i.early() else {
+            panic!("not refused: {:?}", i.early())
+        };
+        assert_eq!(f[0].code, "policy_backing_file");
+        i.feed(&b[0x10000..]);
+        let r = i.finish().report;
+        assert_eq!(r.verdict, Verdict::Unsafe);
+        assert_eq!(r, whole(&b, &CheckOptions::default()));
+
+        // Not qcow2: refused from the first bytes.
+        let mut i = Inspector::new(Limits::default(), CheckOptions::default());
+        i.feed(&[0u8; 200]);
+        let Early::Refused(f) = i.early() else {
+            panic!("not refused")
+        };
+        assert_eq!(f[0].code, "bad_magic");
+        assert_eq!(i.finish().report.verdict, Verdict::Invalid);
+    }
+
+    #[test]
+    fn short_and_empty_streams() {
+        let bytes = model();
+        for n in [0, 3, 50, 111, 112, 300, 512, 1000] {
+            let part = &bytes[..n];
+            let want = whole(part, &CheckOptions::default());
+            assert_eq!(
+                streamed(part, 1, false, Limits::default()).report,
+                want,
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn extents_keep_bytes_once() {
+        let mut e = Extents::default();
+        e.insert(10, &[1, 2, 3]);
+        e.insert(13, &[4, 5]);
+        e.insert(8, &[9, 9, 7, 7, 7, 7, 7, 7, 6]);
+        assert_eq!(e.bytes, 9);
+        assert!(e.covers(8, 17) && !e.covers(7, 9) && !e.covers(16, 18));
+        let mut buf = [0u8; 11];
+        let mut gaps = Vec::new();
+        e.fill(7, &mut buf, &mut gaps);
+        assert_eq!(buf, [0, 9, 9, 1, 2, 3, 4, 5, 7, 6, 0]);
+        assert_eq!(gaps, vec![(7, 8), (17, 18)]);
+        assert_eq!(e.missing(0, 20), 11);
+    }
+}
