@@ -55,6 +55,7 @@ use qcow2_guard::stream::{Inspector, SpoolFile};
 use qcow2_guard::{FileSource, Image, Source};
 
 use crate::exit::Exit;
+use crate::qemu::QemuArgs;
 use crate::report;
 use crate::{ImageArg, PolicyArgs};
 
@@ -62,9 +63,15 @@ use crate::{ImageArg, PolicyArgs};
 pub struct Args {
     #[command(flatten)]
     image: ImageArg,
-    /// Print JSON (schema in the documentation of `check`).
+    /// Print JSON (schema in the documentation of `check`); the same as
+    /// --output=json.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    qemu: QemuArgs,
+    /// Print nothing; the exit status tells (qemu-img's -q).
+    #[arg(short, long)]
+    quiet: bool,
     /// Check metadata only: do not decompress compressed clusters.
     #[arg(long)]
     metadata_only: bool,
@@ -79,12 +86,16 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Exit {
     let path = &args.image.image;
+    let json = args.qemu.json(args.json);
+    if let Err(e) = args.qemu.require_qcow2(path) {
+        return e;
+    }
     if path.as_os_str() == "-" {
         return run_stream(args);
     }
     let src = match FileSource::open(path) {
         Ok(s) => s,
-        Err(e) => return report::unreadable(path, &e, args.json),
+        Err(e) => return report::unreadable(path, &e, json),
     };
     let opts = CheckOptions {
         policy: args.policy.policy(),
@@ -95,13 +106,19 @@ pub fn run(args: &Args) -> Exit {
         Ok(image) => (check::check(&image, &opts), Some(image)),
         Err(e) => (Report::from_open_error(&e), None),
     };
-    let v = report_json(path, image.as_ref(), &rep, args.metadata_only);
-    if args.json {
-        report::print_json(&v);
+    emit(args, path, image.as_ref(), &rep)
+}
+
+/// Print the report as asked (nothing with -q) and return the exit status.
+fn emit<S: Source>(args: &Args, path: &Path, image: Option<&Image<S>>, rep: &Report) -> Exit {
+    if args.quiet {
+        // qemu-img check -q: the exit status only.
+    } else if args.qemu.json(args.json) {
+        report::print_json(&report_json(path, image, rep, args.metadata_only));
     } else {
-        print_human(path, image.as_ref(), &rep);
+        print_human(path, image, rep);
     }
-    exit_for(&rep)
+    exit_for(rep)
 }
 
 /// `check -`: inspect standard input as it arrives ([`Inspector`]), with
@@ -116,12 +133,12 @@ fn run_stream(args: &Args) -> Exit {
     let limits = args.policy.limits();
     let spool = match args.spool.as_deref().map(spool_file).transpose() {
         Ok(s) => s,
-        Err((p, e)) => return report::unreadable(&p, &e, args.json),
+        Err((p, e)) => return report::unreadable(&p, &e, args.qemu.json(args.json)),
     };
     let mut inspector = match &spool {
         Some(tmp) => match tmp.as_file().try_clone() {
             Ok(f) => Inspector::with_spool(limits, opts, Arc::new(SpoolFile::new(f))),
-            Err(e) => return report::unreadable(tmp.path(), &e, args.json),
+            Err(e) => return report::unreadable(tmp.path(), &e, args.qemu.json(args.json)),
         },
         None => Inspector::new(limits, opts),
     };
@@ -132,12 +149,12 @@ fn run_stream(args: &Args) -> Exit {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return report::unreadable(path, &e, args.json),
+            Err(e) => return report::unreadable(path, &e, args.qemu.json(args.json)),
         };
         let chunk = buf.get(..n).unwrap_or(&[]);
         if let Some(tmp) = &spool {
             if let Err(e) = tmp.as_file().write_all(chunk) {
-                return report::unreadable(tmp.path(), &e, args.json);
+                return report::unreadable(tmp.path(), &e, args.qemu.json(args.json));
             }
         }
         inspector.feed(chunk);
@@ -145,16 +162,10 @@ fn run_stream(args: &Args) -> Exit {
     let done = inspector.finish();
     if let (Some(tmp), Some(target)) = (spool, args.spool.as_deref()) {
         if let Err(e) = tmp.persist(target) {
-            return report::unreadable(target, &e.error, args.json);
+            return report::unreadable(target, &e.error, args.qemu.json(args.json));
         }
     }
-    let v = report_json(path, done.image.as_ref(), &done.report, args.metadata_only);
-    if args.json {
-        report::print_json(&v);
-    } else {
-        print_human(path, done.image.as_ref(), &done.report);
-    }
-    exit_for(&done.report)
+    emit(args, path, done.image.as_ref(), &done.report)
 }
 
 /// A temporary file beside `target` (removed unless persisted).

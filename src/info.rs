@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use qcow2_guard::{FileSource, Image, Severity};
 
 use crate::exit::Exit;
+use crate::qemu::QemuArgs;
 use crate::report;
 use crate::{ImageArg, PolicyArgs};
 
@@ -16,25 +17,32 @@ use crate::{ImageArg, PolicyArgs};
 pub struct Args {
     #[command(flatten)]
     image: ImageArg,
-    /// Print JSON (keys follow `qemu-img info --output=json`).
+    /// Print JSON (keys follow `qemu-img info --output=json`); the same
+    /// as --output=json.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    qemu: QemuArgs,
     #[command(flatten)]
     policy: PolicyArgs,
 }
 
 pub fn run(args: &Args) -> Exit {
     let path = &args.image.image;
+    let json = args.qemu.json(args.json);
+    if let Err(e) = args.qemu.require_qcow2(path) {
+        return e;
+    }
     let src = match FileSource::open(path) {
         Ok(s) => s,
-        Err(e) => return report::unreadable(path, &e, args.json),
+        Err(e) => return report::unreadable(path, &e, json),
     };
     let actual_size = std::fs::metadata(path)
         .map(|m| m.blocks().saturating_mul(512))
         .ok();
     let image = match Image::open_with(src, args.policy.limits()) {
         Ok(i) => i,
-        Err(e) => return report::fatal(path, &e, args.json),
+        Err(e) => return report::fatal(path, &e, json),
     };
     let findings = image.policy_findings(&args.policy.policy());
     let exit = if findings.iter().any(|f| f.severity == Severity::Error) {
@@ -43,7 +51,7 @@ pub fn run(args: &Args) -> Exit {
         Exit::Ok
     };
     let v = info_json(path, &image, actual_size, &findings, exit);
-    if args.json {
+    if json {
         report::print_json(&v);
     } else {
         print_human(&v);

@@ -18,12 +18,14 @@ use std::sync::Arc;
 use arbitrary::{Arbitrary, Unstructured};
 use qcow2_guard::build::{GuestCluster, ImageModel, SnapshotModel};
 use qcow2_guard::check::{code, CheckOptions, Report, Verdict};
-use qcow2_guard::compressed::{self, Descriptor};
+use qcow2_guard::compressed::Descriptor;
 use qcow2_guard::extensions::{Extensions, FeatureKind};
 use qcow2_guard::l1l2::{Cluster, L1Entry};
 use qcow2_guard::read::RawBacking;
 use qcow2_guard::{bitmap, refcount, CompressionType, Geometry, Header, Image, Limits, Policy};
 use qcow2_guard::{Error, ExtentKind, FileSource, Source};
+
+pub mod qemu_decompress;
 
 /// Inputs longer than this are ignored.
 pub const MAX_INPUT: usize = 1 << 20;
@@ -602,7 +604,7 @@ pub fn decompress(data: &[u8]) {
     let entry = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
     let file = &data[10..];
     let g = Geometry::new(cluster_bits, false, 4);
-    let mut out = vec![0u8; g.cluster_size as usize];
+    let cluster = g.cluster_size as usize;
 
     let d = Descriptor::decode(entry, &g);
     assert_eq!(
@@ -619,9 +621,9 @@ pub fn decompress(data: &[u8]) {
         let end = d.readable_end(len);
         assert!(end <= len && d.end() - end < 512, "readable range");
         let stream = &file[d.start() as usize..end as usize];
-        let _ = compressed::decompress(kind, stream, &mut out);
+        qemu_decompress::differential(kind, stream, cluster);
     }
-    let _ = compressed::decompress(kind, file, &mut out);
+    qemu_decompress::differential(kind, file, cluster);
 }
 
 /// A guest cluster of the structured model.

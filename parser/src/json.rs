@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::check::Report;
+use crate::check::{Report, Stats};
 use crate::extensions::FeatureKind;
 use crate::header::{
     CryptMethod, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
@@ -92,9 +92,42 @@ pub fn check<S: Source>(
                 "decompressed-clusters": s.decompressed_clusters,
             }),
         );
+        qemu_check_fields(&mut v, s);
     }
     v.insert("metadata-only".into(), json!(metadata_only));
     Value::Object(v)
+}
+
+/// The fields of `qemu-img check --output=json`, present when qemu-img
+/// shows them (counts only when non-zero, cluster totals only when
+/// something is allocated).
+fn qemu_check_fields(obj: &mut Map<String, Value>, s: &Stats) {
+    let mut put = |k: &str, v: u64, show: bool| {
+        if show {
+            obj.insert(k.into(), json!(v));
+        }
+    };
+    let allocated = s.allocated_clusters > 0 && s.total_clusters > 0;
+    put(
+        "image-end-offset",
+        s.image_end_offset,
+        s.image_end_offset > 0,
+    );
+    put(
+        "compressed-clusters",
+        s.compressed_clusters,
+        allocated && s.compressed_clusters > 0,
+    );
+    put("total-clusters", s.total_clusters, allocated);
+    put("corruptions", s.corruptions, s.corruptions > 0);
+    put("check-errors", 0, true);
+    put("leaks", s.leaks, s.leaks > 0);
+    put("allocated-clusters", s.allocated_clusters, allocated);
+    put(
+        "fragmented-clusters",
+        s.fragmented_clusters,
+        allocated && s.fragmented_clusters > 0,
+    );
 }
 
 /// The `info --json` document for `image` opened from `path`: the keys of
@@ -112,6 +145,7 @@ pub fn info<S: Source>(
     let g = image.geometry();
     let ext = image.extensions();
     let mut top = Map::new();
+    top.insert("children".into(), file_child(path, image, actual_size));
     top.insert("filename".into(), json!(path.display().to_string()));
     top.insert("format".into(), json!("qcow2"));
     // QEMU counts the disk in 512-byte sectors and drops a partial last
@@ -267,4 +301,26 @@ pub fn info<S: Source>(
         Value::Array(findings.iter().map(finding).collect()),
     );
     Value::Object(top)
+}
+
+/// qemu-img info's `children`: the protocol node under the image. The
+/// external data file, named inside the image, is never opened, so its
+/// node is not shown.
+fn file_child<S: Source>(path: &Path, image: &Image<S>, actual_size: Option<u64>) -> Value {
+    let mut file = Map::new();
+    file.insert("children".into(), json!([]));
+    // QEMU counts the file in 512-byte sectors, the last one partial.
+    let sectors = image.file_len().div_ceil(512).saturating_mul(512);
+    file.insert("virtual-size".into(), json!(sectors));
+    file.insert("filename".into(), json!(path.display().to_string()));
+    file.insert("format".into(), json!("file"));
+    if let Some(a) = actual_size {
+        file.insert("actual-size".into(), json!(a));
+    }
+    file.insert(
+        "format-specific".into(),
+        json!({"type": "file", "data": {}}),
+    );
+    file.insert("dirty-flag".into(), json!(false));
+    json!([{"name": "file", "info": Value::Object(file)}])
 }
