@@ -13,6 +13,8 @@
 #                       the read target's 16-byte trailer (whole disk; an
 #                       unaligned range too for images under 10 KB)
 #   corpus/check/       the tables images but the 64 KiB-cluster one
+#   corpus/stream/      every corpus/check/ input after a 4-byte seed (the
+#                       stream target draws its chunk sizes from it)
 #
 # Files it makes are overwritten; other files are kept: inputs a fuzzer
 # found that add coverage (merged with -merge=1, named by their SHA-1) and
@@ -23,7 +25,7 @@ out=corpus
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-mkdir -p "$out/tables" "$out/header" "$out/decompress" "$out/structured" "$out/read" "$out/check"
+mkdir -p "$out/tables" "$out/header" "$out/decompress" "$out/structured" "$out/read" "$out/check" "$out/stream"
 
 io() { # io IMAGE CMD...: run qemu-io commands, quietly
     local img=$1; shift
@@ -189,9 +191,15 @@ for name, flags, tag in (("v3-c512-backing", 2, "with-backing"),
 data = open(os.path.join(tables, "v3-c512.qcow2"), "rb").read()
 open(os.path.join(out, "read", "v3-c512-past-end"), "wb").write(
     data + struct.pack(">QIBHB", 32768 - 100, 200, 1, 0, 0))
+# stream: the check inputs (made here or merged) after a 4-byte seed.
+check = os.path.join(out, "check")
+for name in sorted(os.listdir(check)):
+    data = open(os.path.join(check, name), "rb").read()
+    seed = struct.pack(">I", zlib.crc32(name.encode()))
+    open(os.path.join(out, "stream", name), "wb").write(seed + data)
 PY
 
 du -sh "$out"
-for d in tables header decompress structured read check; do
+for d in tables header decompress structured read check stream; do
     echo "$d: $(ls "$out/$d" | wc -l) files, $(du -sb "$out/$d" | cut -f1) bytes"
 done

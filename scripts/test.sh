@@ -4,13 +4,17 @@
 # (maturin, abi3 wheel) into a virtual environment, and its pytest suite.
 #
 # Needs cargo, qemu-img/qemu-io, python3 with venv and pip, and PyPI (pip
-# installs maturin, pytest and oslo.utils into the venv). The venv is kept
+# installs maturin, pytest, oslo.utils and cryptography into the venv). The venv is kept
 # in target/python-venv (QCOW2_GUARD_VENV to move it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== Rust: cargo test --workspace"
-cargo test --workspace
+# The hostile catalogue's images are kept for the Python side-by-side
+# tests (tests/common: export).
+images="$PWD/target/python-test-images"
+rm -rf "$images"
+QCOW2_GUARD_EXPORT_IMAGES="$images" cargo test --workspace
 
 echo "== Python: build and install python/ into a venv"
 venv=${QCOW2_GUARD_VENV:-target/python-venv}
@@ -22,7 +26,8 @@ if [ ! -x "$venv/bin/python" ]; then
     }
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
-"${pip[@]}" install pytest oslo.utils
+# oslo.utils' format_inspector imports cryptography (for LUKS).
+"${pip[@]}" install pytest oslo.utils cryptography
 # The documented install (pip builds the wheel with maturin), reinstalled
 # every run so the tests see this tree; in the dev profile, which reuses
 # what cargo test just compiled (pip install ./python alone builds release).
@@ -31,5 +36,5 @@ MATURIN_PEP517_ARGS="--profile dev" \
 
 echo "== Python: pytest"
 # The binary cargo test just built, for the side-by-side tests.
-QCOW2_GUARD_BIN="$PWD/target/debug/qcow2-guard" \
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider python/tests
+QCOW2_GUARD_BIN="$PWD/target/debug/qcow2-guard" QCOW2_GUARD_HOSTILE_DIR="$images" \
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider -p no:logging python/tests

@@ -93,6 +93,10 @@ pub fn run(args: &Args) -> Exit {
     if path.as_os_str() == "-" {
         return run_stream(args);
     }
+    if args.spool.is_some() {
+        errln!("qcow2-guard: --spool goes with IMAGE `-` (standard input)");
+        return Exit::NotChecked;
+    }
     let src = match FileSource::open(path) {
         Ok(s) => s,
         Err(e) => return report::unreadable(path, &e, json),

@@ -41,3 +41,26 @@ impl From<Exit> for ExitCode {
         ExitCode::from(e.code())
     }
 }
+
+/// `compare`'s exit status: qemu-img compare's own table (its 1 means
+/// "the images differ", not "not checked").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareExit {
+    /// The images are identical.
+    Identical = 0,
+    /// The images differ.
+    Differ = 1,
+    /// An image could not be opened, or was refused (policy, metadata
+    /// check, unsupported format).
+    OpenError = 2,
+    /// The block status of a range could not be found.
+    StatusError = 3,
+    /// Guest data could not be read.
+    ReadError = 4,
+}
+
+impl From<CompareExit> for ExitCode {
+    fn from(e: CompareExit) -> ExitCode {
+        ExitCode::from(e as u8)
+    }
+}

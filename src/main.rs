@@ -21,6 +21,7 @@ macro_rules! errln {
 }
 
 mod check;
+mod compare;
 mod convert;
 mod exit;
 mod info;
@@ -60,6 +61,10 @@ enum Command {
     /// Print the guest ranges and where they are stored, as `qemu-img map`
     /// does (byte-identical JSON).
     Map(map::Args),
+    /// Compare the guest data of two images (qcow2 or raw), with
+    /// `qemu-img compare`'s messages and exit statuses (0 identical,
+    /// 1 different, 2 cannot open or refused, 3/4 error while comparing).
+    Compare(compare::Args),
 }
 
 /// Options shared by every command that applies the safety policy.
@@ -150,6 +155,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Map(args) => map::run(&args),
+        Command::Compare(args) => return compare::run(&args).into(),
     };
     exit.into()
 }

@@ -113,6 +113,11 @@ fn guard_ulimit(dir: &Path, kib: u32, args: &[&str]) -> Ran {
         .unwrap_or_else(|out| panic!("qcow2-guard {args:?} timed out\n{out}"))
 }
 
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -212,6 +217,12 @@ fn assert_policy_refuses(dir: &Path, image: &Path, codes: &[&str], offset: u64, 
 /// The `info` and `check` half of [`assert_policy_refuses`].
 fn assert_info_check_refuse(dir: &Path, image: &Path, codes: &[&str], offset: u64, extra: &[&str]) {
     let name = image.display();
+    if extra.is_empty() {
+        export(
+            image,
+            &format!("cve: {} ({})", file_name(image), codes.join(", ")),
+        );
+    }
     let info = guard_timed(dir, &[&["info", "--json", s(image)], extra].concat());
     let v = info.json();
     let got: Vec<(&str, u64)> = v["findings"]
@@ -267,6 +278,7 @@ fn assert_convert_refused(dir: &Path, image: &Path, exit: i32, code: &str, extra
 /// verdict invalid), and `convert` refuses with it, leaving nothing.
 fn assert_malformed(dir: &Path, image: &Path, code: &str, offset: u64) {
     let name = image.display();
+    export(image, &format!("{} ({code})", file_name(image)));
     let info = guard_timed(dir, &["info", "--json", s(image)]);
     let v = info.json();
     assert_eq!(

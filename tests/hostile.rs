@@ -352,6 +352,7 @@ fn truncate(p: &Path, len: u64) {
 fn run(c: &Case, base: &Path, dir: &Path, n: usize) -> Option<String> {
     let image = copy(base, dir, &format!("case{n}.qcow2"));
     let want_offset = (c.patch)(&image);
+    export(&image, &format!("{} ({})", c.name, c.code));
     let p = image.to_str().unwrap();
     let out = guard(&["info", "--json", p]);
     let v = json(&out);
@@ -450,6 +451,9 @@ fn policy_catalogue() {
     for (n, (name, f, args, want, severity, offset, exit)) in cases.iter().enumerate() {
         let image = copy(&base, dir.path(), &format!("policy{n}.qcow2"));
         f(&image);
+        if args.is_empty() {
+            export(&image, &format!("{name} ({want})"));
+        }
         let out = guard(&[&["info", "--json"], *args, &[image.to_str().unwrap()]].concat());
         let v = json(&out);
         let findings = v["findings"].as_array().cloned().unwrap_or_default();

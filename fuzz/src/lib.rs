@@ -45,6 +45,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("structured", structured),
     ("read", read),
     ("check", check),
+    ("stream", stream),
 ];
 
 /// Run target `name` on `data`; false when there is no such target.
@@ -501,6 +502,92 @@ pub fn check(data: &[u8]) {
             assert_ne!(r.verdict, Verdict::Ok, "an image that fails to open is ok");
             consume(&e);
         }
+    }
+}
+
+/// `stream`, in the spirit of wasm-tools' `incremental_parse`: the image
+/// after a 4-byte seed, fed to [`qcow2_guard::stream::Inspector`] in
+/// chunks whose sizes (1 byte to 8 KiB) the seed draws. The report must
+/// equal the whole-file check's: always with a spool, and in one chunk
+/// without one; chunked without a spool, it equals it or is
+/// `needs_random_access`, and then the same chunking with a spool did
+/// read passed bytes back (a backward reference was followed). An early
+/// refusal is never followed by `ok` or `leaks`; the inspector never
+/// holds more than [`Limits::max_retained_bytes`].
+pub fn stream(data: &[u8]) {
+    use qcow2_guard::stream::{Early, Finished, Inspector};
+    if data.len() > MAX_INPUT.saturating_add(4) {
+        return;
+    }
+    let (seed, image) = data.split_at(data.len().min(4));
+    let mut x = seed.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }) | 1;
+    let mut sizes = Vec::new();
+    let mut total = 0usize;
+    while total < image.len() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Mostly small pieces, sometimes up to 8 KiB.
+        let n = 1 + (x % (1u64 << (x >> 60).min(13))) as usize;
+        sizes.push(n);
+        total += n;
+    }
+    let limits = Limits::fuzzing();
+    let opts = CheckOptions::default();
+    let whole = match Image::open_with(image, limits.clone()) {
+        Ok(img) => qcow2_guard::check(&img, &opts),
+        Err(e) => Report::from_open_error(&e),
+    };
+    let run = |chunks: &[usize], spool: bool| -> Finished {
+        let mut i = if spool {
+            Inspector::with_spool(limits.clone(), opts.clone(), Arc::new(image.to_vec()))
+        } else {
+            Inspector::new(limits.clone(), opts.clone())
+        };
+        let mut at = 0;
+        let mut refused = false;
+        for &n in chunks {
+            let end = (at + n).min(image.len());
+            i.feed(&image[at..end]);
+            at = end;
+            assert!(i.retained_bytes() <= limits.max_retained_bytes);
+            match i.early() {
+                Early::Refused(f) => {
+                    assert!(!f.is_empty());
+                    refused = true;
+                }
+                _ => assert!(!refused, "an early refusal was withdrawn"),
+            }
+        }
+        let done = i.finish();
+        if refused {
+            assert!(
+                !matches!(done.report.verdict, Verdict::Ok | Verdict::Leaks),
+                "refused early, then {:?}",
+                done.report.verdict
+            );
+        }
+        done
+    };
+    let one = run(&[image.len().max(1)], false);
+    assert_eq!(one.report, whole, "in one chunk");
+    assert!(
+        one.read_back.is_empty(),
+        "in one chunk: {:?}",
+        one.read_back
+    );
+    let with = run(&sizes, true);
+    assert_eq!(with.report, whole, "chunked, with a spool");
+    let without = run(&sizes, false);
+    if without.report.verdict == Verdict::NeedsRandomAccess {
+        assert!(!without.read_back.is_empty() && !with.read_back.is_empty());
+        assert_eq!(without.report.exit_code, 1);
+        assert!(without.report.has(code::NEEDS_RANDOM_ACCESS));
+    } else {
+        assert_eq!(without.report, whole, "chunked, without a spool");
+        assert!(without.read_back.is_empty());
     }
 }
 

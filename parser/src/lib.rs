@@ -158,6 +158,7 @@ pub mod bitmap;
 pub mod build;
 pub mod check;
 mod codec;
+pub mod compare;
 pub mod compressed;
 pub mod convert;
 pub mod error;

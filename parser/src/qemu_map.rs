@@ -349,7 +349,7 @@ impl<S: Source> MapLayer for RawBacking<S> {
 
 /// The record for the bytes at `pos` (below `end`), asking the layers of
 /// `chain` (top first) in turn, as qemu-img's `get_block_status` does.
-fn entry_at(chain: &[&dyn MapLayer], pos: u64, end: u64) -> Result<MapEntry> {
+pub(crate) fn entry_at(chain: &[&dyn MapLayer], pos: u64, end: u64) -> Result<MapEntry> {
     let mut bytes = end.saturating_sub(pos);
     for (depth, layer) in chain.iter().enumerate() {
         let st = layer.block_status(pos, bytes)?;

@@ -9,13 +9,33 @@ import enum
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, Union
+from typing import (
+    Any,
+    BinaryIO,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Tuple,
+    Union,
+)
 
 from . import _native
 
 PathOrFile = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
 
-__all__ = ["Finding", "Report", "Verdict", "check", "info"]
+__all__ = [
+    "Early",
+    "Finding",
+    "Report",
+    "StreamInspector",
+    "Verdict",
+    "check",
+    "convert",
+    "info",
+    "inspect_stream",
+]
 
 
 class Verdict(str, enum.Enum):
@@ -28,6 +48,9 @@ class Verdict(str, enum.Enum):
     UNSAFE = "unsafe"
     CORRUPT = "corrupt"
     INVALID = "invalid"
+    #: A streamed inspection without a spool needed bytes the stream had
+    #: already passed (a backward reference); see :class:`StreamInspector`.
+    NEEDS_RANDOM_ACCESS = "needs_random_access"
 
     def __str__(self) -> str:
         return self.value
@@ -232,3 +255,195 @@ def info(
         allow_encryption,
         max_virtual_size,
     )
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def convert(
+    src: PathOrFile,
+    dst: Union[str, "os.PathLike[str]", BinaryIO],
+    *,
+    backing: Optional[PathOrFile] = None,
+    data_file: Optional[PathOrFile] = None,
+    progress: Optional[Callable[[int, int], Any]] = None,
+    allow_backing: bool = False,
+    allow_data_file: bool = False,
+    allow_encryption: bool = False,
+    max_virtual_size: Optional[int] = None,
+) -> List[Finding]:
+    """Write the raw guest disk of ``src`` (byte-identical to ``qemu-img
+    convert -O raw``) without QEMU; what ``qcow2-guard convert`` does, with
+    the same refusals.
+
+    The policy and the metadata audit run before anything is written; a
+    refusal raises :class:`RefusedError` (``findings``; ``report`` when the
+    audit refused) or :class:`CorruptImageError`. ``dst`` is a path
+    (written through a temporary file beside it, renamed at the end,
+    removed on any error; sparse, sized to the virtual disk) or a writable
+    binary file object (written in order, holes as zeros). ``backing`` /
+    ``data_file`` are read only when handed in here (they need
+    ``allow_backing`` / ``allow_data_file``); names inside the image are
+    never opened, and without ``backing`` unallocated clusters read as
+    zeros. ``progress(done, total)`` is called as guest bytes are written
+    (from worker threads); if it raises, the conversion's output is not
+    kept and the exception is re-raised. Returns the warnings (e.g.
+    ``convert_no_backing``). The GIL is released while the library works.
+    """
+    if backing is not None and not allow_backing:
+        raise ValueError("backing= needs allow_backing=True")
+    if data_file is not None and not allow_data_file:
+        raise ValueError("data_file= needs allow_data_file=True")
+    if isinstance(dst, (str, os.PathLike)):
+        out: Any = os.fsdecode(os.fspath(dst))
+        for i in (src, backing, data_file):
+            if isinstance(i, (str, os.PathLike)) and _same_file(out, i):
+                raise ValueError(f"{out}: the output is the input file {os.fspath(i)!s}; refusing to replace it")
+    else:
+        out = dst
+    image, filename, _ = _source(src)
+    back = _source(backing)[0] if backing is not None else None
+    data = _source(data_file)[0] if data_file is not None else None
+    warnings = _native.convert_image(
+        image,
+        filename,
+        out,
+        back,
+        data,
+        allow_backing,
+        allow_data_file,
+        allow_encryption,
+        max_virtual_size,
+        progress,
+    )
+    return [Finding(**f) for f in warnings]
+
+
+@dataclass(frozen=True)
+class Early:
+    """What a :class:`StreamInspector` can say before the stream ends:
+    ``state`` is ``"pending"`` (the header cluster has not passed),
+    ``"clear"`` (no objection so far) or ``"refused"`` (``findings`` say
+    why; the final verdict will not be ``ok``)."""
+
+    state: str
+    findings: Tuple[Finding, ...] = ()
+
+    @property
+    def refused(self) -> bool:
+        return self.state == "refused"
+
+
+def _spool_source(spool: Any) -> Any:
+    if spool is None:
+        return None
+    if isinstance(spool, (str, os.PathLike)):
+        return os.fsdecode(os.fspath(spool))
+    _, pread = _file_reader(spool)
+
+    def live_length() -> int:
+        try:
+            return os.fstat(spool.fileno()).st_size
+        except (AttributeError, OSError, ValueError):
+            here = spool.tell()
+            end = spool.seek(0, os.SEEK_END)
+            spool.seek(here)
+            return end
+
+    return (live_length, pread)
+
+
+class StreamInspector:
+    """The library's streaming inspector: :meth:`feed` it the file's bytes
+    in order (chunks of any size), look at :attr:`early` to abort a refused
+    upload, then :meth:`finish` for the same :class:`Report` that
+    :func:`check` gives on the whole file.
+
+    It keeps only what the check needs (tables, refcount blocks,
+    compressed clusters until decompressed; never data clusters), bounded
+    by the library's limits. Tables that point backwards are read back
+    from ``spool`` (a path, or a readable binary file object, holding at
+    least every byte fed before the current :meth:`feed`: the file the
+    upload is written to); without one such a layout ends with verdict
+    ``needs_random_access``, never a verdict built on missing bytes.
+    """
+
+    def __init__(
+        self,
+        *,
+        allow_backing: bool = False,
+        allow_data_file: bool = False,
+        allow_encryption: bool = False,
+        max_virtual_size: Optional[int] = None,
+        metadata_only: bool = False,
+        spool: Any = None,
+        filename: str = "-",
+    ) -> None:
+        self._native = _native.StreamInspector(
+            filename,
+            allow_backing,
+            allow_data_file,
+            allow_encryption,
+            max_virtual_size,
+            metadata_only,
+            _spool_source(spool),
+        )
+        self.read_back: List[Tuple[int, int]] = []
+
+    def feed(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """The next bytes of the file (the GIL is released while they are
+        inspected)."""
+        self._native.feed(data if isinstance(data, bytes) else bytes(data))
+
+    @property
+    def early(self) -> Early:
+        """What can be said now (see :class:`Early`)."""
+        state, findings = self._native.early()
+        return Early(state, tuple(Finding(**f) for f in findings))
+
+    @property
+    def position(self) -> int:
+        """Bytes fed so far."""
+        return self._native.position()
+
+    @property
+    def retained_bytes(self) -> int:
+        """Bytes held now (bounded by the library's limits)."""
+        return self._native.retained_bytes()
+
+    def finish(self) -> Report:
+        """The stream has ended: the report. ``read_back`` then lists the
+        byte ranges (start, end) that had to be read back from the spool
+        (empty for a layout that streams)."""
+        doc, read_back = self._native.finish()
+        self.read_back = [tuple(r) for r in read_back]  # type: ignore[misc]
+        return Report(doc)
+
+
+def inspect_stream(
+    stream: Union[BinaryIO, Iterable[bytes]],
+    *,
+    chunk_size: int = 64 << 10,
+    stop_early: bool = False,
+    **options: Any,
+) -> Report:
+    """Run a :class:`StreamInspector` over a readable binary file object
+    (read in ``chunk_size`` pieces) or an iterable of byte chunks, and
+    return the report. With ``stop_early``, reading stops as soon as the
+    early verdict refuses the image, and the report is that of the bytes
+    seen so far (not ``ok``). ``options`` are :class:`StreamInspector`'s.
+    """
+    insp = StreamInspector(**options)
+    if hasattr(stream, "read"):
+        chunks: Iterable[bytes] = iter(lambda: stream.read(chunk_size), b"")  # type: ignore[union-attr]
+    else:
+        chunks = stream  # type: ignore[assignment]
+    for chunk in chunks:
+        insp.feed(chunk)
+        if stop_early and insp.early.refused:
+            break
+    return insp.finish()

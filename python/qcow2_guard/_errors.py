@@ -3,7 +3,7 @@ the file offset it concerns."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 
 class Qcow2GuardError(Exception):
@@ -13,6 +13,14 @@ class Qcow2GuardError(Exception):
     ``offset`` the byte offset in the image that the problem concerns,
     ``message`` the library's description.
     """
+
+    #: Which input of a conversion the error concerns (``"image"``,
+    #: ``"backing image"``, ``"data file"``), or ``None``.
+    input: Optional[str] = None
+    #: A refused conversion's error findings (:class:`qcow2_guard.Finding`).
+    findings: List[Any] = []
+    #: The metadata audit's report when it refused a conversion.
+    report: Optional[Any] = None
 
     def __init__(self, code: str, offset: int, message: str) -> None:
         super().__init__(message)
@@ -41,17 +49,7 @@ class CorruptImageError(Qcow2GuardError):
 class RefusedError(Qcow2GuardError):
     """The image is well formed as far as it was read, but refused: over
     the caller's limits, refused by the safety policy, or needing a file
-    the caller did not hand in.
-
-    ``report`` is the check report that refused it, when there is one (a
-    refused conversion).
-    """
-
-    def __init__(
-        self, code: str, offset: int, message: str, report: Optional[object] = None
-    ) -> None:
-        super().__init__(code, offset, message)
-        self.report = report
+    the caller did not hand in."""
 
 
 class ImageReadError(Qcow2GuardError, OSError):
@@ -66,7 +64,22 @@ _KINDS = {
 }
 
 
-def from_native(kind: str, code: str, offset: int, message: str) -> Qcow2GuardError:
+def from_native(
+    kind: str,
+    code: str,
+    offset: int,
+    message: str,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Qcow2GuardError:
     """The exception for a library error, by the library's classification
     (called by the native module)."""
-    return _KINDS.get(kind, Qcow2GuardError)(code, offset, message)
+    exc = _KINDS.get(kind, Qcow2GuardError)(code, offset, message)
+    if extra:
+        from ._api import Finding, Report
+
+        exc.input = extra.get("input")
+        exc.findings = [Finding(**f) for f in extra.get("findings", [])]
+        if "report" in extra:
+            exc.report = Report(extra["report"])
+            exc.findings = exc.report.errors()
+    return exc

@@ -1,6 +1,6 @@
 """Type stubs of the private native module (built from python/rust/lib.rs)."""
 
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 _Source = Union[str, bytes, Tuple[int, Callable[[int, int], bytes]]]
 
@@ -23,3 +23,32 @@ def info_image(
     max_virtual_size: Optional[int],
 ) -> Dict[str, Any]: ...
 def probe_header(prefix: bytes) -> Optional[Tuple[bool, Optional[int]]]: ...
+def convert_image(
+    source: _Source,
+    filename: str,
+    dst: Any,
+    backing: Optional[_Source],
+    data_file: Optional[_Source],
+    allow_backing: bool,
+    allow_data_file: bool,
+    allow_encryption: bool,
+    max_virtual_size: Optional[int],
+    progress: Optional[Callable[[int, int], Any]],
+) -> List[Dict[str, Any]]: ...
+
+class StreamInspector:
+    def __init__(
+        self,
+        filename: str,
+        allow_backing: bool,
+        allow_data_file: bool,
+        allow_encryption: bool,
+        max_virtual_size: Optional[int],
+        metadata_only: bool,
+        spool: Optional[Union[_Source, Tuple[Callable[[], int], Callable[[int, int], bytes]]]],
+    ) -> None: ...
+    def feed(self, data: bytes) -> None: ...
+    def early(self) -> Tuple[str, List[Dict[str, Any]]]: ...
+    def position(self) -> int: ...
+    def retained_bytes(self) -> int: ...
+    def finish(self) -> Tuple[Dict[str, Any], List[Tuple[int, int]]]: ...

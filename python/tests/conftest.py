@@ -87,3 +87,21 @@ def guard(*args: str) -> Tuple[int, Dict[str, Any]]:
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def hostile_dir(tmp_path_factory) -> Path:
+    """The hostile catalogue of the Rust tests, as image files with a
+    label each: $QCOW2_GUARD_HOSTILE_DIR when scripts/test.sh exported it
+    during `cargo test`, otherwise exported now by running those tests."""
+    env = os.environ.get("QCOW2_GUARD_HOSTILE_DIR")
+    if env and any(Path(env).glob("*.qcow2")):
+        return Path(env)
+    d = tmp_path_factory.mktemp("hostile")
+    subprocess.run(
+        ["cargo", "test", "--quiet", "--manifest-path", str(REPO / "Cargo.toml"), "--test", "hostile", "--test", "cve"],
+        env={**os.environ, "QCOW2_GUARD_EXPORT_IMAGES": str(d)},
+        check=True,
+        capture_output=True,
+    )
+    return d

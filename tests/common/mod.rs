@@ -262,3 +262,30 @@ pub fn assert_streams_like(image: &Path, args: &[&str], whole: &serde_json::Valu
     );
     true
 }
+
+/// With `QCOW2_GUARD_EXPORT_IMAGES=DIR` set, copy a test image into DIR
+/// (as `NNNN.qcow2`, with `NNNN.txt` holding the test's name and
+/// `label`): how the Python
+/// tests (python/tests) get the hostile catalogue without rebuilding it.
+/// Does nothing otherwise.
+pub fn export(image: &Path, label: &str) {
+    let Some(dir) = std::env::var_os("QCOW2_GUARD_EXPORT_IMAGES") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).expect("create export dir");
+    // A free number, claimed by creating the label file exclusively (the
+    // test binaries and threads export concurrently).
+    for n in 0u32.. {
+        let txt = dir.join(format!("{n:05}.txt"));
+        let Ok(mut f) = OpenOptions::new().write(true).create_new(true).open(&txt) else {
+            continue;
+        };
+        use std::io::Write as _;
+        let test = std::thread::current().name().unwrap_or("").to_owned();
+        f.write_all(format!("{test}: {label}").as_bytes())
+            .expect("write export label");
+        std::fs::copy(image, dir.join(format!("{n:05}.qcow2"))).expect("export image");
+        return;
+    }
+}
