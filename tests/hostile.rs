@@ -804,3 +804,39 @@ fn not_images() {
         assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
     }
 }
+
+/// Reads refuse guest data inside any metadata structure `check` knows
+/// of, not only the active tables: here an active L2 entry names the L2
+/// table only a snapshot uses (one metadata-region builder serves both).
+#[test]
+fn data_cluster_in_a_snapshot_l2_table() {
+    let dir = tmpdir();
+    let p = create(dir.path(), "snap-l2.qcow2", "cluster_size=65536", "1M");
+    qemu_io(&p, &["write -P 0x11 0 64k"]);
+    qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
+    // Copy-on-write gives the active table an L2 table of its own.
+    qemu_io(&p, &["write -P 0x22 0 64k"]);
+    let img = Image::open(FileSource::open(&p).unwrap()).unwrap();
+    let active_l2 = img.l1_entry(0).unwrap().l2_offset.unwrap();
+    let s = &img.snapshots()[0];
+    let snap_l2 = be64(&p, s.l1_table_offset) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(active_l2, snap_l2);
+    drop(img);
+    set64(&p, active_l2, 1 << 63 | snap_l2);
+
+    let img = Image::open(FileSource::open(&p).unwrap()).unwrap();
+    let e = img.read_at(0, &mut [0u8; 512]).unwrap_err();
+    assert_eq!((e.code(), e.offset()), ("metadata_overlap", active_l2));
+    assert!(e.to_string().contains("L2 table"), "{e}");
+    let out = guard(&["check", "--json", p.to_str().unwrap()]);
+    let v = json(&out);
+    assert_eq!(code(&out), 2, "{v}");
+    assert!(
+        v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["code"] == "data_overlaps_metadata" && f["offset"] == active_l2),
+        "{v}"
+    );
+}

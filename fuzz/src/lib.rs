@@ -20,9 +20,10 @@ use qcow2_guard::build::{GuestCluster, ImageModel, SnapshotModel};
 use qcow2_guard::check::{code, CheckOptions, Report, Verdict};
 use qcow2_guard::compressed::Descriptor;
 use qcow2_guard::extensions::{Extensions, FeatureKind};
-use qcow2_guard::l1l2::{Cluster, L1Entry};
+use qcow2_guard::l1l2::Cluster;
 use qcow2_guard::read::RawBacking;
-use qcow2_guard::{bitmap, refcount, CompressionType, Geometry, Header, Image, Limits, Policy};
+use qcow2_guard::walker::{self, Item, L2Entry};
+use qcow2_guard::{refcount, CompressionType, Geometry, Header, Image, Limits, Policy};
 use qcow2_guard::{Error, ExtentKind, FileSource, Source};
 
 pub mod qemu_decompress;
@@ -158,42 +159,39 @@ pub fn walk<S: Source>(img: &Image<S>) -> u64 {
     let m = img.metadata();
     let _ = (m.is_empty(), m.ranges().len());
 
-    // Active L1 and L2 tables: every entry of every table mapping guest
-    // clusters inside the disk.
-    'l1: for i in 0..img.l1_table().len() as u64 {
-        let at = img.l1_entry_offset(i);
-        let l2 = match img.l1_entry(i) {
-            Ok(L1Entry {
-                l2_offset: Some(l2),
-                ..
-            }) => l2,
-            Ok(_) => continue,
-            Err(e) => {
-                consume(&e);
+    // Every table, through the library's one walker; the clusters of the
+    // active tables also through the read path's checks (`Image::cluster`).
+    walker::walk(img, &mut |item: Item<'_>| match item {
+        Item::Error(e) | Item::RefcountBlock { block: Err(e), .. } => {
+            consume(&e);
+            failures += 1;
+        }
+        Item::L2(L2Entry {
+            table,
+            index,
+            cluster,
+            ..
+        }) => {
+            let guest = table.guest_offset(index, &g);
+            if let Err(e) = &cluster {
+                consume(e);
                 failures += 1;
-                continue;
             }
-        };
-        let table = match img.l2_table(l2, at) {
-            Ok(t) => t,
-            Err(e) => {
-                consume(&e);
-                failures += 1;
-                continue;
-            }
-        };
-        let _ = (table.memory(), table.is_empty());
-        for j in 0..table.len() as u64 {
             let Some(w) = work.checked_sub(1) else {
-                break 'l1;
+                return;
             };
             work = w;
-            let guest = (i << g.l2_span_bits()) | (j << g.cluster_bits);
-            if guest >= size {
-                break;
+            if table.active == 0 || guest >= size {
+                return;
             }
             match img.cluster(guest) {
                 Ok(c) => {
+                    // The read path decodes the same entry with the same
+                    // rules, and checks more.
+                    match &cluster {
+                        Ok(w) => assert_eq!(c, *w, "walker and Image::cluster at {guest:#x}"),
+                        Err(e) => panic!("walker fails ({e}), Image::cluster maps {guest:#x}"),
+                    }
                     let _ = (c.host_cluster(), c.copied());
                     for s in 0..g.subclusters as u32 {
                         let _ = c.subcluster(s, &g);
@@ -208,7 +206,15 @@ pub fn walk<S: Source>(img: &Image<S>) -> u64 {
                 }
             }
         }
-    }
+        Item::Bitmap(b) => {
+            let _ = (
+                b.granularity(),
+                b.flag_names(),
+                b.expected_table_size(size, &g),
+            );
+        }
+        _ => {}
+    });
 
     // Refcount table, blocks, and the refcount of every host cluster.
     for i in 0..img.refcount_table().len() as u64 {
@@ -217,47 +223,9 @@ pub fn walk<S: Source>(img: &Image<S>) -> u64 {
         }
     }
     let host_clusters = g.clusters_for(img.file_len()).min(work);
-    work -= host_clusters;
     for c in 0..host_clusters {
         if let Err(e) = img.refcount(c) {
             consume(&e);
-        }
-    }
-
-    // Snapshot L1 tables, entry by entry.
-    for s in img.snapshots() {
-        let n = u64::from(s.l1_size).min(work);
-        work -= n;
-        for k in 0..n {
-            let at = s.l1_table_offset.saturating_add(k * 8);
-            let mut raw = [0u8; 8];
-            if img.source().read_exact_at(at, &mut raw).is_err() {
-                break;
-            }
-            if let Err(e) = L1Entry::decode(u64::from_be_bytes(raw), at, &g) {
-                consume(&e);
-            }
-        }
-    }
-
-    // Bitmap tables, entry by entry.
-    for b in img.bitmaps() {
-        let _ = (
-            b.granularity(),
-            b.flag_names(),
-            b.expected_table_size(size, &g),
-        );
-        let n = u64::from(b.table_size).min(work);
-        work -= n;
-        for k in 0..n {
-            let at = b.table_offset.saturating_add(k * 8);
-            let mut raw = [0u8; 8];
-            if img.source().read_exact_at(at, &mut raw).is_err() {
-                break;
-            }
-            if let Err(e) = bitmap::table_entry(u64::from_be_bytes(raw), at, &g) {
-                consume(&e);
-            }
         }
     }
     failures

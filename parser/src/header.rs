@@ -264,6 +264,12 @@ impl Header {
         self.incompatible_features & INCOMPAT_EXTL2 != 0
     }
 
+    /// Whether the image is marked dirty (incompatible bit 0): its
+    /// refcounts may be stale (lazy refcounts).
+    pub fn is_dirty(&self) -> bool {
+        self.incompatible_features & INCOMPAT_DIRTY != 0
+    }
+
     /// Whether guest data lives in an external data file.
     pub fn has_data_file(&self) -> bool {
         self.incompatible_features & INCOMPAT_DATA_FILE != 0

@@ -10,18 +10,19 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::bitmap::{self, Bitmap};
+use crate::compressed::{self, Descriptor};
 use crate::error::{Error, Result, What};
 use crate::extensions::{Extensions, StoredString};
 use crate::finding::Finding;
-use crate::header::{self, field, Geometry, Header, AUTOCLEAR_BITMAPS};
+use crate::header::{self, field, CompressionType, Geometry, Header, AUTOCLEAR_BITMAPS};
 use crate::l1l2::{Cluster, L1Entry, L2Table};
 use crate::limits::Limits;
 use crate::metadata::MetadataMap;
 use crate::policy::Policy;
-use crate::read::Backing;
 use crate::refcount;
 use crate::snapshot::{self, Snapshot};
-use crate::source::{be_u64s, read_vec, span, Source};
+use crate::source::{be_u64s, read_into, read_vec, span, Source};
+use crate::walker;
 
 /// Bytes read up front to decode the fixed header (the longest v3 header
 /// field ends at byte 105).
@@ -401,15 +402,11 @@ impl<S: Source> Image<S> {
     }
 
     /// Check that the data a cluster points to can be read safely.
+    /// (Whether a compressed cluster may exist at all is decided by
+    /// [`Cluster::decode`].)
     fn check_data_pointer(&self, cluster: &Cluster, at: u64) -> Result<()> {
         let g = &self.geometry;
         if let Cluster::Compressed(d) = *cluster {
-            if self.header.has_data_file() {
-                return Err(Error::InvalidCompressedEntry {
-                    offset: at,
-                    reason: "compressed cluster in an image with an external data file",
-                });
-            }
             d.validate(at, g, self.file_len)?;
             if let Some(r) = self.metadata().find(d.start(), d.span(), &[]) {
                 return Err(Error::MetadataOverlap {
@@ -426,10 +423,7 @@ impl<S: Source> Image<S> {
             return Ok(());
         };
         if self.header.has_data_file() {
-            let Some(df) = &self.data_file else {
-                return Err(Error::DataFileRequired { offset: at });
-            };
-            span(What::DataFile, at, host, len, df.len()).map(|_| ())
+            span(What::DataFile, at, host, len, self.data_source()?.len()).map(|_| ())
         } else {
             span(What::DataCluster, at, host, len, self.file_len)?;
             match self.metadata().find(host, g.cluster_size, &[]) {
@@ -442,6 +436,89 @@ impl<S: Source> Image<S> {
                 None => Ok(()),
             }
         }
+    }
+
+    /// Where uncompressed guest data is read from: the external data file
+    /// when the image has one (the caller must have supplied it, see
+    /// [`Image::set_data_file`]), else the image file itself.
+    pub fn data_source(&self) -> Result<&dyn Source> {
+        if !self.header.has_data_file() {
+            return Ok(&self.src);
+        }
+        match &self.data_file {
+            Some(df) => Ok(df.as_ref()),
+            None => Err(Error::DataFileRequired {
+                offset: field::INCOMPATIBLE_FEATURES,
+            }),
+        }
+    }
+
+    /// The compression type of the image's compressed clusters.
+    pub fn compression_type(&self) -> Result<CompressionType> {
+        self.header
+            .compression()
+            .ok_or(Error::UnknownCompressionType {
+                offset: field::COMPRESSION_TYPE,
+                value: self.header.compression_type,
+            })
+    }
+
+    /// Read compressed cluster `d` (guest cluster at `guest`) and
+    /// decompress it into `out`, exactly one cluster long; `input` is
+    /// scratch space for the stream (at most one cluster + 511 bytes).
+    /// The descriptor must have passed [`Descriptor::validate`] (as
+    /// [`Image::cluster`] and `check` do). The file may end inside the
+    /// range's last sector (QEMU does not pad a compressed write at the end
+    /// of the file).
+    pub fn read_compressed(
+        &self,
+        d: &Descriptor,
+        guest: u64,
+        input: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let (kind, start, len) = self.compressed_stream(d)?;
+        input.resize(usize::try_from(len).unwrap_or(0), 0);
+        read_into(&self.src, start, input)?;
+        let outcome = compressed::decompress(kind, input, out);
+        decompress_error(outcome, start, guest)
+    }
+
+    /// Whether compressed cluster `d` decompresses to exactly one cluster:
+    /// what a source that already decompressed it says (a streamed
+    /// inspection, [`Source::payload_outcome`]), else
+    /// [`Image::read_compressed`].
+    pub fn verify_compressed(
+        &self,
+        d: &Descriptor,
+        guest: u64,
+        input: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let (kind, start, len) = self.compressed_stream(d)?;
+        let cs = self.geometry.cluster_size;
+        match self.src.payload_outcome(kind, start, len, cs) {
+            Some(outcome) => decompress_error(outcome, start, guest),
+            None => self.read_compressed(d, guest, input, out),
+        }
+    }
+
+    /// The compression type, start and readable length of the stream of
+    /// compressed cluster `d`.
+    fn compressed_stream(&self, d: &Descriptor) -> Result<(CompressionType, u64, u64)> {
+        let kind = self.compression_type()?;
+        let start = d.start();
+        let len = d.readable_end(self.file_len).saturating_sub(start);
+        let max = Descriptor::max_span(&self.geometry);
+        if len > max {
+            return Err(Error::CompressedInflation {
+                offset: start,
+                span: len,
+                max,
+            });
+        }
+        span(What::CompressedCluster, start, start, len, self.file_len)?;
+        Ok((kind, start, len))
     }
 
     /// Decode refcount table entry `index`: the block's offset, if any.
@@ -486,87 +563,55 @@ impl<S: Source> Image<S> {
             .unwrap_or(0))
     }
 
-    /// Metadata ranges known from the header and top-level tables: header
-    /// cluster, L1 table, active L2 tables, refcount table and blocks,
-    /// snapshot table and snapshot L1 tables, bitmap directory and tables,
-    /// encryption header. Built once, on first use.
+    /// Metadata ranges of the image: every structure
+    /// [`walker::walk_tables`] finds (header cluster, L1 tables, L2 tables
+    /// of the active and snapshot L1 tables, refcount table and blocks,
+    /// snapshot table, bitmap directory, tables and data, encryption
+    /// header), the same set `check` judges overlaps against. Built once,
+    /// on first use.
     pub fn metadata(&self) -> &MetadataMap {
-        self.metadata.get_or_init(|| self.build_metadata())
-    }
-
-    fn build_metadata(&self) -> MetadataMap {
-        let g = &self.geometry;
-        let h = &self.header;
-        let mut m = MetadataMap::default();
-        m.add(What::Header, 0, g.cluster_size);
-        m.add(
-            What::L1Table,
-            h.l1_table_offset,
-            u64::from(h.l1_size).saturating_mul(8),
-        );
-        m.add(
-            What::RefcountTable,
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters).saturating_mul(g.cluster_size),
-        );
-        for i in 0..self.l1.len() {
-            if let Ok(L1Entry {
-                l2_offset: Some(off),
-                ..
-            }) = self.l1_entry(u64::try_from(i).unwrap_or(u64::MAX))
-            {
-                // Tables past the end of the file are errors when used;
-                // leaving them out bounds the map by the file length.
-                if off < self.file_len {
-                    m.add(What::L2Table, off, g.cluster_size);
-                }
-            }
-        }
-        for i in 0..self.refcount_table.len() {
-            if let Ok(Some(off)) = self.refcount_block_offset(u64::try_from(i).unwrap_or(u64::MAX))
-            {
-                if off < self.file_len {
-                    m.add(What::RefcountBlock, off, g.cluster_size);
-                }
-            }
-        }
-        if let Some(last) = self.snapshots.last() {
-            let end = snapshot_entry_end(last);
-            m.add(
-                What::SnapshotTable,
-                h.snapshots_offset,
-                end.saturating_sub(h.snapshots_offset),
-            );
-        }
-        for s in &self.snapshots {
-            m.add(
-                What::SnapshotL1Table,
-                s.l1_table_offset,
-                u64::from(s.l1_size).saturating_mul(8),
-            );
-        }
-        // A stale bitmaps extension is unchecked and its directory unused.
-        if let Some(b) = self.extensions.bitmaps.filter(|_| !self.bitmaps_stale()) {
-            m.add(What::BitmapDirectory, b.directory_offset, b.directory_size);
-        }
-        for b in &self.bitmaps {
-            m.add(
-                What::BitmapTable,
-                b.table_offset,
-                u64::from(b.table_size).saturating_mul(8),
-            );
-        }
-        if let Some(c) = &self.extensions.crypto {
-            m.add(What::CryptoHeader, c.header_offset, c.header_length);
-        }
-        m.finish();
-        m
+        self.metadata.get_or_init(|| walker::metadata(self))
     }
 }
 
-/// One past the last byte of a snapshot table entry (padded to 8).
-pub(crate) fn snapshot_entry_end(s: &Snapshot) -> u64 {
-    s.entry_offset.saturating_add(s.entry_len)
+/// [`Error::Decompress`] for a failed decompression of the stream at host
+/// offset `start` (guest cluster at `guest`).
+fn decompress_error(
+    outcome: std::result::Result<(), String>,
+    start: u64,
+    guest: u64,
+) -> Result<()> {
+    outcome.map_err(|reason| Error::Decompress {
+        offset: start,
+        guest_offset: guest,
+        reason,
+    })
+}
+
+/// Guest data of a backing image, handed in by the caller (see
+/// [`Image::set_backing`]). Reads past [`Backing::size`] are never made:
+/// the reader supplies zeros there, as QEMU does.
+pub trait Backing: Send + Sync {
+    /// Virtual size of the backing image in bytes.
+    fn size(&self) -> u64;
+
+    /// Fill `buf` with guest data from `offset`; the range lies within
+    /// [`Backing::size`].
+    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// A raw file (or any [`Source`]) used as a backing image.
+#[derive(Debug)]
+pub struct RawBacking<S>(pub S);
+
+impl<S: Source> Backing for RawBacking<S> {
+    fn size(&self) -> u64 {
+        self.0.len()
+    }
+
+    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        read_into(&self.0, offset, buf)
+    }
 }
 
 /// A FIFO cache of L2 tables bounded by a byte budget.

@@ -19,6 +19,14 @@ pub const L2_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Bit 0 of a standard L2 entry: reads as zeros (v3, standard L2 only).
 pub const OFLAG_ZERO: u64 = 1;
 
+/// Whether the standard L2 entry `raw` sets bit 0, the zero flag, which
+/// a version 2 image reserves (QEMU reads it as "zero" all the same, and
+/// so does [`Cluster::decode`]; `check` reports it). Compressed entries
+/// and extended L2 entries have no zero flag.
+pub fn zero_flag_in_v2(raw: u64, g: &Geometry) -> bool {
+    !g.extended_l2 && raw & OFLAG_ZERO != 0 && raw & OFLAG_COMPRESSED == 0
+}
+
 /// A decoded L1 entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct L1Entry {
@@ -115,9 +123,10 @@ impl Cluster {
     /// Decode the L2 entry `raw` (and its subcluster `bitmap` when the image
     /// has extended L2 entries) found at file offset `at`.
     ///
-    /// Like QEMU, bit 0 means "zero" in v2 images too (`check` flags it);
-    /// `data_file` says whether offset 0 with the copied bit means host
-    /// offset 0 (external data files).
+    /// Like QEMU, bit 0 means "zero" in v2 images too (`check` flags it).
+    /// `data_file` says whether the image keeps its guest data in an
+    /// external data file: offset 0 with the copied bit then means host
+    /// offset 0, and a compressed cluster cannot exist.
     pub fn decode(
         raw: u64,
         bitmap: Option<u64>,
@@ -137,6 +146,12 @@ impl Cluster {
                 return Err(Error::InvalidCompressedEntry {
                     offset: at,
                     reason: "compressed entry has a non-zero subcluster bitmap",
+                });
+            }
+            if data_file {
+                return Err(Error::InvalidCompressedEntry {
+                    offset: at,
+                    reason: "compressed cluster in an image with an external data file",
                 });
             }
             return Ok(Cluster::Compressed(Descriptor::decode(raw, g)));
@@ -326,7 +341,21 @@ impl L2Table {
         self.len() == 0
     }
 
+    /// Every entry in order, as [`L2Table::raw`] gives it.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, Option<u64>, u64)> + '_ {
+        let per = if self.extended { 2 } else { 1 };
+        let step = 8u64.saturating_mul(per);
+        self.words
+            .chunks_exact(usize::try_from(per).unwrap_or(1))
+            .zip((0u64..).map(move |i| self.offset.saturating_add(i.saturating_mul(step))))
+            .map(|(w, at)| {
+                let raw = w.first().copied().unwrap_or(0);
+                (raw, w.get(1).copied(), at)
+            })
+    }
+
     /// The raw entry, its bitmap (extended L2) and its file offset.
+    #[inline]
     pub fn raw(&self, index: usize) -> Option<(u64, Option<u64>, u64)> {
         let per = if self.extended { 2 } else { 1 };
         let word = index.checked_mul(per)?;
@@ -419,6 +448,17 @@ mod tests {
                 host: 0,
                 copied: true
             }
+        );
+        // No compressed clusters with a data file.
+        assert!(matches!(
+            d(OFLAG_COMPRESSED | 0x50000),
+            Ok(Cluster::Compressed(_))
+        ));
+        assert_eq!(
+            Cluster::decode(OFLAG_COMPRESSED | 0x50000, None, 0, &g, true)
+                .unwrap_err()
+                .code(),
+            "invalid_compressed_entry"
         );
     }
 

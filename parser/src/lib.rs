@@ -179,6 +179,7 @@ pub mod refcount;
 pub mod snapshot;
 pub mod source;
 pub mod stream;
+pub mod walker;
 
 pub use check::{check, check_metadata, CheckOptions, Report, Verdict};
 pub use error::{Error, Result, What};

@@ -69,12 +69,13 @@
 use std::io;
 use std::sync::Arc;
 
-use crate::compressed::{self, Descriptor};
+use crate::compressed::Descriptor;
 use crate::error::{Error, Result, What};
 use crate::header::{field, CryptMethod};
 use crate::image::Image;
+pub use crate::image::{Backing, RawBacking};
 use crate::l1l2::{Cluster, L2Table, SubclusterState};
-use crate::source::{read_into, read_vec, Source};
+use crate::source::{read_into, Source};
 
 /// What a guest range maps to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,18 +120,6 @@ impl Extent {
     }
 }
 
-/// Guest data of a backing image, handed in by the caller (see
-/// [`Image::set_backing`]). Reads past [`Backing::size`] are never made:
-/// the reader supplies zeros there, as QEMU does.
-pub trait Backing: Send + Sync {
-    /// Virtual size of the backing image in bytes.
-    fn size(&self) -> u64;
-
-    /// Fill `buf` with guest data from `offset`; the range lies within
-    /// [`Backing::size`].
-    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
-}
-
 impl<S: Source> Backing for Image<S> {
     fn size(&self) -> u64 {
         self.virtual_size()
@@ -138,20 +127,6 @@ impl<S: Source> Backing for Image<S> {
 
     fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.read_at(offset, buf)
-    }
-}
-
-/// A raw file (or any [`Source`]) used as a backing image.
-#[derive(Debug)]
-pub struct RawBacking<S>(pub S);
-
-impl<S: Source> Backing for RawBacking<S> {
-    fn size(&self) -> u64 {
-        self.0.len()
-    }
-
-    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        read_into(&self.0, offset, buf)
     }
 }
 
@@ -288,22 +263,13 @@ impl<S: Source> Image<S> {
                 Ok(())
             }
             ExtentKind::Unallocated => self.read_backing_range(e.guest_offset, buf),
-            ExtentKind::Data { host } => {
-                if self.header().has_data_file() {
-                    let df = self.data_file().ok_or(Error::DataFileRequired {
-                        offset: field::INCOMPATIBLE_FEATURES,
-                    })?;
-                    read_into(df.as_ref(), host, buf)
-                } else {
-                    read_into(self.source(), host, buf)
-                }
-            }
+            ExtentKind::Data { host } => read_into(self.data_source()?, host, buf),
             ExtentKind::Compressed(d) => {
                 let g = self.geometry();
                 let cluster = g.cluster_start(e.guest_offset);
                 let within = g.offset_in_cluster(e.guest_offset);
                 if within == 0 && len == g.cluster_size {
-                    return self.decompress_cluster(&d, cluster, buf);
+                    return self.read_compressed(&d, cluster, &mut Vec::new(), buf);
                 }
                 // A partial cluster (a short read, or the last cluster of a
                 // disk whose size is not a multiple of the cluster size).
@@ -312,7 +278,7 @@ impl<S: Source> Image<S> {
                     offset: d.start(),
                 })?;
                 let mut whole = vec![0u8; cs];
-                self.decompress_cluster(&d, cluster, &mut whole)?;
+                self.read_compressed(&d, cluster, &mut Vec::new(), &mut whole)?;
                 let from = usize::try_from(within).unwrap_or(usize::MAX);
                 let src = from
                     .checked_add(buf.len())
@@ -335,19 +301,13 @@ impl<S: Source> Image<S> {
     /// reading it (as `qemu-img convert` does). Sources that do not know
     /// their holes report everything as data.
     pub fn host_data_run(&self, host: u64) -> Result<Option<(u64, u64)>> {
-        let r = if self.header().has_data_file() {
-            let df = self.data_file().ok_or(Error::DataFileRequired {
-                offset: field::INCOMPATIBLE_FEATURES,
-            })?;
-            df.data_run(host)
-        } else {
-            self.source().data_run(host)
-        };
-        r.map_err(|source| Error::Io {
-            offset: host,
-            len: 0,
-            source,
-        })
+        self.data_source()?
+            .data_run(host)
+            .map_err(|source| Error::Io {
+                offset: host,
+                len: 0,
+                source,
+            })
     }
 
     /// A reader over the whole virtual disk, starting at guest offset 0.
@@ -459,37 +419,6 @@ impl<S: Source> Image<S> {
         }
         tail.fill(0);
         Ok(())
-    }
-
-    /// Decompress compressed cluster `d` (guest cluster at `guest`) into
-    /// `out`, exactly one cluster long.
-    fn decompress_cluster(&self, d: &Descriptor, guest: u64, out: &mut [u8]) -> Result<()> {
-        let kind = self
-            .header()
-            .compression()
-            .ok_or_else(|| Error::UnknownCompressionType {
-                offset: field::COMPRESSION_TYPE,
-                value: self.header().compression_type,
-            })?;
-        // The span was checked against the file and the inflation bound
-        // (at most one cluster + 511 bytes) by `Image::cluster`.
-        // The file may end inside the range's last sector (QEMU does not pad
-        // a compressed write at the end of the file).
-        let max = Descriptor::max_span(self.geometry());
-        let len = d.readable_end(self.file_len()).saturating_sub(d.start());
-        let input = read_vec(
-            self.source(),
-            What::CompressedCluster,
-            d.start(),
-            d.start(),
-            len,
-            max,
-        )?;
-        compressed::decompress(kind, &input, out).map_err(|reason| Error::Decompress {
-            offset: d.start(),
-            guest_offset: guest,
-            reason,
-        })
     }
 }
 

@@ -7,7 +7,7 @@
 use crate::codec::{Need, Reader, Writer};
 use crate::error::{Error, Result, What};
 use crate::header::{is_aligned, Geometry};
-use crate::limits::Limits;
+use crate::limits::{bound, Limits};
 use crate::qemu;
 use crate::source::{read_vec, span, Source};
 
@@ -85,9 +85,6 @@ pub fn read_table<S: Source + ?Sized>(
     g: &Geometry,
     limits: &Limits,
 ) -> Result<Vec<Snapshot>> {
-    let table_limit = limits
-        .max_snapshot_table_bytes
-        .min(qemu::MAX_SNAPSHOT_TABLE_BYTES);
     let file_len = src.len();
     let mut out = Vec::new();
     let mut pos = offset;
@@ -114,17 +111,13 @@ pub fn read_table<S: Source + ?Sized>(
         let vm_state_32 = t.get(r.u32())?;
         let extra_data_size = t.get(r.u32())?;
 
-        let extra_cap = limits
-            .max_snapshot_extra_data
-            .min(qemu::MAX_SNAPSHOT_EXTRA_DATA);
-        if u64::from(extra_data_size) > qemu::MAX_SNAPSHOT_EXTRA_DATA {
-            return Err(Error::TooLarge {
-                what: What::SnapshotTable,
-                offset: at.saturating_add(36),
-                value: u64::from(extra_data_size),
-                limit: qemu::MAX_SNAPSHOT_EXTRA_DATA,
-            });
-        }
+        bound(
+            What::SnapshotTable,
+            at.saturating_add(36),
+            u64::from(extra_data_size),
+            qemu::MAX_SNAPSHOT_EXTRA_DATA,
+            limits.max_snapshot_extra_data,
+        )?;
         if version >= 3 && extra_data_size < V3_MIN_EXTRA_DATA {
             return Err(bad(
                 "version 3 snapshot without vm_state_size_large and disk_size",
@@ -140,7 +133,7 @@ pub fn read_table<S: Source + ?Sized>(
             at,
             var_at,
             var_len,
-            extra_cap.saturating_add(2 * u64::from(u16::MAX)),
+            qemu::MAX_SNAPSHOT_EXTRA_DATA.saturating_add(2 * u64::from(u16::MAX)),
         )?;
         let mut r = Reader::new(&var, var_at);
         let extra = t.get(r.take(usize::try_from(extra_data_size).unwrap_or(usize::MAX)))?;
@@ -157,26 +150,28 @@ pub fn read_table<S: Source + ?Sized>(
             what: What::SnapshotTable,
             offset: at,
         })?;
-        let total = pos.saturating_sub(offset);
-        if total > table_limit {
-            return Err(Error::TooLarge {
-                what: What::SnapshotTable,
-                offset: at,
-                value: total,
-                limit: table_limit,
-            });
-        }
+        bound(
+            What::SnapshotTable,
+            at,
+            pos.saturating_sub(offset),
+            qemu::MAX_SNAPSHOT_TABLE_BYTES,
+            limits.max_snapshot_table_bytes,
+        )?;
 
-        // The snapshot's L1 table: QEMU's cap, alignment, inside the file.
+        // The snapshot's L1 table: QEMU's cap, alignment, inside the file,
+        // then the caller's limit (a table past the end of the file is
+        // malformed, not merely large).
         let l1_bytes = u64::from(l1_size).saturating_mul(8);
-        if l1_bytes > qemu::MAX_L1_BYTES {
-            return Err(Error::TooLarge {
-                what: What::SnapshotL1Table,
-                offset: at.saturating_add(8),
-                value: l1_bytes,
-                limit: qemu::MAX_L1_BYTES,
-            });
-        }
+        let l1_bound = |limit| {
+            bound(
+                What::SnapshotL1Table,
+                at.saturating_add(8),
+                l1_bytes,
+                qemu::MAX_L1_BYTES,
+                limit,
+            )
+        };
+        l1_bound(u64::MAX)?;
         if l1_size > 0 {
             if !is_aligned(l1_table_offset, g.cluster_size) || l1_table_offset == 0 {
                 return Err(Error::Unaligned {
@@ -193,6 +188,7 @@ pub fn read_table<S: Source + ?Sized>(
                 file_len,
             )?;
         }
+        l1_bound(limits.max_l1_entries.saturating_mul(8))?;
         out.push(Snapshot {
             entry_offset: at,
             l1_table_offset,
@@ -246,6 +242,23 @@ mod tests {
         file[0x1000..0x1000 + e.len()].copy_from_slice(&e);
         let got = read_table(&file, 0x1000, 1, 3, &g, &Limits::default()).unwrap();
         assert_eq!(got, vec![snap()]);
+    }
+
+    #[test]
+    fn snapshot_l1_tables_obey_the_callers_limit() {
+        let g = Geometry::new(12, false, 4);
+        let mut file = vec![0u8; 0x3000];
+        let e = snap().encode();
+        file[0x1000..0x1000 + e.len()].copy_from_slice(&e);
+        let mut limits = Limits {
+            max_l1_entries: 1,
+            ..Limits::default()
+        };
+        let err = read_table(&file, 0x1000, 1, 3, &g, &limits).unwrap_err();
+        assert_eq!((err.code(), err.offset()), ("limit_exceeded", 0x1008));
+        assert!(err.is_refusal());
+        limits.max_l1_entries = 2;
+        read_table(&file, 0x1000, 1, 3, &g, &limits).unwrap();
     }
 
     #[test]

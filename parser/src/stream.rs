@@ -102,6 +102,9 @@ const MEMO_COST: u64 = 16;
 /// Ranges not kept that are remembered with their reason.
 const MAX_MISSES: usize = 4096;
 
+/// Compressed payloads that may be arriving at the same time.
+const MAX_IN_FLIGHT: usize = 4096;
+
 /// What can be said before the stream ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Early {
@@ -358,8 +361,12 @@ pub struct Inspector {
     spool: Option<Arc<dyn Source>>,
     pos: u64,
     store: Extents,
-    /// Structures still to come: (start, end) -> what to do when whole.
+    /// Structures still to come: (end, start) -> what to do when whole.
     pending: BTreeMap<(u64, u64), Vec<Need>>,
+    /// The bytes still to come that they need, as disjoint ranges
+    /// (start -> end): each chunk is matched against these, not against
+    /// every structure, so overlapping structures cost nothing per chunk.
+    wanted: BTreeMap<u64, u64>,
     pending_count: u64,
     /// Compressed payloads arriving: (start, end) -> bytes so far.
     payloads: BTreeMap<(u64, u64), Vec<u8>>,
@@ -402,6 +409,7 @@ impl Inspector {
             pos: 0,
             store: Extents::default(),
             pending: BTreeMap::new(),
+            wanted: BTreeMap::new(),
             pending_count: 0,
             payloads: BTreeMap::new(),
             payload_bytes: 0,
@@ -418,7 +426,8 @@ impl Inspector {
             hand_start: 0,
             read_back: Arc::new(Mutex::new(BTreeSet::new())),
         };
-        me.pending.insert((0, HEADER_PROBE), vec![Need::Probe]);
+        me.pending.insert((HEADER_PROBE, 0), vec![Need::Probe]);
+        me.wanted.insert(0, HEADER_PROBE);
         me.pending_count = 1;
         me
     }
@@ -492,27 +501,40 @@ impl Inspector {
         let end = chunk.end();
         let mut ready = Vec::new();
 
-        // Structures in flight take their part of the chunk.
-        let flying: Vec<(u64, u64)> = self.pending.range(..(end, 0)).map(|(k, _)| *k).collect();
-        for key in flying {
-            let (s, e) = key;
-            if !self.keep(s, e, chunk) {
-                if let Some(needs) = self.pending.remove(&key) {
-                    self.pending_count =
-                        self.pending_count.saturating_sub(len64_count(needs.len()));
+        // The bytes still wanted take their part of the chunk.
+        let due: Vec<(u64, u64)> = self.wanted.range(..end).map(|(&s, &e)| (s, e)).collect();
+        for (s, e) in due {
+            self.wanted.remove(&s);
+            // Not kept (over the budget without a spool): the miss is
+            // recorded, and whatever needs the bytes will not find them.
+            self.keep(s, e, chunk);
+            if e > end {
+                self.wanted.insert(end, e);
+            }
+        }
+        // Structures now whole.
+        while let Some((&(e, s), _)) = self.pending.first_key_value() {
+            if e > end {
+                break;
+            }
+            if let Some(needs) = self.pending.remove(&(e, s)) {
+                self.pending_count = self.pending_count.saturating_sub(len64_count(needs.len()));
+                ready.extend(needs.into_iter().map(|n| ((s, e), n)));
+            }
+        }
+        // Payloads in flight. QEMU's overlap by at most a sector; many
+        // at once are hostile, and past MAX_IN_FLIGHT are not kept.
+        let flying: Vec<(u64, u64)> = self.payloads.range(..(end, 0)).map(|(k, _)| *k).collect();
+        for (n, key) in flying.into_iter().enumerate() {
+            if n >= MAX_IN_FLIGHT {
+                if let Some(buf) = self.payloads.remove(&key) {
+                    self.payload_bytes = self.payload_bytes.saturating_sub(len64(&buf));
+                }
+                if self.spool.is_none() {
+                    self.miss(key.0, key.1, Why::Budget);
                 }
                 continue;
             }
-            if e <= end {
-                if let Some(needs) = self.pending.remove(&key) {
-                    self.pending_count =
-                        self.pending_count.saturating_sub(len64_count(needs.len()));
-                    ready.extend(needs.into_iter().map(|n| (key, n)));
-                }
-            }
-        }
-        let flying: Vec<(u64, u64)> = self.payloads.range(..(end, 0)).map(|(k, _)| *k).collect();
-        for key in flying {
             if let Some(buf) = self.payloads.get_mut(&key) {
                 // Only bytes not taken from earlier chunks.
                 let have = key.0.saturating_add(len64(buf));
@@ -606,11 +628,35 @@ impl Inspector {
             self.miss(start, end, Why::Budget);
             return;
         }
-        let needs = self.pending.entry((start, end)).or_default();
+        let needs = self.pending.entry((end, start)).or_default();
         if !needs.contains(&need) {
             needs.push(need);
             self.pending_count = self.pending_count.saturating_add(1);
         }
+        self.add_wanted(start.max(chunk.end()), end);
+    }
+
+    /// Add `start .. end` to the bytes still wanted, merged with the
+    /// ranges it touches.
+    fn add_wanted(&mut self, mut start: u64, mut end: u64) {
+        if end <= start {
+            return;
+        }
+        if let Some((&s, &e)) = self.wanted.range(..=start).next_back() {
+            if e >= start {
+                self.wanted.remove(&s);
+                start = s;
+                end = end.max(e);
+            }
+        }
+        while let Some((&s, &e)) = self.wanted.range(start..).next() {
+            if s > end {
+                break;
+            }
+            self.wanted.remove(&s);
+            end = end.max(e);
+        }
+        self.wanted.insert(start, end);
     }
 
     /// A compressed payload at `start .. end`: decompressed once whole.

@@ -1,19 +1,23 @@
-//! The walk behind [`super::check`]: every structure, the refcount
-//! rebuild, overlaps, payloads. Decoding stays in the structure modules;
-//! this judges decoded values against each other.
+//! The audit behind [`super::check`]: a visitor of [`crate::walker`]'s
+//! single traversal that judges what it finds (the refcount rebuild,
+//! copied flags, overlaps, payloads). Decoding stays in the structure
+//! modules and the traversal in the walker; this judges decoded values
+//! against each other.
 
 use std::collections::{HashMap, HashSet};
 
 use super::{code, CheckOptions, Findings, Stats};
-use crate::bitmap;
-use crate::compressed::{self, Descriptor};
-use crate::error::{Error, What};
+use crate::bitmap::{self, Bitmap};
+use crate::compressed::Descriptor;
+use crate::error::{Result, What};
 use crate::finding::{Category, Finding, Severity};
-use crate::header::{Geometry, INCOMPAT_DIRTY};
-use crate::l1l2::{Cluster, L1Entry, L2Table};
+use crate::header::Geometry;
+use crate::l1l2::Cluster;
 use crate::metadata::MetadataMap;
 use crate::refcount;
-use crate::source::{be_u64s, read_into, span, Source};
+use crate::snapshot::Snapshot;
+use crate::source::{read_into, span, Source};
+use crate::walker::{self, Item, L1Table, L2Ref, Region, Visitor};
 use crate::Image;
 
 /// Walk `image`, adding to `findings`; `tracked` host clusters (the file
@@ -26,29 +30,39 @@ pub(super) fn run<S: Source>(
     tracked: usize,
 ) -> (Findings, Stats) {
     let g = *image.geometry();
+    let per = g.refcount_block_entries;
     let mut walk = Walk {
         img: image,
         g,
         file_len: image.file_len(),
         nb: u64::try_from(tracked).unwrap_or(u64::MAX),
-        dirty: image.header().incompatible_features & INCOMPAT_DIRTY != 0,
+        dirty: image.header().is_dirty(),
         data_file: image.header().has_data_file(),
+        v2: image.header().version < 3,
         computed: Counts::new(tracked),
         stored_one: Bits::new(tracked),
-        block_offsets: Vec::new(),
+        block_offsets: vec![None; image.refcount_table().len()],
         unknown_blocks: HashSet::new(),
+        block: vec![0u8; idx(g.cluster_size)],
+        values: Vec::with_capacity(idx(per)),
         meta: Vec::new(),
         meta_bits: Bits::new(tracked),
         map: MetadataMap::default(),
         f: findings,
         stats,
+        ids: HashMap::new(),
         decompress: opts.decompress && image.header().crypt_method == 0,
+        max_decompressed: image.limits().max_decompressed_bytes,
         decompressed: 0,
         in_buf: Vec::new(),
         out_buf: Vec::new(),
         next_contiguous: None,
     };
-    walk.run();
+    let tables = walker::walk_tables(image, &mut walk);
+    // Every metadata structure is known: overlaps between them.
+    walk.metadata_overlaps();
+    walker::walk_l2(image, &tables, &mut walk);
+    walk.compare_refcounts();
     (walk.f, walk.stats)
 }
 
@@ -121,19 +135,6 @@ struct Meta {
     at: u64,
 }
 
-/// A table referenced from several places, walked once.
-#[derive(Debug, Clone, Copy)]
-struct TableRef {
-    /// Number of references.
-    refs: u32,
-    /// References from the active L1 table.
-    active: u32,
-    /// Where the first reference was found.
-    at: u64,
-    /// L1 index of the first reference (for guest offsets).
-    l1_index: u64,
-}
-
 struct Walk<'a, S> {
     img: &'a Image<S>,
     g: Geometry,
@@ -141,6 +142,7 @@ struct Walk<'a, S> {
     nb: u64,
     dirty: bool,
     data_file: bool,
+    v2: bool,
     /// References found, per host cluster (saturating).
     computed: Counts,
     /// Host clusters whose stored refcount is one (for the copied flags;
@@ -150,12 +152,18 @@ struct Walk<'a, S> {
     block_offsets: Vec<Option<u64>>,
     /// Refcount table indexes whose block could not be read.
     unknown_blocks: HashSet<u64>,
+    /// Scratch for one refcount block and its decoded values.
+    block: Vec<u8>,
+    values: Vec<u32>,
     meta: Vec<Meta>,
     meta_bits: Bits,
     map: MetadataMap,
     f: Findings,
     stats: Stats,
+    /// Snapshot IDs seen, with their entry offsets.
+    ids: HashMap<&'a str, u64>,
     decompress: bool,
+    max_decompressed: u64,
     decompressed: u64,
     in_buf: Vec<u8>,
     out_buf: Vec<u8>,
@@ -166,99 +174,70 @@ fn idx(i: u64) -> usize {
     usize::try_from(i).unwrap_or(usize::MAX)
 }
 
-impl<S: Source> Walk<'_, S> {
-    fn run(&mut self) {
-        self.stored_refcounts();
-        let h = self.img.header().clone();
-        let cs = self.g.cluster_size;
-
-        // Fixed structures.
-        self.add_meta(What::Header, 0, cs, 0);
-        self.add_meta(
-            What::L1Table,
-            h.l1_table_offset,
-            u64::from(h.l1_size).saturating_mul(8),
-            crate::header::field::L1_TABLE_OFFSET,
-        );
-        self.add_meta(
-            What::RefcountTable,
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters).saturating_mul(cs),
-            crate::header::field::REFCOUNT_TABLE_OFFSET,
-        );
-        if let Some(last) = self.img.snapshots().last() {
-            // The padding after the last entry may lie past the end of
-            // the file (QEMU does not write it).
-            let end = crate::image::snapshot_entry_end(last).min(self.file_len);
-            self.add_meta(
-                What::SnapshotTable,
-                h.snapshots_offset,
-                end.saturating_sub(h.snapshots_offset),
-                crate::header::field::SNAPSHOTS_OFFSET,
-            );
-        }
-        if let Some(b) = &self.img.extensions().bitmaps {
-            if !self.img.bitmaps_stale() {
-                self.add_meta(
-                    What::BitmapDirectory,
-                    b.directory_offset,
-                    b.directory_size,
-                    b.offset,
-                );
-            }
-        }
-        if let Some(c) = &self.img.extensions().crypto {
-            self.add_meta(
-                What::CryptoHeader,
-                c.header_offset,
-                c.header_length,
-                c.offset,
-            );
-        }
-        if self.img.bitmaps_stale() {
-            let at = self
-                .img
-                .extensions()
-                .bitmaps
-                .as_ref()
-                .map_or(0, |b| b.offset);
-            self.f.push(Finding::new(
+impl<'a, S: Source> Visitor<'a> for Walk<'a, S> {
+    fn item(&mut self, item: Item<'a>) {
+        match item {
+            Item::Region(r) => self.region(r),
+            Item::RefcountBlock { index, block, .. } => match block {
+                Ok(off) => self.stored_refcounts(index, off),
+                Err(e) => {
+                    self.f.error(&e);
+                    self.unknown_blocks.insert(index);
+                }
+            },
+            Item::StaleBitmaps { at } => self.f.push(Finding::new(
                 code::STALE_BITMAPS,
                 Severity::Info,
                 Category::Other,
                 at,
                 "bitmaps extension without autoclear bit 0: stale, ignored",
-            ));
-        }
-
-        // L1 tables (active, then distinct snapshot tables) -> L2 tables.
-        let mut l2s: HashMap<u64, TableRef> = HashMap::new();
-        let mut l2_order: Vec<u64> = Vec::new();
-        let active = self.img.l1_table().to_vec();
-        self.l1_entries(&active, h.l1_table_offset, 1, true, &mut l2s, &mut l2_order);
-        self.snapshots(&mut l2s, &mut l2_order);
-        for &off in &l2_order {
-            if let Some(r) = l2s.get(&off).copied() {
-                self.add_meta(What::L2Table, off, cs, r.at);
-                if r.refs > 1 && off.saturating_add(cs) <= self.file_len {
-                    self.reference(off, r.refs.saturating_sub(1));
+            )),
+            Item::L1 {
+                table,
+                at,
+                entry,
+                l2,
+                shared_with,
+                ..
+            } => {
+                if let Some(first) = shared_with {
+                    self.f.push(Finding::new(
+                        code::L2_TABLE_SHARED,
+                        Severity::Warning,
+                        Category::Other,
+                        at,
+                        format!(
+                            "L1 entry at {at:#x} points to the L2 table at {l2:#x}, like the entry at {first:#x}"
+                        ),
+                    ));
+                }
+                if table == L1Table::Active {
+                    self.copied_check(entry.copied, l2, at, "L1 entry (L2 table)");
                 }
             }
-        }
-        self.bitmaps();
-
-        // Every metadata structure is known: overlaps between them.
-        self.metadata_overlaps();
-
-        // Data clusters.
-        for off in l2_order {
-            if let Some(r) = l2s.get(&off).copied() {
-                self.l2_table(off, r);
+            Item::Snapshot(s) => self.snapshot(s),
+            Item::Bitmap(b) => self.bitmap(b),
+            Item::TablesDone => {}
+            Item::L2Table(_) => {
+                self.stats.l2_tables = self.stats.l2_tables.saturating_add(1);
+                // Contiguity is counted within one L2 table, as QEMU does.
+                self.next_contiguous = None;
             }
+            Item::L2(e) => self.l2_entry(&e.table, e.index, e.at, e.raw, e.cluster),
+            Item::Error(e) => self.f.error(&e),
         }
-        self.compare_refcounts();
     }
 
+    #[inline]
+    fn l2_entry(&mut self, table: &L2Ref, index: u64, at: u64, raw: u64, cluster: Result<Cluster>) {
+        match cluster {
+            Ok(c) => self.l2_entry_ok(table, index, at, raw, c),
+            Err(e) => self.f.error(&e),
+        }
+    }
+}
+
+impl<'a, S: Source> Walk<'a, S> {
     fn downgradable(&self, code: &'static str, offset: u64, msg: String) -> Finding {
         if self.dirty {
             Finding::new(
@@ -273,52 +252,28 @@ impl<S: Source> Walk<'_, S> {
         }
     }
 
-    /// Load stored refcounts; account for the refcount blocks themselves.
-    fn stored_refcounts(&mut self) {
-        let g = self.g;
-        let per = g.refcount_block_entries;
-        let table_at = self.img.header().refcount_table_offset;
-        let entries = self.img.refcount_table().len();
-        let mut block = vec![0u8; idx(g.cluster_size)];
-        let mut values = Vec::new();
-        self.block_offsets = vec![None; entries];
-        for t in 0..entries {
-            let t = u64::try_from(t).unwrap_or(u64::MAX);
-            let at = table_at.saturating_add(t.saturating_mul(8));
-            let off = match self.img.refcount_block_offset(t) {
-                Ok(Some(off)) => off,
-                Ok(None) => continue,
-                Err(e) => {
-                    self.f.error(&e);
-                    self.unknown_blocks.insert(t);
-                    continue;
-                }
-            };
-            if let Err(e) = span(What::RefcountBlock, at, off, g.cluster_size, self.file_len) {
-                self.f.error(&e);
-                self.unknown_blocks.insert(t);
-                continue;
-            }
-            self.add_meta(What::RefcountBlock, off, g.cluster_size, at);
-            let first = t.saturating_mul(per);
-            if first >= self.nb {
-                continue;
-            }
-            if let Err(e) = read_into(self.img.source(), off, &mut block) {
-                self.f.error(&e);
-                self.unknown_blocks.insert(t);
-                continue;
-            }
-            if let Some(slot) = self.block_offsets.get_mut(idx(t)) {
-                *slot = Some(off);
-            }
-            let n = per.min(self.nb.saturating_sub(first));
-            values.clear();
-            refcount::decode_block(&block, g.refcount_order, n, &mut values);
-            for (j, &v) in (0u64..).zip(&values) {
-                if v == 1 {
-                    self.stored_one.set(first.saturating_add(j));
-                }
+    /// Load the stored refcounts of refcount block `t` at `off` (the
+    /// clusters with refcount one, for the copied flags).
+    fn stored_refcounts(&mut self, t: u64, off: u64) {
+        let per = self.g.refcount_block_entries;
+        let first = t.saturating_mul(per);
+        if first >= self.nb {
+            return;
+        }
+        if let Err(e) = read_into(self.img.source(), off, &mut self.block) {
+            self.f.error(&e);
+            self.unknown_blocks.insert(t);
+            return;
+        }
+        if let Some(slot) = self.block_offsets.get_mut(idx(t)) {
+            *slot = Some(off);
+        }
+        let n = per.min(self.nb.saturating_sub(first));
+        self.values.clear();
+        refcount::decode_block(&self.block, self.g.refcount_order, n, &mut self.values);
+        for (j, &v) in (0u64..).zip(&self.values) {
+            if v == 1 {
+                self.stored_one.set(first.saturating_add(j));
             }
         }
     }
@@ -385,17 +340,27 @@ impl<S: Source> Walk<'_, S> {
         }
     }
 
-    /// Record a metadata structure: it must lie in the file; its clusters
-    /// are referenced once.
-    fn add_meta(&mut self, what: What, start: u64, len: u64, at: u64) {
-        if len == 0 {
-            return;
-        }
-        if let Err(e) = span(what, at, start, len, self.file_len) {
-            self.f.error(&e);
-            return;
-        }
+    /// A metadata structure (inside the file: the walker checked): its
+    /// clusters are referenced once per reference, and data must not lie
+    /// in them.
+    fn region(&mut self, r: Region) {
+        let Region {
+            what,
+            start,
+            len,
+            at,
+            refs,
+        } = r;
         self.reference_range(start, len, 1);
+        match what {
+            // An L2 table is one cluster; a shared snapshot L1 table is
+            // referenced once per snapshot.
+            What::L2Table if refs > 1 => self.reference(start, refs.saturating_sub(1)),
+            What::SnapshotL1Table if refs > 1 => {
+                self.reference_range(start, len, refs.saturating_sub(1))
+            }
+            _ => {}
+        }
         self.meta.push(Meta {
             what,
             start,
@@ -411,64 +376,6 @@ impl<S: Source> Walk<'_, S> {
         while c <= last && c < self.nb {
             self.meta_bits.set(c);
             c = c.saturating_add(1);
-        }
-    }
-
-    /// Walk the entries of an L1 table, collecting L2 tables.
-    fn l1_entries(
-        &mut self,
-        entries: &[u64],
-        table_at: u64,
-        refs: u32,
-        active: bool,
-        l2s: &mut HashMap<u64, TableRef>,
-        order: &mut Vec<u64>,
-    ) {
-        let mut seen_here: HashMap<u64, u64> = HashMap::new();
-        for (i, &raw) in entries.iter().enumerate() {
-            let i = u64::try_from(i).unwrap_or(u64::MAX);
-            let at = table_at.saturating_add(i.saturating_mul(8));
-            let e = match L1Entry::decode(raw, at, &self.g) {
-                Ok(e) => e,
-                Err(e) => {
-                    self.f.error(&e);
-                    continue;
-                }
-            };
-            let Some(l2) = e.l2_offset else { continue };
-            // Tables past the end of the file are reported here and never
-            // remembered: the map below stays bounded by the file length.
-            if let Err(e) = span(What::L2Table, at, l2, self.g.cluster_size, self.file_len) {
-                self.f.error(&e);
-                continue;
-            }
-            if let Some(first) = seen_here.insert(l2, at) {
-                self.f.push(Finding::new(
-                    code::L2_TABLE_SHARED,
-                    Severity::Warning,
-                    Category::Other,
-                    at,
-                    format!(
-                        "L1 entry at {at:#x} points to the L2 table at {l2:#x}, like the entry at {first:#x}"
-                    ),
-                ));
-            }
-            if active {
-                self.copied_check(e.copied, l2, at, "L1 entry (L2 table)");
-            }
-            let r = l2s.entry(l2).or_insert_with(|| {
-                order.push(l2);
-                TableRef {
-                    refs: 0,
-                    active: 0,
-                    at,
-                    l1_index: i,
-                }
-            });
-            r.refs = r.refs.saturating_add(refs);
-            if active {
-                r.active = r.active.saturating_add(1);
-            }
         }
     }
 
@@ -496,130 +403,45 @@ impl<S: Source> Walk<'_, S> {
         }
     }
 
-    fn snapshots(&mut self, l2s: &mut HashMap<u64, TableRef>, order: &mut Vec<u64>) {
-        let snaps = self.img.snapshots().to_vec();
-        let mut ids: HashMap<&str, u64> = HashMap::new();
-        for s in &snaps {
-            if let Some(first) = ids.insert(s.id.as_str(), s.entry_offset) {
+    fn snapshot(&mut self, s: &'a Snapshot) {
+        if let Some(first) = self.ids.insert(s.id.as_str(), s.entry_offset) {
+            self.f.push(Finding::new(
+                code::DUPLICATE_SNAPSHOT_ID,
+                Severity::Error,
+                Category::Corruption,
+                s.entry_offset,
+                format!(
+                    "snapshot ID {:?} at {:#x} is also used at {first:#x}",
+                    s.id, s.entry_offset
+                ),
+            ));
+        }
+        if let Some(size) = s.disk_size {
+            let needed = self.g.l1_entries_for(size);
+            if u64::from(s.l1_size) < needed {
                 self.f.push(Finding::new(
-                    code::DUPLICATE_SNAPSHOT_ID,
+                    code::SNAPSHOT_L1_TOO_SMALL,
                     Severity::Error,
                     Category::Corruption,
-                    s.entry_offset,
+                    s.entry_offset.saturating_add(8),
                     format!(
-                        "snapshot ID {:?} at {:#x} is also used at {first:#x}",
-                        s.id, s.entry_offset
+                        "snapshot {:?}: L1 table has {} entries, its disk size {size} needs {needed}",
+                        s.id, s.l1_size
                     ),
                 ));
             }
-            if let Some(size) = s.disk_size {
-                let needed = self.g.l1_entries_for(size);
-                if u64::from(s.l1_size) < needed {
-                    self.f.push(Finding::new(
-                        code::SNAPSHOT_L1_TOO_SMALL,
-                        Severity::Error,
-                        Category::Corruption,
-                        s.entry_offset.saturating_add(8),
-                        format!(
-                            "snapshot {:?}: L1 table has {} entries, its disk size {size} needs {needed}",
-                            s.id, s.l1_size
-                        ),
-                    ));
-                }
-            }
-        }
-        // Identical tables are walked once, with their multiplicity;
-        // overlapping different ones are reported by the overlap pass and
-        // only the first is walked (bounds the work by the file length).
-        let mut tables: Vec<(u64, u64, u64, u32)> = Vec::new(); // start, bytes, at, refs
-        let mut index: HashMap<(u64, u64), usize> = HashMap::new();
-        for s in &snaps {
-            let bytes = u64::from(s.l1_size).saturating_mul(8);
-            if bytes == 0 {
-                continue;
-            }
-            let key = (s.l1_table_offset, bytes);
-            match index.get(&key).and_then(|&i| tables.get_mut(i)) {
-                Some(t) => t.3 = t.3.saturating_add(1),
-                None => {
-                    index.insert(key, tables.len());
-                    tables.push((s.l1_table_offset, bytes, s.entry_offset, 1));
-                }
-            }
-        }
-        tables.sort_by_key(|t| t.0);
-        let mut walked_end = 0u64;
-        for (start, bytes, at, refs) in tables {
-            self.add_meta(What::SnapshotL1Table, start, bytes, at);
-            if refs > 1 {
-                self.reference_range(start, bytes, refs.saturating_sub(1));
-            }
-            if start < walked_end {
-                continue;
-            }
-            let end = start.saturating_add(bytes);
-            if end > self.file_len {
-                continue;
-            }
-            walked_end = end;
-            let mut raw =
-                vec![0u8; idx(bytes.min(self.img.limits().max_l1_entries.saturating_mul(8)))];
-            if let Err(e) = read_into(self.img.source(), start, &mut raw) {
-                self.f.error(&e);
-                continue;
-            }
-            let entries = be_u64s(&raw);
-            self.l1_entries(&entries, start, refs, false, l2s, order);
         }
     }
 
-    fn bitmaps(&mut self) {
-        let cs = self.g.cluster_size;
-        let mut bitmaps = self.img.bitmaps().to_vec();
-        bitmaps.sort_by_key(|b| b.table_offset);
-        let mut walked_end = 0u64;
-        let mut chunk = vec![0u8; idx(cs)];
-        for b in &bitmaps {
-            if b.flags & bitmap::FLAG_IN_USE != 0 {
-                self.f.push(Finding::new(
-                    code::BITMAP_IN_USE,
-                    Severity::Warning,
-                    Category::Other,
-                    b.entry_offset,
-                    format!("bitmap {:?} is marked in use (inconsistent)", b.name),
-                ));
-            }
-            let bytes = u64::from(b.table_size).saturating_mul(8);
-            if bytes == 0 {
-                continue;
-            }
-            self.add_meta(What::BitmapTable, b.table_offset, bytes, b.entry_offset);
-            let end = b.table_offset.saturating_add(bytes);
-            if end > self.file_len || b.table_offset < walked_end {
-                continue;
-            }
-            walked_end = end;
-            let mut pos = b.table_offset;
-            while pos < end {
-                let n = end.saturating_sub(pos).min(cs);
-                let Some(buf) = chunk.get_mut(..idx(n)) else {
-                    break;
-                };
-                if let Err(e) = read_into(self.img.source(), pos, buf) {
-                    self.f.error(&e);
-                    break;
-                }
-                let words = be_u64s(buf);
-                for (k, &raw) in words.iter().enumerate() {
-                    let at = pos.saturating_add(u64::try_from(k).unwrap_or(0).saturating_mul(8));
-                    match bitmap::table_entry(raw, at, &self.g) {
-                        Ok(Some(off)) => self.add_meta(What::BitmapData, off, cs, at),
-                        Ok(None) => {}
-                        Err(e) => self.f.error(&e),
-                    }
-                }
-                pos = pos.saturating_add(n);
-            }
+    fn bitmap(&mut self, b: &Bitmap) {
+        if b.flags & bitmap::FLAG_IN_USE != 0 {
+            self.f.push(Finding::new(
+                code::BITMAP_IN_USE,
+                Severity::Warning,
+                Category::Other,
+                b.entry_offset,
+                format!("bitmap {:?} is marked in use (inconsistent)", b.name),
+            ));
         }
     }
 
@@ -697,121 +519,83 @@ impl<S: Source> Walk<'_, S> {
         }
     }
 
-    fn l2_table(&mut self, off: u64, r: TableRef) {
+    #[inline]
+    fn l2_entry_ok(&mut self, r: &L2Ref, index: u64, at: u64, raw: u64, cluster: Cluster) {
         let g = self.g;
-        self.stats.l2_tables = self.stats.l2_tables.saturating_add(1);
-        if off.saturating_add(g.cluster_size) > self.file_len {
-            return; // reported by add_meta
-        }
-        let mut bytes = vec![0u8; idx(g.cluster_size)];
-        if let Err(e) = read_into(self.img.source(), off, &mut bytes) {
-            self.f.error(&e);
-            return;
-        }
-        let table = L2Table::new(off, &bytes, &g);
-        drop(bytes);
-        // Contiguity is counted within one L2 table, as QEMU does.
-        self.next_contiguous = None;
-        let v2 = self.img.header().version < 3;
+        let guest = r.guest_offset(index, &g);
         let active = r.active > 0;
-        for i in 0..table.len() {
-            let Some((raw, bitmap, at)) = table.raw(i) else {
-                break;
-            };
-            let guest = r
-                .l1_index
-                .saturating_mul(g.l2_span())
-                .saturating_add(u64::try_from(i).unwrap_or(0).saturating_mul(g.cluster_size));
-            let cluster = match Cluster::decode(raw, bitmap, at, &g, self.data_file) {
-                Ok(c) => c,
-                Err(e) => {
+        if self.v2 && crate::l1l2::zero_flag_in_v2(raw, &g) {
+            self.f.push(Finding::new(
+                code::ZERO_FLAG_IN_V2,
+                Severity::Error,
+                Category::Corruption,
+                at,
+                format!(
+                    "L2 entry at {at:#x} sets the zero flag (bit 0), reserved in version 2 images"
+                ),
+            ));
+        }
+        match cluster {
+            Cluster::Unallocated | Cluster::Zero { host: None, .. } => {}
+            Cluster::Compressed(d) => self.compressed(d, at, guest, r.active > 0, r.refs),
+            Cluster::Data { host, copied }
+            | Cluster::Zero {
+                host: Some(host),
+                copied,
+            }
+            | Cluster::Subclusters {
+                host: Some(host),
+                copied,
+                ..
+            } => {
+                if active {
+                    self.stats.allocated_clusters = self.stats.allocated_clusters.saturating_add(1);
+                    if self.next_contiguous.is_some_and(|n| n != host) {
+                        self.stats.fragmented_clusters =
+                            self.stats.fragmented_clusters.saturating_add(1);
+                    }
+                    self.next_contiguous = Some(host.saturating_add(g.cluster_size));
+                }
+                if self.data_file {
+                    // Data lives in the external file: no refcount here.
+                    if active && !copied {
+                        let f = self.downgradable(
+                            code::COPIED_FLAG_MISMATCH,
+                            at,
+                            format!("L2 entry at {at:#x}: clusters in an external data file must have the copied flag"),
+                        );
+                        self.f.push(f);
+                    }
+                    return;
+                }
+                // The bytes a guest read can reach must be in the file:
+                // the whole cluster for standard entries, up to the last
+                // allocated subcluster for extended ones (QEMU does not
+                // extend the file past a subcluster write), and only the
+                // cluster's start for preallocated zeros (never read).
+                let reached = cluster.data_extent(&g).map_or(1, |(_, len)| len);
+                if let Err(e) = span(What::DataCluster, at, host, reached, self.file_len) {
                     self.f.error(&e);
-                    continue;
+                    return;
                 }
-            };
-            if v2
-                && !g.extended_l2
-                && raw & crate::l1l2::OFLAG_ZERO != 0
-                && raw & compressed::OFLAG_COMPRESSED == 0
-            {
-                self.f.push(Finding::new(
-                    code::ZERO_FLAG_IN_V2,
-                    Severity::Error,
-                    Category::Corruption,
-                    at,
-                    format!("L2 entry at {at:#x} sets the zero flag (bit 0), reserved in version 2 images"),
-                ));
+                self.reference(host, r.refs);
+                self.data_cluster_ok(What::DataCluster, host, g.cluster_size, at);
+                if active {
+                    self.copied_check(copied, host, at, "L2 entry (data cluster)");
+                }
             }
-            match cluster {
-                Cluster::Unallocated | Cluster::Zero { host: None, .. } => {}
-                Cluster::Compressed(d) => self.compressed(d, at, guest, r),
-                Cluster::Data { host, copied }
-                | Cluster::Zero {
-                    host: Some(host),
-                    copied,
-                }
-                | Cluster::Subclusters {
-                    host: Some(host),
-                    copied,
-                    ..
-                } => {
-                    if active {
-                        self.stats.allocated_clusters =
-                            self.stats.allocated_clusters.saturating_add(1);
-                        if self.next_contiguous.is_some_and(|n| n != host) {
-                            self.stats.fragmented_clusters =
-                                self.stats.fragmented_clusters.saturating_add(1);
-                        }
-                        self.next_contiguous = Some(host.saturating_add(g.cluster_size));
-                    }
-                    if self.data_file {
-                        // Data lives in the external file: no refcount here.
-                        if active && !copied {
-                            let f = self.downgradable(
-                                code::COPIED_FLAG_MISMATCH,
-                                at,
-                                format!("L2 entry at {at:#x}: clusters in an external data file must have the copied flag"),
-                            );
-                            self.f.push(f);
-                        }
-                        continue;
-                    }
-                    // The bytes a guest read can reach must be in the file:
-                    // the whole cluster for standard entries, up to the last
-                    // allocated subcluster for extended ones (QEMU does not
-                    // extend the file past a subcluster write), and only the
-                    // cluster's start for preallocated zeros (never read).
-                    let reached = cluster.data_extent(&g).map_or(1, |(_, len)| len);
-                    if let Err(e) = span(What::DataCluster, at, host, reached, self.file_len) {
-                        self.f.error(&e);
-                        continue;
-                    }
-                    self.reference(host, r.refs);
-                    self.data_cluster_ok(What::DataCluster, host, g.cluster_size, at);
-                    if active {
-                        self.copied_check(copied, host, at, "L2 entry (data cluster)");
-                    }
-                }
-                Cluster::Subclusters { host: None, .. } => {}
-            }
+            Cluster::Subclusters { host: None, .. } => {}
         }
     }
 
-    fn compressed(&mut self, d: Descriptor, at: u64, guest: u64, r: TableRef) {
+    fn compressed(&mut self, d: Descriptor, at: u64, guest: u64, active: bool, refs: u32) {
         let g = self.g;
-        if r.active > 0 {
+        if active {
             self.stats.allocated_clusters = self.stats.allocated_clusters.saturating_add(1);
             self.stats.compressed_clusters = self.stats.compressed_clusters.saturating_add(1);
             // Fragmented by nature (QEMU's count); the contiguity of the
             // standard clusters around it is unaffected.
             self.stats.fragmented_clusters = self.stats.fragmented_clusters.saturating_add(1);
-        }
-        if self.data_file {
-            self.f.error(&Error::InvalidCompressedEntry {
-                offset: at,
-                reason: "compressed cluster in an image with an external data file",
-            });
-            return;
         }
         // Count the references first, like QEMU, whatever is wrong with
         // the range (clusters past the end of the file are findings).
@@ -820,7 +604,7 @@ impl<S: Source> Walk<'_, S> {
                 if c >= self.nb {
                     break;
                 }
-                self.computed.add(idx(c), r.refs);
+                self.computed.add(idx(c), refs);
             }
         }
         if let Err(e) = d.validate(at, &g, self.file_len) {
@@ -845,7 +629,7 @@ impl<S: Source> Walk<'_, S> {
         if !self.decompress {
             return;
         }
-        let budget = self.img.limits().max_decompressed_bytes;
+        let budget = self.max_decompressed;
         if self.decompressed.saturating_add(g.cluster_size) > budget {
             if !self.f.counts.contains_key(code::DECOMPRESS_BUDGET) {
                 self.f.push(Finding::new(
@@ -859,39 +643,16 @@ impl<S: Source> Walk<'_, S> {
             return;
         }
         self.decompressed = self.decompressed.saturating_add(g.cluster_size);
-        let kind = self
+        self.out_buf.resize(idx(g.cluster_size), 0);
+        match self
             .img
-            .header()
-            .compression()
-            .unwrap_or(crate::CompressionType::Deflate);
-        let len = d.readable_end(self.file_len).saturating_sub(d.start());
-        // A streamed inspection decompressed the payload as it passed.
-        let known = self
-            .img
-            .source()
-            .payload_outcome(kind, d.start(), len, g.cluster_size);
-        let outcome = match known {
-            Some(outcome) => outcome,
-            None => {
-                self.out_buf.resize(idx(g.cluster_size), 0);
-                self.in_buf.resize(idx(len), 0);
-                if let Err(e) = read_into(self.img.source(), d.start(), &mut self.in_buf) {
-                    self.f.error(&e);
-                    return;
-                }
-                compressed::decompress(kind, &self.in_buf, &mut self.out_buf)
-            }
-        };
-        match outcome {
+            .verify_compressed(&d, guest, &mut self.in_buf, &mut self.out_buf)
+        {
             Ok(()) => {
                 self.stats.decompressed_clusters =
                     self.stats.decompressed_clusters.saturating_add(1);
             }
-            Err(reason) => self.f.error(&Error::Decompress {
-                offset: at,
-                guest_offset: guest,
-                reason,
-            }),
+            Err(e) => self.f.error(&e),
         }
     }
 
