@@ -17,6 +17,9 @@
 #
 #   PLANTED_LIMIT  seconds of fuzzing per target and bug (default 60)
 #   PLANTED_ONLY   run only the bugs whose names contain this string
+#   PLANTED_FRESH  1: no committed corpus at all (no seed check; fuzzing
+#                  starts from nothing, so whatever is caught is caught by
+#                  mutation alone)
 #
 #   nice -n 10 scripts/planted-bugs.sh
 set -euo pipefail
@@ -24,6 +27,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 limit=${PLANTED_LIMIT:-60}
 only=${PLANTED_ONLY:-}
+fresh=${PLANTED_FRESH:-0}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
@@ -77,8 +81,9 @@ open(path, "w").write(s.replace(old, new))
 PY
 }
 
-seed_dirs() { # target -> corpus dirs that exist
+seed_dirs() { # target -> corpus dirs that exist (none when fresh)
     local t=$1
+    [ "$fresh" = 1 ] && return 0
     for d in "$src/corpus/$t" "$src/corpus/regressions/$t"; do
         [ -d "$d" ] && echo "$d"
     done
@@ -107,6 +112,7 @@ while IFS='|' read -r name file old new targets; do
         for t in $targets; do
             mapfile -t seeds < <(seed_dirs "$t")
             mkdir -p "$work/seed-art"
+            [ "$fresh" = 1 ] && break
             if ! "$bin/$t" -runs=0 -rss_limit_mb=1024 -artifact_prefix="$work/seed-art/" \
                 "${seeds[@]}" >"$work/$t.seed.log" 2>&1; then
                 line="$name: caught by a committed seed ($t)"
@@ -139,4 +145,4 @@ while IFS='|' read -r name file old new targets; do
     echo "$line" | tee -a "$report"
 done <<<"$bugs"
 
-echo "planted bugs: $total; caught by fuzzing (mutation) $fuzzed; by a committed seed $seeded; missed $missed; not applied/built $broken (limit ${limit} s per target)" | tee -a "$report"
+echo "planted bugs: $total (fresh=$fresh); caught by fuzzing (mutation) $fuzzed; by a committed seed $seeded; missed $missed; not applied/built $broken (limit ${limit} s per target)" | tee -a "$report"
