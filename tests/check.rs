@@ -29,6 +29,15 @@ fn guard_check(p: &Path, extra: &[&str]) -> (i32, Value) {
     let v = json(&out);
     let c = code(&out);
     assert_eq!(v["exit-code"].as_i64(), Some(i64::from(c)), "{v:#}");
+    if extra.is_empty() {
+        let name = p
+            .file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+        export(
+            p,
+            &format!("{name} ({})", v["verdict"].as_str().unwrap_or("")),
+        );
+    }
     // Every image of this catalogue, also inspected as a stream.
     assert_streams_like(p, extra, &v);
     (c, v)

@@ -754,6 +754,7 @@ fn cluster_catalogue() {
         let base = if *extended { &ext } else { &plain };
         let image = copy(base, dir.path(), &format!("cluster{n}.qcow2"));
         let offset = f(&image);
+        export(&image, &format!("{name} ({want})"));
         let img = match Image::open(FileSource::open(&image).unwrap()) {
             Ok(i) => i,
             Err(e) => {

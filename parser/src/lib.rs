@@ -12,7 +12,8 @@
 //! processed at all; [`check()`] walks everything else; [`Image::read_at`],
 //! [`Image::map`] and [`Image::reader`] read guest data ([`read`] module);
 //! [`convert`] writes the raw disk into a file or any `Write`.
-//! [`build`] encodes valid images from a model, for tests and fuzzing.
+//! `build` (cargo feature `build`, off by default) encodes valid images
+//! from a model, for tests and fuzzing; the examples below use it.
 //!
 //! # Opening an image
 //!
@@ -155,6 +156,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod bitmap;
+#[cfg(any(test, feature = "build"))]
 pub mod build;
 pub mod check;
 mod codec;

@@ -39,7 +39,7 @@ from ._api import Report, StreamInspector, Verdict, check
 try:  # pragma: no cover - exercised when oslo.utils is installed (the tests)
     from oslo_utils.imageutils import format_inspector as _oslo
 except ImportError:  # pragma: no cover
-    _oslo = None
+    _oslo = None  # type: ignore[assignment]
 
 __all__ = [
     "ImageFormatError",
@@ -154,7 +154,7 @@ class QcowInspector:
         accept_leaks: bool = True,
     ) -> None:
         self._params = params or {}
-        self._policy = dict(
+        self._policy: Dict[str, Any] = dict(
             allow_backing=allow_backing,
             allow_data_file=allow_data_file,
             allow_encryption=allow_encryption,

@@ -99,7 +99,7 @@ def hostile_dir(tmp_path_factory) -> Path:
         return Path(env)
     d = tmp_path_factory.mktemp("hostile")
     subprocess.run(
-        ["cargo", "test", "--quiet", "--manifest-path", str(REPO / "Cargo.toml"), "--test", "hostile", "--test", "cve"],
+        ["cargo", "test", "--quiet", "--manifest-path", str(REPO / "Cargo.toml"), "--test", "hostile", "--test", "cve", "--test", "check"],
         env={**os.environ, "QCOW2_GUARD_EXPORT_IMAGES": str(d)},
         check=True,
         capture_output=True,

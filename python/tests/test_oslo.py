@@ -1,7 +1,7 @@
 """qcow2_guard.format_inspector side by side with oslo.utils'
 format_inspector, on images made by qemu-img in many configurations and
-on the hostile catalogue of the Rust tests (tests/hostile.rs,
-tests/cve.rs: real qemu-img images with bytes patched, exported by
+on the catalogues of the Rust tests (tests/hostile.rs, tests/cve.rs,
+tests/check.rs: real qemu-img images, most with bytes patched, exported by
 `cargo test` with QCOW2_GUARD_EXPORT_IMAGES).
 
 For every image:
@@ -213,7 +213,7 @@ def test_side_by_side_with_oslo(images):
         BEGIN,
         "",
         f"{len(images)} images: {len(images) - hostile_total} made by qemu-img/qemu-io, "
-        f"{hostile_total} from the hostile catalogue (tests/hostile.rs, tests/cve.rs). "
+        f"{hostile_total} from the catalogues of the Rust tests (tests/hostile.rs, tests/cve.rs, tests/check.rs). "
         f"Both refuse {both_refuse}. oslo.utils refuses nothing that qcow2-guard "
         "accepts, except valid images (second table).",
         "",
@@ -232,7 +232,7 @@ def test_side_by_side_with_oslo(images):
         "Hostile images oslo.utils accepts, by the check of qcow2-guard that refuses them "
         "(oslo reads only the first 512 bytes):",
         "",
-        "| qcow2-guard check | images | for example |",
+        "| qcow2-guard check | images failing it | for example |",
         "|---|---|---|",
     ]
     for name in sorted(by_check, key=lambda n: (-len(by_check[n]), n)):
