@@ -5,14 +5,13 @@
 //! library's `qcow2_guard::convert`; this file opens the files, creates
 //! OUTPUT, shows progress and turns outcomes into messages and exit codes.
 //!
-//! The output goes to a temporary file beside OUTPUT that is renamed at
-//! the end and removed on any error, so a failed conversion leaves no
-//! OUTPUT. With OUTPUT `-` the disk goes to stdout and nothing else does;
+//! A new OUTPUT has no name until it is complete and synced
+//! (`crate::output`), so a failed or killed conversion leaves nothing. With OUTPUT `-` the disk goes to stdout and nothing else does;
 //! an existing OUTPUT that is not a regular file (a device, a FIFO) is
 //! written in place.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -24,6 +23,7 @@ use qcow2_guard::convert::{
 use qcow2_guard::{FileSource, Severity, Verdict};
 
 use crate::exit::Exit;
+use crate::output::NewFile;
 use crate::report;
 use crate::{ImageArg, PolicyArgs};
 
@@ -47,6 +47,17 @@ pub struct Args {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    /// Refuse an image that maps more than N guest bytes per byte of file
+    /// (allocated data and compressed clusters; default 4096).
+    #[arg(long, value_name = "N")]
+    max_amplification: Option<u64>,
+    /// Refuse an image whose output would hold more than SIZE bytes of
+    /// data (e.g. 100G; with --backing, the whole virtual disk counts).
+    #[arg(long, value_name = "SIZE", value_parser = crate::parse_size)]
+    max_output: Option<u64>,
+    /// Do not fsync OUTPUT and its directory before reporting success.
+    #[arg(long)]
+    no_sync: bool,
 }
 
 /// Why a conversion stopped, beyond the library's own errors.
@@ -110,7 +121,7 @@ pub fn run(args: &Args) -> Exit {
                 errln!("  {f}");
             }
             match report.verdict {
-                Verdict::Invalid => Exit::NotChecked,
+                Verdict::Invalid | Verdict::NeedsRandomAccess => Exit::NotChecked,
                 Verdict::Unsafe => Exit::Refused,
                 _ => Exit::Corrupt,
             }
@@ -147,19 +158,21 @@ fn prepare_conversion(args: &Args) -> Result<Conversion<FileSource>, Failure> {
     if let Some(d) = &args.data_file {
         inputs = inputs.with_data_file(open_file(d)?);
     }
+    let defaults = ConvertOptions::default();
     let opts = ConvertOptions {
         policy: args.policy.policy(),
         limits: args.policy.limits(),
+        max_amplification: args.max_amplification.unwrap_or(defaults.max_amplification),
+        max_output: args.max_output,
+        ..defaults
     };
     let conversion = prepare(inputs, &opts)?;
     let path = args.image.image.display();
     for w in conversion.warnings() {
-        match w.code {
-            convert::code::NO_BACKING => errln!(
+        if w.code == convert::code::NO_BACKING {
+            errln!(
                 "qcow2-guard: {path}: no --backing given: unallocated clusters are written as zeros"
-            ),
-            convert::code::AUDIT_TOO_LARGE => errln!("qcow2-guard: {path}: warning: {}", w.message),
-            _ => {}
+            );
         }
     }
     Ok(conversion)
@@ -202,9 +215,19 @@ fn run_into(
 
 fn convert(args: &Args) -> Result<(), Failure> {
     let to_stdout = args.output.as_os_str() == "-";
-    if !to_stdout {
+    // The disk goes to a duplicate of descriptor 1, unbuffered, whose
+    // errors (EPIPE, ENOSPC) stop the conversion; std's stdout would
+    // line-buffer it and drop EBADF silently. (A descriptor 1 closed at
+    // start is /dev/null: Rust's runtime reopens it there, so no file the
+    // conversion opens can take its place.)
+    let stdout = if to_stdout {
+        let fd = rustix::io::dup(io::stdout().as_fd())
+            .map_err(|e| Failure::Io(format!("stdout: {}", io::Error::from(e))))?;
+        Some(std::fs::File::from(fd))
+    } else {
         refuse_output_over_input(args)?;
-    }
+        None
+    };
     let conversion = prepare_conversion(args)?;
     let progress = progress_bar(conversion.size(), args.quiet);
 
@@ -214,9 +237,10 @@ fn convert(args: &Args) -> Result<(), Failure> {
         .then(|| std::fs::metadata(&args.output).ok())
         .flatten()
         .filter(|m| !m.file_type().is_file());
-    if to_stdout {
-        run_into(&conversion, &WriteSink::new(io::stdout()), &progress)?;
+    if let Some(out) = &stdout {
+        run_into(&conversion, &WriteSink::new(out), &progress)?;
     } else if let Some(meta) = existing {
+        // Never replaced, never renamed over: /dev/null stays /dev/null.
         use std::os::unix::fs::FileTypeExt;
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -224,30 +248,23 @@ fn convert(args: &Args) -> Result<(), Failure> {
             .map_err(|e| Failure::Io(format!("{}: cannot open: {e}", args.output.display())))?;
         if meta.file_type().is_block_device() {
             run_into(&conversion, &FileSink::overwrite(&f), &progress)?;
+            if !args.no_sync {
+                f.sync_all()
+                    .map_err(|e| Failure::Convert(ConvertError::Sink(e)))?;
+            }
         } else {
             run_into(&conversion, &WriteSink::new(&f), &progress)?;
         }
     } else {
-        let target = &args.output;
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "output".to_owned());
-        // Removed when dropped, i.e. on every error path.
-        let tmp = tempfile::Builder::new()
-            // Like any new file (the umask applies), not tempfile's 0600.
-            .permissions(std::fs::Permissions::from_mode(0o666))
-            .prefix(&format!(".{name}."))
-            .suffix(".qcow2-guard-tmp")
-            .tempfile_in(&dir)
-            .map_err(|e| Failure::Io(format!("{}: cannot create a file: {e}", dir.display())))?;
-        run_into(&conversion, &FileSink::new(tmp.as_file()), &progress)?;
-        tmp.persist(target)
-            .map_err(|e| Failure::Convert(ConvertError::Sink(e.error)))?;
+        let out = NewFile::create(&args.output).map_err(|e| {
+            Failure::Io(format!(
+                "{}: cannot create the output: {e}",
+                args.output.display()
+            ))
+        })?;
+        run_into(&conversion, &FileSink::new(out.file()), &progress)?;
+        out.commit(!args.no_sync)
+            .map_err(|e| Failure::Convert(ConvertError::Sink(e)))?;
     }
     progress.finish_and_clear();
     Ok(())

@@ -27,6 +27,7 @@ mod exit;
 mod info;
 mod map;
 mod open;
+mod output;
 mod qemu;
 mod report;
 

@@ -86,6 +86,23 @@ impl FileSource {
     }
 }
 
+impl FileSource {
+    /// Fail when the file is now shorter than when it was opened.
+    fn still_whole(&self) -> io::Result<()> {
+        let now = self.file.metadata()?.len();
+        if now < self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file shrank from {} to {now} bytes while being read",
+                    self.len
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Source for FileSource {
     fn len(&self) -> u64 {
         self.len
@@ -115,17 +132,27 @@ impl Source for FileSource {
         }
         let start = match seek(&self.file, SeekFrom::Data(offset)) {
             Ok(s) => s.max(offset),
-            Err(rustix::io::Errno::NXIO) => return Ok(None),
+            Err(rustix::io::Errno::NXIO) => {
+                // No data up to the end: a hole at the end of the file, or
+                // the file shrank since it was opened (its tail would
+                // then read as zeros instead of failing).
+                self.still_whole()?;
+                return Ok(None);
+            }
             Err(_) => return Ok(Some((offset, self.len))),
         };
         if start >= self.len {
             return Ok(None);
         }
         let end = match seek(&self.file, SeekFrom::Hole(start)) {
-            Ok(e) if e > start => e.min(self.len),
+            Ok(e) if e > start => e,
             _ => self.len,
         };
-        Ok(Some((start, end)))
+        if end < self.len {
+            // A hole, or the end of a file that shrank.
+            self.still_whole()?;
+        }
+        Ok(Some((start, end.min(self.len))))
     }
 
     /// `st_blocks * 512`, as QEMU's `bdrv_get_allocated_file_size`.

@@ -491,7 +491,12 @@ fn convert_image(
         if let Some(d) = data_file {
             inputs.data_file = Some(Arc::new(d.open().map_err(Failure::Open)?));
         }
-        let conversion = prepare(inputs, &ConvertOptions { policy, limits })?;
+        let opts = ConvertOptions {
+            policy,
+            limits,
+            ..ConvertOptions::default()
+        };
+        let conversion = prepare(inputs, &opts)?;
         let total = conversion.size();
         let done = AtomicU64::new(0);
         let tick = |n: u64| {

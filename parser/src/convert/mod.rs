@@ -48,7 +48,9 @@ mod prepare;
 mod sink;
 
 pub use pipeline::Progress;
-pub use prepare::{prepare, Conversion, ConvertOptions, Inputs};
+pub use prepare::{
+    prepare, Conversion, ConvertOptions, Inputs, AUDIT_TRACKED_CLUSTERS, DEFAULT_MAX_AMPLIFICATION,
+};
 pub use sink::{FileSink, Sink, WriteSink};
 
 /// Finding codes of the conversion rules (policy findings keep their
@@ -64,9 +66,15 @@ pub mod code {
     /// Warning: the image names a backing file but none was handed in:
     /// unallocated clusters are written as zeros.
     pub const NO_BACKING: &str = "convert_no_backing";
-    /// Warning: the file has too many host clusters for the audit's
-    /// refcount rebuild.
+    /// Refused: the file has more host clusters than the audit's refcount
+    /// rebuild may track ([`super::ConvertOptions::max_audit_clusters`]).
     pub const AUDIT_TOO_LARGE: &str = "convert_audit_too_large";
+    /// Refused: the image maps more guest bytes per file byte than
+    /// [`super::ConvertOptions::max_amplification`].
+    pub const AMPLIFICATION: &str = "convert_amplification";
+    /// Refused: the output would hold more data than
+    /// [`super::ConvertOptions::max_output`].
+    pub const OUTPUT_TOO_LARGE: &str = "convert_output_too_large";
 }
 
 /// Which input of a conversion an error concerns.

@@ -1,12 +1,14 @@
 //! [`prepare`]: open, judge and audit the inputs before anything is
 //! written.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{code, ConvertError, Input};
-use crate::check::{self, check, CheckOptions, Report, Verdict};
+use crate::check::{check, CheckOptions, Report, Verdict};
 use crate::finding::{Category, Finding, Severity};
-use crate::header::{self, field};
+use crate::header::{self, field, Geometry};
+use crate::l1l2::{Cluster, L1Entry, L2Table};
 use crate::read::RawBacking;
 use crate::source::Source;
 use crate::{Image, Limits, Policy};
@@ -15,20 +17,56 @@ use crate::{Image, Limits, Policy};
 /// cache suffices).
 const CACHE_BYTES: u64 = 4 << 20;
 
-/// Host clusters the pre-conversion audit may track: about 2.25 bytes
-/// each in the check's refcount rebuild, so 20 Mi clusters (a 1.25 TiB
-/// file of 64 KiB clusters) stay near 45 MiB, freed before the conversion
-/// starts.
-pub(super) const AUDIT_TRACKED_CLUSTERS: u64 = 20 << 20;
+/// Default [`ConvertOptions::max_audit_clusters`]: about 2.25 bytes each
+/// in the check's refcount rebuild, so 20 Mi clusters (a 1.25 TiB file of
+/// 64 KiB clusters) stay near 45 MiB, freed before the conversion starts.
+pub const AUDIT_TRACKED_CLUSTERS: u64 = 20 << 20;
+
+/// Default [`ConvertOptions::max_amplification`]: guest bytes mapped per
+/// byte of file. Real images stay far below it: uncompressed data maps at
+/// most one guest byte per file byte in the active layer (internal
+/// snapshots only add file bytes), and `qemu-img convert -c` of maximally
+/// compressible data (1 GiB of one repeated byte) measured 1488 with zstd
+/// and 636 with zlib at 64 KiB clusters, less at any other cluster size
+/// (SECURITY.md, "Output bounds"). 4096 leaves room above that.
+pub const DEFAULT_MAX_AMPLIFICATION: u64 = 1 << 12;
 
 /// What a conversion accepts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConvertOptions {
     /// The safety policy, applied to the image and to a backing image.
     pub policy: Policy,
     /// The caller's limits; the conversion tightens tables, caches and
     /// directories further ([`ConvertOptions::limits`]).
     pub limits: Limits,
+    /// Most guest bytes the image may map (allocated: data and compressed
+    /// clusters, not zero, not unallocated) per byte of image file; above
+    /// it the image is refused ([`code::AMPLIFICATION`]). One small file
+    /// whose tables all point at the same clusters would otherwise make
+    /// terabytes of output.
+    pub max_amplification: u64,
+    /// Most bytes of data the output may hold: the guest bytes the image
+    /// maps (with a backing image, the whole virtual disk); above it the
+    /// image is refused ([`code::OUTPUT_TOO_LARGE`]). For a service with a
+    /// disk quota. `None`: no bound beyond the amplification.
+    pub max_output: Option<u64>,
+    /// Most host clusters (file length / cluster size) the audit's
+    /// refcount rebuild may track (about 2.25 bytes of memory each); a
+    /// larger file is refused ([`code::AUDIT_TOO_LARGE`]): nothing is
+    /// converted without the audit.
+    pub max_audit_clusters: u64,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            policy: Policy::default(),
+            limits: Limits::default(),
+            max_amplification: DEFAULT_MAX_AMPLIFICATION,
+            max_output: None,
+            max_audit_clusters: AUDIT_TRACKED_CLUSTERS,
+        }
+    }
 }
 
 impl ConvertOptions {
@@ -163,46 +201,136 @@ fn refuse_on_policy<T: Source>(
 
 /// The metadata check `check` runs, without decompression, before
 /// anything is written: error findings and policy violations refuse the
-/// image; leaks and warnings do not.
-fn audit<T: Source>(
-    image: &Image<T>,
-    policy: &Policy,
-    warnings: &mut Vec<Finding>,
-) -> Result<Report, ConvertError> {
-    let opts = CheckOptions {
-        max_tracked_clusters: AUDIT_TRACKED_CLUSTERS,
-        ..CheckOptions::metadata_only(policy.clone())
+/// image; leaks and warnings do not. A file with more host clusters than
+/// the audit may track is refused: no conversion without the audit.
+fn audit<T: Source>(image: &Image<T>, opts: &ConvertOptions) -> Result<Report, ConvertError> {
+    let g = image.geometry();
+    let clusters = image.file_len().div_ceil(g.cluster_size);
+    if clusters > opts.max_audit_clusters {
+        return Err(ConvertError::Refused {
+            input: Input::Image,
+            findings: vec![refusal(
+                code::AUDIT_TOO_LARGE,
+                0,
+                format!(
+                    "file has {clusters} host clusters; the pre-conversion audit tracks at most {} \
+                     (nothing is converted without it)",
+                    opts.max_audit_clusters
+                ),
+            )],
+        });
+    }
+    let check_opts = CheckOptions {
+        max_tracked_clusters: opts.max_audit_clusters,
+        ..CheckOptions::metadata_only(opts.policy.clone())
     };
-    let report = check(image, &opts);
-    let blocks = matches!(
-        report.verdict,
-        Verdict::Corrupt | Verdict::Unsafe | Verdict::Invalid
-    );
-    if !blocks {
-        return Ok(report);
+    let report = check(image, &check_opts);
+    match report.verdict {
+        Verdict::Ok | Verdict::Leaks => Ok(report),
+        _ => Err(ConvertError::Audit {
+            input: Input::Image,
+            report: Box::new(report),
+        }),
     }
-    let mut errors = report
-        .findings
-        .iter()
-        .filter(|f| f.severity == Severity::Error);
-    let only_too_large = errors
-        .clone()
-        .next()
-        .is_some_and(|_| errors.all(|f| f.code == check::code::TOO_LARGE_TO_CHECK));
-    if only_too_large {
-        warnings.push(Finding::new(
-            code::AUDIT_TOO_LARGE,
-            Severity::Warning,
-            Category::Other,
-            0,
-            "too many host clusters for the pre-conversion audit; refcounts are not rebuilt, entries are still validated as they are read",
-        ));
-        return Ok(report);
+}
+
+/// Guest bytes the active layer maps to host data (data and compressed
+/// clusters, allocated subclusters), counting each L2 table once however
+/// often the L1 table references it; stops as soon as the sum passes
+/// `stop_above`. Entries that fail to decode count nothing (the audit
+/// reports them).
+fn mapped_bytes<T: Source>(image: &Image<T>, stop_above: u64) -> u64 {
+    let g = *image.geometry();
+    let size = image.virtual_size();
+    let data_file = image.header().has_data_file();
+    let mut per_table: HashMap<u64, u64> = HashMap::new();
+    let mut total = 0u64;
+    for i in 0..g.l1_entries_for(size) {
+        let Ok(L1Entry {
+            l2_offset: Some(l2),
+            ..
+        }) = image.l1_entry(i)
+        else {
+            continue;
+        };
+        let mapped = match per_table.get(&l2) {
+            Some(&m) => m,
+            None => {
+                let m = image
+                    .l2_table(l2, image.l1_entry_offset(i))
+                    .map_or(0, |t| table_mapped(&t, &g, data_file));
+                per_table.insert(l2, m);
+                m
+            }
+        };
+        // The last table may map past the end of the disk.
+        let covered = size.saturating_sub(i.saturating_mul(g.l2_span()));
+        total = total.saturating_add(mapped.min(covered));
+        if total > stop_above {
+            break;
+        }
     }
-    Err(ConvertError::Audit {
-        input: Input::Image,
-        report: Box::new(report),
-    })
+    total
+}
+
+fn table_mapped(t: &L2Table, g: &Geometry, data_file: bool) -> u64 {
+    (0..t.len())
+        .filter_map(|j| t.entry(j, g, data_file)?.ok())
+        .map(|c| match c {
+            Cluster::Data { .. } | Cluster::Compressed(_) => g.cluster_size,
+            Cluster::Subclusters { alloc, .. } => {
+                u64::from(alloc.count_ones()).saturating_mul(g.subcluster_size)
+            }
+            Cluster::Zero { .. } | Cluster::Unallocated => 0,
+        })
+        .fold(0u64, u64::saturating_add)
+}
+
+/// Refuse an image that maps far more guest data than its file holds
+/// ([`ConvertOptions::max_amplification`]) or more than the caller's
+/// quota ([`ConvertOptions::max_output`]), before the audit and before
+/// anything is written.
+fn bound_output<T: Source>(
+    image: &Image<T>,
+    opts: &ConvertOptions,
+    backing: bool,
+) -> Result<(), ConvertError> {
+    let file_len = image.file_len();
+    let allowed = file_len.saturating_mul(opts.max_amplification);
+    let quota = opts.max_output.unwrap_or(u64::MAX);
+    let mapped = mapped_bytes(image, allowed.min(quota));
+    if mapped > allowed {
+        return Err(ConvertError::Refused {
+            input: Input::Image,
+            findings: vec![refusal(
+                code::AMPLIFICATION,
+                field::L1_TABLE_OFFSET,
+                format!(
+                    "the active L1 table maps more than {allowed} guest bytes ({mapped} counted \
+                     before stopping) from a {file_len}-byte file: over {} guest bytes per \
+                     file byte",
+                    opts.max_amplification
+                ),
+            )],
+        });
+    }
+    // With a backing image, unallocated clusters are data too.
+    let output = if backing {
+        image.virtual_size()
+    } else {
+        mapped
+    };
+    if output > quota {
+        return Err(ConvertError::Refused {
+            input: Input::Image,
+            findings: vec![refusal(
+                code::OUTPUT_TOO_LARGE,
+                field::L1_TABLE_OFFSET,
+                format!("the output would hold more than {quota} bytes of data ({output} counted)"),
+            )],
+        });
+    }
+    Ok(())
 }
 
 /// Open `inputs.image`, apply the policy and the conversion rules, attach
@@ -217,7 +345,8 @@ pub fn prepare<S: Source>(
     let mut warnings = Vec::new();
     let mut image = Image::open_with(inputs.image, limits.clone()).map_err(ConvertError::image)?;
     refuse_on_policy(Input::Image, &image, policy, &mut warnings)?;
-    let report = audit(&image, policy, &mut warnings)?;
+    bound_output(&image, opts, inputs.backing.is_some())?;
+    let report = audit(&image, opts)?;
 
     let needs_data_file = image.header().has_data_file();
     match inputs.data_file {
