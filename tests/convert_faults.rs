@@ -252,20 +252,31 @@ fn read_only_directory() {
 
 /// A slow conversion: 1 GiB of compressed clusters whose data is one
 /// non-zero byte per cluster (tiny file, tiny output on disk, seconds of
-/// inflating).
-fn slow_image(dir: &Path) -> PathBuf {
-    let raw = dir.join("slow.src");
-    let f = fs::File::create(&raw).unwrap();
-    f.set_len(1 << 30).unwrap();
-    use std::os::unix::fs::FileExt;
-    for k in 0..(1u64 << 14) {
-        f.write_all_at(&[0x42], k << 16).unwrap();
-    }
-    drop(f);
-    let img = dir.join("slow.qcow2");
-    qemu_img(&["convert", "-q", "-c", "-O", "qcow2", s(&raw), s(&img)]);
-    fs::remove_file(&raw).unwrap();
-    img
+/// inflating). Made once, kept in cargo's target tmpdir, shared
+/// read-only.
+fn slow_image() -> &'static Path {
+    static SLOW: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SLOW.get_or_init(|| {
+        let img = Path::new(env!("CARGO_TARGET_TMPDIR")).join("convert-faults-slow.qcow2");
+        if img.exists() {
+            return img;
+        }
+        let dir = tmpdir();
+        let raw = dir.path().join("slow.src");
+        let f = fs::File::create(&raw).unwrap();
+        f.set_len(1 << 30).unwrap();
+        use std::os::unix::fs::FileExt;
+        for k in 0..(1u64 << 14) {
+            f.write_all_at(&[0x42], k << 16).unwrap();
+        }
+        drop(f);
+        let made = dir.path().join("slow.qcow2");
+        qemu_img(&["convert", "-q", "-c", "-O", "qcow2", s(&raw), s(&made)]);
+        // Complete before it has its name.
+        fs::copy(&made, img.with_extension("part")).unwrap();
+        fs::rename(img.with_extension("part"), &img).unwrap();
+        img
+    })
 }
 
 /// Start `convert -q IMG OUT` with `env`; returns once the child holds
@@ -322,19 +333,19 @@ fn kill(child: &Child, sig: &str) {
 fn signals_leave_nothing_behind() {
     use std::os::unix::process::ExitStatusExt;
     let d = tmpdir();
-    let img = slow_image(d.path());
+    let img = slow_image();
     let outdir = d.path().join("out");
     fs::create_dir(&outdir).unwrap();
     let out = outdir.join("disk.raw");
     for sig in ["TERM", "KILL"] {
-        let mut child = start(&img, &out, &[]);
+        let mut child = start(img, &out, &[]);
         kill(&child, sig);
         let st = child.wait().unwrap();
         assert!(st.signal().is_some(), "SIG{sig}: {st}");
         assert_eq!(names(&outdir), Vec::<String>::new(), "after SIG{sig}");
     }
     for (sig, n) in [("TERM", 15), ("INT", 2), ("HUP", 1)] {
-        let mut child = start(&img, &out, &[("QCOW2_GUARD_NO_TMPFILE", "1")]);
+        let mut child = start(img, &out, &[("QCOW2_GUARD_NO_TMPFILE", "1")]);
         // The fallback's temporary is visible while it is written.
         assert_eq!(names(&outdir).len(), 1);
         kill(&child, sig);
@@ -349,11 +360,11 @@ fn signals_leave_nothing_behind() {
 #[test]
 fn output_directory_vanishes() {
     let d = tmpdir();
-    let img = slow_image(d.path());
+    let img = slow_image();
     let outdir = d.path().join("out");
     fs::create_dir(&outdir).unwrap();
     let out = outdir.join("disk.raw");
-    let child = start(&img, &out, &[]);
+    let child = start(img, &out, &[]);
     kill(&child, "STOP");
     let removed = fs::remove_dir(&outdir);
     kill(&child, "CONT");
@@ -366,7 +377,7 @@ fn output_directory_vanishes() {
         stderr(&o)
     );
     assert!(!outdir.exists());
-    assert_eq!(names(d.path()), ["slow.qcow2"]);
+    assert_eq!(names(d.path()), Vec::<String>::new());
 }
 
 /// The image file is truncated under a running conversion: an error, not
