@@ -93,15 +93,14 @@ impl PolicyArgs {
             allow_backing: self.allow_backing,
             allow_data_file: self.allow_data_file,
             allow_encryption: self.allow_encryption,
+            max_virtual_size: self
+                .max_virtual_size
+                .unwrap_or(qcow2_guard::Policy::default().max_virtual_size),
         }
     }
 
     pub fn limits(&self) -> qcow2_guard::Limits {
-        let limits = qcow2_guard::Limits::default();
-        match self.max_virtual_size {
-            Some(max) => limits.with_max_virtual_size(max),
-            None => limits,
-        }
+        qcow2_guard::Limits::default()
     }
 }
 

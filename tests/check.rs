@@ -985,9 +985,11 @@ mod library {
     fn decompression_budget() {
         let dir = tmpdir();
         let (p, _) = compressed_image(dir.path(), "budget.qcow2");
-        let mut limits = Limits::default();
-        limits.max_decompressed_bytes = 2 << 16;
-        let r = check(&open(&p, limits), &CheckOptions::default());
+        let opts = CheckOptions {
+            max_decompressed_bytes: 2 << 16,
+            ..CheckOptions::default()
+        };
+        let r = check(&open(&p, Limits::default()), &opts);
         assert_eq!(r.verdict, Verdict::Ok, "{r:#?}");
         assert!(r.has("decompress_budget_exhausted"));
         assert_eq!(r.stats.decompressed_clusters, 2);

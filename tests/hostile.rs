@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use qcow2_guard::{FileSource, Image, Limits};
+use qcow2_guard::{FileSource, Image, Limits, Policy};
 use serde_json::Value;
 
 /// The unpatched images every case starts from.
@@ -474,14 +474,14 @@ fn policy_catalogue() {
             ));
         }
         // The library opens it; the policy finds the same.
-        let limits = if args.is_empty() {
-            Limits::default()
+        let policy = if args.is_empty() {
+            Policy::default()
         } else {
-            Limits::default().with_max_virtual_size(512 << 10)
+            Policy::default().with_max_virtual_size(512 << 10)
         };
-        let img = Image::open_with(FileSource::open(&image).unwrap(), limits).unwrap();
+        let img = Image::open(FileSource::open(&image).unwrap()).unwrap();
         let codes: Vec<&str> = img
-            .policy_findings(&Default::default())
+            .policy_findings(&policy)
             .iter()
             .map(|f| f.code)
             .collect();

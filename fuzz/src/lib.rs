@@ -60,6 +60,16 @@ pub fn run(name: &str, data: &[u8]) -> bool {
     }
 }
 
+/// The check's work bounds for fuzzing: the default options with a
+/// 64 MiB decompression budget (one L2 table can name one payload
+/// thousands of times).
+pub fn check_options() -> CheckOptions {
+    CheckOptions {
+        max_decompressed_bytes: 64 << 20,
+        ..CheckOptions::default()
+    }
+}
+
 /// Touch everything an error offers (code, offset, message).
 fn consume(e: &Error) {
     let _ = (
@@ -108,7 +118,7 @@ pub fn header(data: &[u8]) {
     match Extensions::decode(&h, first) {
         Ok(ext) => {
             let _ = ext.encode();
-            let _ = Policy::default().evaluate(&h, &ext, limits.max_virtual_size);
+            let _ = Policy::default().evaluate(&h, &ext);
         }
         Err(e) => consume(&e),
     }
@@ -458,7 +468,7 @@ pub fn check(data: &[u8]) {
             let _ = qcow2_guard::check_metadata(&img, &Policy::default()).blocks_convert();
             let tiny = CheckOptions {
                 max_tracked_clusters: 1,
-                ..CheckOptions::default()
+                ..check_options()
             };
             if img.file_len() > img.geometry().cluster_size {
                 let r = qcow2_guard::check(&img, &tiny);
@@ -503,7 +513,7 @@ pub fn stream(data: &[u8]) {
         total += n;
     }
     let limits = Limits::fuzzing();
-    let opts = CheckOptions::default();
+    let opts = check_options();
     let whole = match Image::open_with(image, limits.clone()) {
         Ok(img) => qcow2_guard::check(&img, &opts),
         Err(e) => Report::from_open_error(&e),
@@ -575,7 +585,7 @@ const CHECK_EXTENTS: u64 = 1 << 18;
 pub fn checked_reads<S: Source>(img: &Image<S>) -> Report {
     let opts = CheckOptions {
         decompress: true,
-        ..CheckOptions::default()
+        ..check_options()
     };
     let report = qcow2_guard::check(img, &opts);
     for f in &report.findings {

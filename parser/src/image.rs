@@ -260,7 +260,7 @@ impl<S: Source> Image<S> {
 
     /// Apply a safety policy to this image's header.
     pub fn policy_findings(&self, policy: &Policy) -> Vec<Finding> {
-        policy.evaluate(&self.header, &self.extensions, self.limits.max_virtual_size)
+        policy.evaluate(&self.header, &self.extensions)
     }
 
     /// Supply the external data file (the caller opened it; the library

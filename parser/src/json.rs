@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use crate::check::{Report, Stats};
 use crate::extensions::FeatureKind;
 use crate::header::{
-    CryptMethod, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+    CryptMethod, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
 };
 use crate::{Error, Finding, Image, Source};
 
@@ -68,7 +68,7 @@ pub fn check<S: Source>(
                 "compression-type": h.compression().map_or("unknown", |c| c.as_str()),
                 "extended-l2": g.extended_l2,
                 "lazy-refcounts": h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
-                "dirty": h.incompatible_features & INCOMPAT_DIRTY != 0,
+                "dirty": h.is_dirty(),
                 "snapshots": image.snapshots().len(),
                 "bitmaps": image.bitmaps().len(),
                 "backing-file": h.has_backing_file(),
@@ -162,10 +162,7 @@ pub fn info<S: Source>(
     if h.crypt() != Some(CryptMethod::None) {
         top.insert("encrypted".into(), json!(true));
     }
-    top.insert(
-        "dirty-flag".into(),
-        json!(h.incompatible_features & INCOMPAT_DIRTY != 0),
-    );
+    top.insert("dirty-flag".into(), json!(h.is_dirty()));
     // Like QEMU, an empty name (backing_file_size 0) names no backing
     // file, and the backing format is shown only with a name.
     if let Some(b) = image.backing_file().filter(|b| !b.bytes.is_empty()) {

@@ -72,12 +72,12 @@
 //! use qcow2_guard::{check, CheckOptions, FileSource, Image, Limits, Policy, Verdict};
 //!
 //! fn audit(path: &str) -> Result<bool, Box<dyn std::error::Error>> {
-//!     // Tighter than QEMU's caps for hostile uploads.
-//!     let limits = Limits::default().with_max_virtual_size(2 << 40);
-//!     let image = Image::open_with(FileSource::open(path)?, limits)?;
+//!     // Allocation caps: QEMU's, tighter ones for hostile uploads if wanted.
+//!     let image = Image::open_with(FileSource::open(path)?, Limits::default())?;
 //!     println!("virtual size {}", image.virtual_size());
 //!     let report = check(&image, &CheckOptions {
-//!         policy: Policy::default(), // no backing file, data file, encryption
+//!         // No backing file, data file, encryption; at most 2 TiB of disk.
+//!         policy: Policy::default().with_max_virtual_size(2 << 40),
 //!         ..CheckOptions::default()
 //!     });
 //!     for f in &report.findings {

@@ -30,7 +30,9 @@ pub(crate) fn bound(what: What, offset: u64, value: u64, qemu_cap: u64, limit: u
     Ok(())
 }
 
-/// Bounds on allocations and work sized from the image.
+/// Bounds on allocations sized from the image. What the caller accepts is
+/// [`crate::Policy`] (the virtual size among it); how much a check may
+/// decompress is [`crate::CheckOptions`].
 ///
 /// The struct is `#[non_exhaustive]`: start from [`Limits::default`] (or
 /// [`Limits::fuzzing`]) and set fields.
@@ -55,11 +57,10 @@ pub(crate) fn bound(what: What, offset: u64, value: u64, qemu_cap: u64, limit: u
 /// assert_eq!((err.code(), err.offset()), ("limit_exceeded", field::NB_SNAPSHOTS));
 /// assert!(err.is_refusal()); // over the caller's limits, not malformed
 ///
-/// // The virtual size limit is the safety policy's: the image opens, and
-/// // the policy refuses it.
-/// let limits = Limits::default().with_max_virtual_size(32 << 10);
-/// let image = Image::open_with(bytes.as_slice(), limits)?;
-/// let findings = image.policy_findings(&Policy::default());
+/// // The virtual size is the safety policy's: the image opens, and the
+/// // policy refuses it.
+/// let image = Image::open_with(bytes.as_slice(), Limits::default())?;
+/// let findings = image.policy_findings(&Policy::default().with_max_virtual_size(32 << 10));
 /// assert_eq!(findings[0].code, "policy_virtual_size");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -82,13 +83,8 @@ pub struct Limits {
     pub max_bitmap_directory_bytes: u64,
     /// Bytes of the backing file name. QEMU: 1023.
     pub max_backing_file_name: u64,
-    /// Largest virtual disk the safety policy accepts. Default 64 TiB.
-    pub max_virtual_size: u64,
     /// Byte budget for metadata caches (L2 tables, refcount blocks).
     pub max_cache_bytes: u64,
-    /// Total bytes a full check may decompress; past this, compressed
-    /// payloads are no longer verified and a finding says so.
-    pub max_decompressed_bytes: u64,
     /// Bytes a streamed inspection ([`crate::stream`]) may keep in memory:
     /// the tables, refcount blocks and compressed payloads it still needs,
     /// and its bookkeeping. Past it, what is needed is read back from the
@@ -98,7 +94,6 @@ pub struct Limits {
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-const TIB: u64 = 1 << 40;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -111,21 +106,13 @@ impl Default for Limits {
             max_bitmaps: 65535,
             max_bitmap_directory_bytes: 65535 * KIB,
             max_backing_file_name: 1023,
-            max_virtual_size: 64 * TIB,
             max_cache_bytes: 16 * MIB,
-            max_decompressed_bytes: 1 << 50,
             max_retained_bytes: 256 * MIB,
         }
     }
 }
 
 impl Limits {
-    /// Set [`Limits::max_virtual_size`].
-    pub fn with_max_virtual_size(mut self, bytes: u64) -> Self {
-        self.max_virtual_size = bytes;
-        self
-    }
-
     /// Set [`Limits::max_cache_bytes`].
     pub fn with_max_cache_bytes(mut self, bytes: u64) -> Self {
         self.max_cache_bytes = bytes;
@@ -143,9 +130,7 @@ impl Limits {
             max_bitmaps: 256,
             max_bitmap_directory_bytes: MIB,
             max_backing_file_name: 1023,
-            max_virtual_size: 64 * TIB,
             max_cache_bytes: 4 * MIB,
-            max_decompressed_bytes: 64 * MIB,
             max_retained_bytes: 16 * MIB,
         }
     }

@@ -6,12 +6,16 @@ use crate::error::What;
 use crate::extensions::Extensions;
 use crate::finding::{Category, Finding, Severity};
 use crate::header::{
-    field, CryptMethod, Header, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_KNOWN,
+    field, CryptMethod, Header, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_KNOWN,
 };
 
 /// What the caller is willing to accept. The default refuses everything
 /// that could make a reader touch another file or misread the data.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Acceptance only: what an image may make the library allocate is
+/// [`crate::Limits`], how much work a check may do is
+/// [`crate::CheckOptions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// Accept images that name a backing file.
     pub allow_backing: bool,
@@ -19,6 +23,19 @@ pub struct Policy {
     pub allow_data_file: bool,
     /// Accept encrypted images (AES or LUKS).
     pub allow_encryption: bool,
+    /// Largest virtual disk accepted. Default 64 TiB.
+    pub max_virtual_size: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            allow_backing: false,
+            allow_data_file: false,
+            allow_encryption: false,
+            max_virtual_size: 64 << 40,
+        }
+    }
 }
 
 /// Policy finding codes.
@@ -34,7 +51,7 @@ pub mod code {
     pub const UNKNOWN_INCOMPATIBLE: &str = "policy_unknown_incompatible_features";
     /// Refused: QEMU marked the image corrupt (incompatible bit 1).
     pub const CORRUPT_BIT: &str = "policy_corrupt_bit";
-    /// Refused: the virtual size exceeds [`crate::Limits::max_virtual_size`].
+    /// Refused: the virtual size exceeds [`crate::Policy::max_virtual_size`].
     pub const VIRTUAL_SIZE: &str = "policy_virtual_size";
     /// Warning: the dirty bit is set, so refcounts may be stale.
     pub const DIRTY_BIT: &str = "dirty_bit";
@@ -43,9 +60,15 @@ pub mod code {
 }
 
 impl Policy {
+    /// Set [`Policy::max_virtual_size`].
+    pub fn with_max_virtual_size(mut self, bytes: u64) -> Self {
+        self.max_virtual_size = bytes;
+        self
+    }
+
     /// Apply the rules to a decoded header and its extensions.
-    /// `max_virtual_size` comes from [`crate::Limits`].
-    pub fn evaluate(&self, h: &Header, ext: &Extensions, max_virtual_size: u64) -> Vec<Finding> {
+    pub fn evaluate(&self, h: &Header, ext: &Extensions) -> Vec<Finding> {
+        let max_virtual_size = self.max_virtual_size;
         let mut out = Vec::new();
         let mut refuse = |code, offset, msg: String| {
             out.push(Finding::new(
@@ -113,7 +136,7 @@ impl Policy {
                 ),
             );
         }
-        if h.incompatible_features & INCOMPAT_DIRTY != 0 {
+        if h.is_dirty() {
             out.push(Finding::new(
                 code::DIRTY_BIT,
                 Severity::Warning,

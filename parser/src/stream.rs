@@ -699,7 +699,7 @@ impl Inspector {
         let Some(f) = &self.format else { return };
         let cs = f.geometry.cluster_size;
         let kind = f.header.compression().unwrap_or(CompressionType::Deflate);
-        if self.decompressed.saturating_add(cs) > self.limits.max_decompressed_bytes {
+        if self.decompressed.saturating_add(cs) > self.opts.max_decompressed_bytes {
             self.store.insert(key.0, &buf);
             return;
         }
@@ -835,7 +835,7 @@ impl Inspector {
         let refusals: Vec<Finding> = self
             .opts
             .policy
-            .evaluate(&h, &ext, self.limits.max_virtual_size)
+            .evaluate(&h, &ext)
             .into_iter()
             .filter(|f| f.severity == Severity::Error)
             .collect();

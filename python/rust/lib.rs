@@ -170,17 +170,16 @@ fn policy_and_limits(
     allow_encryption: bool,
     max_virtual_size: Option<u64>,
 ) -> (Policy, Limits) {
-    let policy = Policy {
+    let mut policy = Policy {
         allow_backing,
         allow_data_file,
         allow_encryption,
+        ..Policy::default()
     };
-    let limits = Limits::default();
-    let limits = match max_virtual_size {
-        Some(max) => limits.with_max_virtual_size(max),
-        None => limits,
-    };
-    (policy, limits)
+    if let Some(max) = max_virtual_size {
+        policy.max_virtual_size = max;
+    }
+    (policy, Limits::default())
 }
 
 /// A JSON value as the equivalent Python object (dicts keep key order).

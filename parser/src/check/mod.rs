@@ -70,7 +70,7 @@ pub mod code {
     /// A compressed range whose last sector is cut by the end of the file
     /// (QEMU writes these; the payload itself is verified).
     pub const COMPRESSED_TAIL_PAST_EOF: &str = "compressed_tail_past_eof";
-    /// The decompression budget of [`crate::Limits`] ran out.
+    /// The decompression budget ([`super::CheckOptions::max_decompressed_bytes`]) ran out.
     pub const DECOMPRESS_BUDGET: &str = "decompress_budget_exhausted";
     /// The file has more clusters than the check may track.
     pub const TOO_LARGE_TO_CHECK: &str = "too_large_to_check";
@@ -92,6 +92,9 @@ pub struct CheckOptions {
     /// Most host clusters (file length / cluster size) the refcount
     /// rebuild may track; 8 bytes of memory each.
     pub max_tracked_clusters: u64,
+    /// Total bytes the check may decompress; past this, compressed
+    /// payloads are no longer verified and a finding says so.
+    pub max_decompressed_bytes: u64,
 }
 
 impl Default for CheckOptions {
@@ -101,6 +104,7 @@ impl Default for CheckOptions {
             decompress: true,
             max_findings: 1000,
             max_tracked_clusters: 1 << 26,
+            max_decompressed_bytes: 1 << 50,
         }
     }
 }

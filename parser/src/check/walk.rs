@@ -52,7 +52,7 @@ pub(super) fn run<S: Source>(
         stats,
         ids: HashMap::new(),
         decompress: opts.decompress && image.header().crypt_method == 0,
-        max_decompressed: image.limits().max_decompressed_bytes,
+        max_decompressed: opts.max_decompressed_bytes,
         decompressed: 0,
         in_buf: Vec::new(),
         out_buf: Vec::new(),
