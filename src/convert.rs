@@ -20,6 +20,7 @@ use qcow2_guard::convert::{
     self, prepare, Conversion, ConvertError, ConvertOptions, FileSink, Input, Inputs, Sink,
     WriteSink,
 };
+use qcow2_guard::snapshot::SnapshotSelector;
 use qcow2_guard::{FileSource, Severity, Verdict};
 
 use crate::exit::Exit;
@@ -58,7 +59,49 @@ pub struct Args {
     /// Do not fsync OUTPUT and its directory before reporting success.
     #[arg(long)]
     no_sync: bool,
+    #[command(flatten)]
+    qemu: QemuConvertArgs,
 }
+
+/// qemu-img convert's flags, as Nova, Glance, Cinder and ironic-python-agent
+/// pass them.
+#[derive(Debug, clap::Args)]
+struct QemuConvertArgs {
+    /// Input format: only qcow2 is read.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format: raw (a file, or `-`) or host_device (an existing
+    /// block or character device at least as large as the disk).
+    #[arg(short = 'O', value_name = "FMT", value_parser = ["raw", "host_device"])]
+    output_format: Option<String>,
+    /// Convert this internal snapshot (ID or name, or
+    /// snapshot.id=ID,snapshot.name=NAME) instead of the active disk.
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    /// Output cache mode: accepted (the output is written through a
+    /// temporary file and renamed, or written in place on a device).
+    #[arg(short = 't', value_name = "CACHE", value_parser = CACHE_MODES)]
+    cache: Option<String>,
+    /// Source cache mode: accepted, no effect.
+    #[arg(short = 'T', value_name = "SRC_CACHE", value_parser = CACHE_MODES)]
+    src_cache: Option<String>,
+    /// Sparse threshold: accepted; zero ranges are holes in a new file and
+    /// written as zeros on a device, whatever the value.
+    #[arg(short = 'S', value_name = "SIZE", value_parser = crate::parse_size)]
+    sparse_size: Option<u64>,
+    /// Out-of-order writes: accepted (the workers write in any order).
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Progress: accepted (the bar shows on a terminal unless --quiet).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Accepted, no effect: nothing is locked.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+}
+
+/// qemu-img's cache modes.
+const CACHE_MODES: [&str; 5] = ["none", "writeback", "writethrough", "directsync", "unsafe"];
 
 /// Why a conversion stopped, beyond the library's own errors.
 enum Failure {
@@ -84,6 +127,13 @@ impl Args {
 }
 
 pub fn run(args: &Args) -> Exit {
+    if let Some(f) = args.qemu.format.as_deref().filter(|f| *f != "qcow2") {
+        errln!(
+            "qcow2-guard: {}: -f {f}: only qcow2 images are read (qemu-img would use its {f} driver)",
+            args.image.image.display()
+        );
+        return Exit::NotChecked;
+    }
     let e = match convert(args) {
         Ok(()) => return Exit::Ok,
         Err(Failure::Io(msg)) => {
@@ -94,6 +144,18 @@ pub fn run(args: &Args) -> Exit {
     };
     match e {
         ConvertError::Image { input, error } => report::fatal(args.path_of(input), &error, false),
+        ConvertError::Refused { input, findings }
+            if findings
+                .iter()
+                .all(|f| f.code == convert::code::SNAPSHOT_NOT_FOUND) =>
+        {
+            let snap = args.qemu.snapshot.as_deref().unwrap_or("");
+            errln!(
+                "qcow2-guard: {}: Failed to load snapshot {snap:?}: Can't find snapshot",
+                args.path_of(input).display()
+            );
+            Exit::NotChecked
+        }
         ConvertError::Refused { input, findings } => {
             let path = args.path_of(input).display();
             errln!("qcow2-guard: refused by policy:");
@@ -159,6 +221,9 @@ fn prepare_conversion(args: &Args) -> Result<Conversion<FileSource>, Failure> {
         inputs = inputs.with_data_file(open_file(d)?);
     }
     let defaults = ConvertOptions::default();
+    if let Some(sel) = &args.qemu.snapshot {
+        inputs = inputs.with_snapshot(SnapshotSelector::parse(sel));
+    }
     let opts = ConvertOptions {
         policy: args.policy.policy(),
         limits: args.policy.limits(),
@@ -237,6 +302,9 @@ fn convert(args: &Args) -> Result<(), Failure> {
         .then(|| std::fs::metadata(&args.output).ok())
         .flatten()
         .filter(|m| !m.file_type().is_file());
+    if args.qemu.output_format.as_deref() == Some("host_device") {
+        check_device(&args.output, existing.as_ref(), conversion.size())?;
+    }
     if let Some(out) = &stdout {
         run_into(&conversion, &WriteSink::new(out), &progress)?;
     } else if let Some(meta) = existing {
@@ -267,6 +335,33 @@ fn convert(args: &Args) -> Result<(), Failure> {
             .map_err(|e| Failure::Convert(ConvertError::Sink(e)))?;
     }
     progress.finish_and_clear();
+    Ok(())
+}
+
+/// `-O host_device`: OUTPUT must be an existing block or character device
+/// that holds the whole disk (qemu-img: "Cannot grow device files").
+fn check_device(output: &Path, meta: Option<&std::fs::Metadata>, size: u64) -> Result<(), Failure> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let is_device = meta.is_some_and(|m| {
+        let t = m.file_type();
+        t.is_block_device() || t.is_char_device()
+    });
+    if !is_device {
+        return Err(Failure::Io(format!(
+            "{}: -O host_device needs an existing block or character device",
+            output.display()
+        )));
+    }
+    let held = std::fs::File::open(output)
+        .and_then(|mut f| f.seek(io::SeekFrom::End(0)))
+        .map_err(|e| Failure::Io(format!("{}: cannot open: {e}", output.display())))?;
+    if held < size {
+        return Err(Failure::Io(format!(
+            "{}: Cannot grow device files (the device holds {held} bytes, the disk is {size})",
+            output.display()
+        )));
+    }
     Ok(())
 }
 

@@ -68,55 +68,6 @@ const ALWAYS: &[&str] = &[
     "/format-specific/data/refcount-bits",
 ];
 
-/// Walk `a` and compare with `b` wherever `b` has the same key. A key of
-/// `a` missing from `b` is an error unless `may_miss` lists it. Scalars are
-/// compared (once, when `compare`). Returns the paths compared.
-fn walk(
-    a: &Value,
-    b: &Value,
-    path: &str,
-    may_miss: &[&str],
-    compare: bool,
-    errors: &mut Vec<String>,
-    compared: &mut Vec<String>,
-) {
-    match (a, b) {
-        (Value::Object(ao), Value::Object(bo)) => {
-            for (k, av) in ao {
-                let p = format!("{path}/{k}");
-                match bo.get(k) {
-                    Some(bv) => walk(av, bv, &p, may_miss, compare, errors, compared),
-                    None if may_miss.contains(&p.as_str()) => {}
-                    None => errors.push(format!("{p}: missing (other side has {av})")),
-                }
-            }
-        }
-        (Value::Array(aa), Value::Array(ba)) => {
-            if aa.len() != ba.len() {
-                errors.push(format!("{path}: {} vs {} elements", aa.len(), ba.len()));
-            }
-            for (i, (av, bv)) in aa.iter().zip(ba).enumerate() {
-                walk(
-                    av,
-                    bv,
-                    &format!("{path}/{i}"),
-                    may_miss,
-                    compare,
-                    errors,
-                    compared,
-                );
-            }
-        }
-        _ if compare => {
-            if a != b {
-                errors.push(format!("{path}: qemu-img says {a}, qcow2-guard says {b}"));
-            }
-            compared.push(path.to_owned());
-        }
-        _ => {}
-    }
-}
-
 /// `qemu-img info` and `qcow2-guard info --json` agree on `image`.
 fn assert_info_agrees(image: &Path, allow: &[&str]) -> Value {
     let p = image.to_str().unwrap();

@@ -178,3 +178,33 @@ fn unaligned_virtual_size_reads_whole_sectors() {
     assert_eq!(a.len(), b.len());
     assert!(a == b, "outputs differ");
 }
+
+/// The end-of-extensions record's length is checked by QEMU before its
+/// type: a length past the extension area makes the image unopenable
+/// ("Header extension too large"). Found by the differential engine.
+#[test]
+fn end_of_extensions_length_is_checked() {
+    let dir = tmpdir();
+    let base = create(dir.path(), "x.qcow2", "", "1M");
+    // Find the end marker (type 0) after the 112-byte header.
+    let mut at = 112;
+    while be32(&base, at) != 0 {
+        at += 8 + u64::from(be32(&base, at + 4)).next_multiple_of(8);
+    }
+    for (len, qemu_opens) in [(0x400_0000u32, false), (8, true)] {
+        let img = copy(&base, dir.path(), "e.qcow2");
+        patch(&img, at + 4, &len.to_be_bytes());
+        let (q, text) = qemu_check(&img);
+        assert_eq!(
+            !text.contains("Header extension too large") && q == 0,
+            qemu_opens,
+            "{text}"
+        );
+        let (ours, codes) = our_check(&img);
+        if qemu_opens {
+            assert_eq!(ours, 0, "{codes:?}");
+        } else {
+            assert_eq!((ours, codes), (2, vec!["extension_too_large".to_string()]));
+        }
+    }
+}

@@ -303,7 +303,14 @@ impl ImageModel {
             // 4 KiB window (windowBits -12) cannot reach.
             CompressionType::Deflate => miniz_oxide::deflate::compress_to_vec(data, 1),
             CompressionType::Zstd => {
-                ruzstd::encoding::compress_to_vec(data, ruzstd::encoding::CompressionLevel::Fastest)
+                // zstd_safe::compress into a buffer of the worst-case size;
+                // a failure leaves an empty stream (the image then fails
+                // to read back, as any broken builder output would).
+                let mut buf = Vec::with_capacity(zstd_safe::compress_bound(data.len()));
+                match zstd_safe::compress(&mut buf, data, 1) {
+                    Ok(_) => buf,
+                    Err(_) => Vec::new(),
+                }
             }
         }
     }

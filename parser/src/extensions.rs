@@ -165,7 +165,18 @@ impl Extensions {
                     offset: at,
                 });
             };
+            // QEMU checks the length before the type, so even the end
+            // marker's length must fit in the area ("Header extension too
+            // large" otherwise).
             if ext_type == EXT_END {
+                if usize::try_from(len).map_or(true, |l| l > r.remaining()) {
+                    return Err(Error::ExtensionTooLarge {
+                        offset: at,
+                        ext_type,
+                        len,
+                        end: area_end,
+                    });
+                }
                 ext.terminated = true;
                 break;
             }

@@ -76,6 +76,61 @@ impl Snapshot {
     }
 }
 
+/// Which internal snapshot to read, in qemu-img's `-l` syntax:
+/// `snapshot.id=ID,snapshot.name=NAME` (either part may be left out; both
+/// must match when both are given), or a bare `ID_OR_NAME`, looked up as
+/// an ID first and then as a name (QEMU's
+/// `bdrv_snapshot_load_tmp_by_id_or_name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotSelector {
+    /// By ID and/or name.
+    Exact {
+        /// The snapshot's ID, if given.
+        id: Option<String>,
+        /// The snapshot's name, if given.
+        name: Option<String>,
+    },
+    /// By ID, else by name.
+    IdOrName(String),
+}
+
+impl SnapshotSelector {
+    /// Parse qemu-img's `-l` argument.
+    pub fn parse(s: &str) -> SnapshotSelector {
+        if !s.starts_with("snapshot.") {
+            return SnapshotSelector::IdOrName(s.to_owned());
+        }
+        let (mut id, mut name) = (None, None);
+        for part in s.split(',') {
+            if let Some(v) = part.strip_prefix("snapshot.id=") {
+                id = Some(v.to_owned());
+            } else if let Some(v) = part.strip_prefix("snapshot.name=") {
+                name = Some(v.to_owned());
+            } else {
+                // Not the key=value form after all: a name.
+                return SnapshotSelector::IdOrName(s.to_owned());
+            }
+        }
+        SnapshotSelector::Exact { id, name }
+    }
+
+    /// The index in `snapshots` of the snapshot selected.
+    pub fn find(&self, snapshots: &[Snapshot]) -> Option<usize> {
+        let by = |id: Option<&str>, name: Option<&str>| {
+            if id.is_none() && name.is_none() {
+                return None;
+            }
+            snapshots
+                .iter()
+                .position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))
+        };
+        match self {
+            SnapshotSelector::Exact { id, name } => by(id.as_deref(), name.as_deref()),
+            SnapshotSelector::IdOrName(x) => by(Some(x), None).or_else(|| by(None, Some(x))),
+        }
+    }
+}
+
 /// Read and check the snapshot table: `count` entries from `offset`.
 pub fn read_table<S: Source + ?Sized>(
     src: &S,

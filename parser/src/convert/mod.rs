@@ -69,6 +69,9 @@ pub mod code {
     /// Refused: the file has more host clusters than the audit's refcount
     /// rebuild may track ([`super::ConvertOptions::max_audit_clusters`]).
     pub const AUDIT_TOO_LARGE: &str = "convert_audit_too_large";
+    /// Refused: the internal snapshot asked for
+    /// ([`super::Inputs::snapshot`]) is not in the image.
+    pub const SNAPSHOT_NOT_FOUND: &str = "convert_snapshot_not_found";
     /// Refused: the image maps more guest bytes per file byte than
     /// [`super::ConvertOptions::max_amplification`].
     pub const AMPLIFICATION: &str = "convert_amplification";

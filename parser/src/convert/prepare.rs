@@ -10,6 +10,7 @@ use crate::finding::{Category, Finding, Severity};
 use crate::header::{self, field, Geometry};
 use crate::l1l2::{Cluster, L1Entry, L2Table};
 use crate::read::RawBacking;
+use crate::snapshot::SnapshotSelector;
 use crate::source::Source;
 use crate::{Image, Limits, Policy};
 
@@ -99,6 +100,9 @@ pub struct Inputs<S> {
     pub backing: Option<Arc<dyn Source>>,
     /// The external data file (needs [`Policy::allow_data_file`]).
     pub data_file: Option<Arc<dyn Source>>,
+    /// Convert this internal snapshot instead of the active disk
+    /// (`qemu-img convert -l`).
+    pub snapshot: Option<SnapshotSelector>,
 }
 
 impl<S> Inputs<S> {
@@ -108,7 +112,14 @@ impl<S> Inputs<S> {
             image,
             backing: None,
             data_file: None,
+            snapshot: None,
         }
+    }
+
+    /// Convert an internal snapshot instead of the active disk.
+    pub fn with_snapshot(mut self, snapshot: SnapshotSelector) -> Inputs<S> {
+        self.snapshot = Some(snapshot);
+        self
     }
 
     /// Hand in a backing image.
@@ -347,6 +358,19 @@ pub fn prepare<S: Source>(
     refuse_on_policy(Input::Image, &image, policy, &mut warnings)?;
     bound_output(&image, opts, inputs.backing.is_some())?;
     let report = audit(&image, opts)?;
+    if let Some(sel) = &inputs.snapshot {
+        let Some(index) = sel.find(image.snapshots()) else {
+            return Err(ConvertError::Refused {
+                input: Input::Image,
+                findings: vec![refusal(
+                    code::SNAPSHOT_NOT_FOUND,
+                    field::SNAPSHOTS_OFFSET,
+                    "the image has no such internal snapshot".to_owned(),
+                )],
+            });
+        };
+        image = image.into_snapshot(index).map_err(ConvertError::image)?;
+    }
 
     let needs_data_file = image.header().has_data_file();
     match inputs.data_file {
