@@ -26,6 +26,7 @@ use qcow2_guard::walker::{self, Item, L2Entry};
 use qcow2_guard::{refcount, CompressionType, Geometry, Header, Image, Limits, Policy};
 use qcow2_guard::{Error, ExtentKind, FileSource, Source};
 
+pub mod mutate;
 pub mod qemu_decompress;
 
 /// Inputs longer than this are ignored.
@@ -46,6 +47,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("structured", structured),
     ("read", read),
     ("check", check),
+    ("mutate", mutate::mutate),
     ("stream", stream),
 ];
 
@@ -748,20 +750,20 @@ impl FuzzImage {
             4
         };
         let max_snapshots = refcount::max_value(refcount_order).saturating_sub(1).min(4);
-        // Compressing is the slow part of building: at most 32 compressed
-        // clusters, the rest become data clusters.
+        // Compressing is the slow part of building (most of a run's time):
+        // at most 4 compressed clusters, the rest become data clusters.
         let mut compressed = 0;
         let clusters = self
             .clusters
             .iter()
-            // At most 160 clusters and 256 KiB of guest data (three L2
+            // At most 160 clusters and 128 KiB of guest data (three L2
             // tables with 512-byte clusters): keeps runs fast.
-            .take(160.min((256usize << 10) >> cluster_bits))
+            .take(160.min((128usize << 10) >> cluster_bits))
             .map(|c| match *c {
                 FuzzCluster::Unallocated => GuestCluster::Unallocated,
                 FuzzCluster::Zero => GuestCluster::Zero,
                 FuzzCluster::Data(s) => GuestCluster::Data(s),
-                FuzzCluster::Compressed(s) if compressed < 32 => {
+                FuzzCluster::Compressed(s) if compressed < 4 => {
                     compressed += 1;
                     GuestCluster::Compressed(s)
                 }

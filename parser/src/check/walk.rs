@@ -278,12 +278,13 @@ impl<'a, S: Source> Walk<'a, S> {
         }
     }
 
-    /// The stored refcounts of refcount block `t` (clamped to
-    /// `u32::MAX`) into `out`, or `false` when they are unknown (a block
+    /// The first `count` stored refcounts of refcount block `t` (clamped
+    /// to `u32::MAX`) into `out`, or `false` when they are unknown (a block
     /// that could not be read). A table index without a block, or past
-    /// the table, reads as zeros.
-    fn stored_block(&mut self, t: u64, block: &mut [u8], out: &mut Vec<u32>) -> bool {
-        let per = self.g.refcount_block_entries;
+    /// the table, reads as zeros. Only the entries asked for are decoded
+    /// (a block of 1-bit refcounts covers 2^19 clusters at 64 KiB).
+    fn stored_block(&mut self, t: u64, count: u64, block: &mut [u8], out: &mut Vec<u32>) -> bool {
+        let per = self.g.refcount_block_entries.min(count);
         out.clear();
         if self.unknown_blocks.contains(&t) {
             return false;
@@ -308,10 +309,11 @@ impl<'a, S: Source> Walk<'a, S> {
         let t = c.checked_div(per)?;
         let mut block = vec![0u8; idx(self.g.cluster_size)];
         let mut values = Vec::new();
-        if !self.stored_block(t, &mut block, &mut values) {
+        let j = c.checked_rem(per)?;
+        if !self.stored_block(t, j.saturating_add(1), &mut block, &mut values) {
             return None;
         }
-        values.get(idx(c.checked_rem(per)?)).copied()
+        values.get(idx(j)).copied()
     }
 
     /// Count one reference (times `refs`) to the cluster holding `offset`.
@@ -669,7 +671,8 @@ impl<'a, S: Source> Walk<'a, S> {
             let j = c.checked_rem(per).unwrap_or(0);
             if j == 0 {
                 let t = c.checked_div(per).unwrap_or(0);
-                known = self.stored_block(t, &mut block, &mut values);
+                let left = self.nb.saturating_sub(c);
+                known = self.stored_block(t, left, &mut block, &mut values);
             }
             let have = if known {
                 values.get(idx(j)).copied()
