@@ -24,6 +24,9 @@ export RUSTC_BOOTSTRAP=1
 export ASAN_OPTIONS=${ASAN_OPTIONS:-quarantine_size_mb=64}
 
 start=$(date +%s)
+# fuzz/Cargo.lock must be current (cargo fuzz build has no --locked: ask
+# cargo whether the lock file satisfies the manifests without changing it).
+cargo metadata --locked --manifest-path fuzz/Cargo.toml --format-version 1 >/dev/null
 (cd fuzz && cargo fuzz build)
 echo "fuzz build: $(($(date +%s) - start)) s"
 

@@ -17,6 +17,9 @@
 #
 #   PLANTED_LIMIT  seconds of fuzzing per target and bug (default 60)
 #   PLANTED_ONLY   run only the bugs whose names contain this string
+#   PLANTED_FRESH  1: no committed corpus at all (no seed check; fuzzing
+#                  starts from nothing, so whatever is caught is caught by
+#                  mutation alone)
 #
 #   nice -n 10 scripts/planted-bugs.sh
 set -euo pipefail
@@ -24,6 +27,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 limit=${PLANTED_LIMIT:-60}
 only=${PLANTED_ONLY:-}
+fresh=${PLANTED_FRESH:-0}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
@@ -33,13 +37,15 @@ export RUSTC_BOOTSTRAP=1
 work=${PLANTED_WORK:-$(mktemp -d)}
 mkdir -p "$work"
 src=$work/src
-rm -rf "$src"
-mkdir -p "$src"
+pristine=$work/pristine
+rm -rf "$src" "$pristine"
+mkdir -p "$src" "$pristine"
 # The repository without build output; fuzz/target is kept between bugs
 # (in $work) so only the parser and the fuzz crate rebuild.
 for d in Cargo.toml Cargo.lock parser fuzz corpus; do
     [ -e "$d" ] && cp -r "$d" "$src/"
 done
+cp -r parser "$pristine/"
 rm -rf "$src/fuzz/target" "$src/fuzz/artifacts"
 mkdir -p "$work/target"
 ln -s "$work/target" "$src/fuzz/target"
@@ -51,7 +57,7 @@ sector_count_without_plus_one|parser/src/compressed.rs|sectors: extra.saturating
 compressed_past_eof_unchecked|parser/src/compressed.rs|if self.end() > file_len && !self.tail_cut_by_eof(file_len) {|if false && self.end() > file_len {|decompress mutate
 deflate_short_output_accepted|parser/src/compressed.rs|TINFLStatus::Done if written == want => Ok(()),|TINFLStatus::Done => Ok(()),|decompress
 l2_reserved_bits_ignored|parser/src/l1l2.rs|if raw & reserved != 0 {|if raw & reserved & 0 != 0 {|mutate
-snapshot_l1_not_walked|parser/src/check/walk.rs|self.snapshots(&mut l2s, &mut l2_order);|let _ = &mut l2_order;|structured mutate
+snapshot_l1_not_walked|parser/src/walker.rs|self.l1_entries(visit, &be_u64s(&raw), start, refs, L1Table::Snapshot);|let _ = (refs, be_u64s(&raw));|structured mutate
 refcount_order_7_accepted|parser/src/header.rs|if self.refcount_order > 6 {|if self.refcount_order > 7 {|header tables
 extended_l2_zero_bits_ignored|parser/src/l1l2.rs|} else if zero & bit != 0 {|} else if zero & bit & 0 != 0 {|mutate
 backing_fall_through_skipped|parser/src/read.rs|ExtentKind::Unallocated => self.read_backing_range(e.guest_offset, buf),|ExtentKind::Unallocated => {\n                buf.fill(0);\n                Ok(())\n            }|mutate read
@@ -75,9 +81,10 @@ open(path, "w").write(s.replace(old, new))
 PY
 }
 
-seed_dirs() { # target -> corpus dirs that exist
+seed_dirs() { # target -> corpus dirs that exist (none when fresh)
     local t=$1
-    for d in "$root/corpus/$t" "$root/corpus/regressions/$t"; do
+    [ "$fresh" = 1 ] && return 0
+    for d in "$src/corpus/$t" "$src/corpus/regressions/$t"; do
         [ -d "$d" ] && echo "$d"
     done
 }
@@ -90,21 +97,24 @@ while IFS='|' read -r name file old new targets; do
     [ -z "$name" ] && continue
     [ -n "$only" ] && [[ $name != *"$only"* ]] && continue
     total=$((total + 1))
-    cp "$root/$file" "$src/$file"
+    cp "$pristine/$file" "$src/$file"
     if ! apply "$src/$file" "$old" "$new" 2>"$work/apply.log"; then
         line="$name: NOT APPLIED ($(cat "$work/apply.log"))"
         broken=$((broken + 1))
     elif ! (cd "$src/fuzz" && cargo fuzz build -s none -O >"$work/build.log" 2>&1); then
         line="$name: DOES NOT BUILD (see $work/build.log)"
         broken=$((broken + 1))
-        cp "$root/$file" "$src/$file"
+        cp "$pristine/$file" "$src/$file"
         echo "$line" | tee -a "$report"
         continue
     else
         line=""
         for t in $targets; do
             mapfile -t seeds < <(seed_dirs "$t")
-            if ! "$bin/$t" -runs=0 "${seeds[@]}" >"$work/$t.seed.log" 2>&1; then
+            mkdir -p "$work/seed-art"
+            [ "$fresh" = 1 ] && break
+            if ! "$bin/$t" -runs=0 -rss_limit_mb=1024 -artifact_prefix="$work/seed-art/" \
+                "${seeds[@]}" >"$work/$t.seed.log" 2>&1; then
                 line="$name: caught by a committed seed ($t)"
                 seeded=$((seeded + 1))
                 break
@@ -117,7 +127,7 @@ while IFS='|' read -r name file old new targets; do
                 mkdir -p "$work/corpus-$t" "$work/art-$t"
                 start=$(date +%s)
                 if ! "$bin/$t" "$work/corpus-$t" "${seeds[@]}" -max_total_time="$limit" \
-                    -rss_limit_mb=1024 -timeout=10 -dict="$root/corpus/qcow2.dict" \
+                    -rss_limit_mb=1024 -timeout=10 -dict="$src/corpus/qcow2.dict" \
                     -artifact_prefix="$work/art-$t/" >"$work/$t.fuzz.log" 2>&1; then
                     why=$(grep -m1 -E "panicked at|ERROR: libFuzzer" -A1 "$work/$t.fuzz.log" | tail -n 1 | cut -c1-150)
                     line="$name: caught by fuzzing ($t, $(($(date +%s) - start)) s): $why"
@@ -131,8 +141,8 @@ while IFS='|' read -r name file old new targets; do
             missed=$((missed + 1))
         fi
     fi
-    cp "$root/$file" "$src/$file"
+    cp "$pristine/$file" "$src/$file"
     echo "$line" | tee -a "$report"
 done <<<"$bugs"
 
-echo "planted bugs: $total; caught by fuzzing (mutation) $fuzzed; by a committed seed $seeded; missed $missed; not applied/built $broken (limit ${limit} s per target)" | tee -a "$report"
+echo "planted bugs: $total (fresh=$fresh); caught by fuzzing (mutation) $fuzzed; by a committed seed $seeded; missed $missed; not applied/built $broken (limit ${limit} s per target)" | tee -a "$report"

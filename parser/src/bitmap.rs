@@ -1,12 +1,13 @@
 //! The persistent bitmap directory and bitmap tables.
 
+use crate::bounds::{host_pointer, placed};
 use crate::codec::{Need, Reader, Writer};
 use crate::error::{Error, Result, What};
 use crate::extensions::BitmapsExt;
-use crate::header::{host_pointer, is_aligned, Geometry};
+use crate::header::Geometry;
 use crate::limits::Limits;
 use crate::qemu;
-use crate::source::{read_vec, span, Source};
+use crate::source::{read_vec, Source};
 
 /// Flag bit 0: the bitmap was not saved cleanly.
 pub const FLAG_IN_USE: u32 = 1 << 0;
@@ -183,18 +184,13 @@ pub fn read_directory<S: Source + ?Sized>(
                 "bitmap table size does not match the virtual size and granularity",
             ));
         }
-        if !is_aligned(table_offset, g.cluster_size) || (table_size > 0 && table_offset == 0) {
-            return Err(Error::Unaligned {
-                what: What::BitmapTable,
-                offset: at,
-                value: table_offset,
-            });
-        }
-        span(
+        placed(
             What::BitmapTable,
             at,
             table_offset,
             u64::from(table_size).saturating_mul(8),
+            table_size > 0,
+            g.cluster_size,
             src.len(),
         )?;
         out.push(bitmap);

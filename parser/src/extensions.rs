@@ -313,7 +313,7 @@ impl Extensions {
                     });
                 }
                 let cluster_size = 1u64.checked_shl(header.cluster_bits).unwrap_or(0);
-                if !header::is_aligned(directory_offset, cluster_size) {
+                if !crate::bounds::is_aligned(directory_offset, cluster_size) {
                     return Err(Error::Unaligned {
                         what: What::BitmapDirectory,
                         offset: data_at.saturating_add(16),

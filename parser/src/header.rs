@@ -5,11 +5,12 @@
 //! hardened reader needs (tables against the file length), and returns the
 //! [`Geometry`]: the derived sizes every other module uses.
 
+use crate::bounds::{bound, table_check};
 use crate::codec::{Need, Reader, Writer};
 use crate::error::{Error, Result, What};
-use crate::limits::{bound, Limits};
+use crate::limits::Limits;
 use crate::qemu;
-use crate::source::{span, table_bytes};
+use crate::source::span;
 
 /// `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -474,93 +475,6 @@ impl Header {
         )?;
         Ok(())
     }
-}
-
-/// The shared shape of the L1, refcount and snapshot table checks: count
-/// times entry size against QEMU's cap, the caller's limit and the file,
-/// and a cluster-aligned offset whenever the table is not empty.
-#[allow(clippy::too_many_arguments)]
-fn table_check(
-    what: What,
-    count_field: u64,
-    offset_field: u64,
-    offset: u64,
-    count: u64,
-    entry_bytes: u64,
-    qemu_cap: u64,
-    limit: u64,
-    cluster_size: u64,
-    file_len: u64,
-) -> Result<()> {
-    let bytes = table_bytes(what, count_field, count, entry_bytes)?;
-    bound(what, count_field, bytes, qemu_cap, limit)?;
-    // QEMU validates the offset of an empty table too (alignment, and
-    // offset + size <= i64::MAX) and refuses to open the image otherwise,
-    // e.g. "Snapshot table offset invalid" with nb_snapshots == 0.
-    if !is_aligned(offset, cluster_size) {
-        return Err(Error::Unaligned {
-            what,
-            offset: offset_field,
-            value: offset,
-        });
-    }
-    if offset
-        .checked_add(bytes)
-        .is_none_or(|end| end > i64::MAX.unsigned_abs())
-    {
-        return Err(Error::Overflow {
-            what,
-            offset: offset_field,
-        });
-    }
-    if count == 0 {
-        return Ok(());
-    }
-    if offset == 0 {
-        return Err(Error::MetadataOverlap {
-            what,
-            offset: offset_field,
-            target: 0,
-            other: What::Header,
-        });
-    }
-    span(what, offset_field, offset, bytes, file_len)?;
-    Ok(())
-}
-
-/// Decode a table entry that points at a host cluster (L1 entries,
-/// refcount table entries, bitmap table entries): bits in `reserved` must
-/// be clear, the offset (`raw & offset_mask`) cluster aligned, and 0 means
-/// "not allocated". `at` is the entry's file offset.
-pub(crate) fn host_pointer(
-    what: What,
-    raw: u64,
-    at: u64,
-    reserved: u64,
-    offset_mask: u64,
-    cluster_size: u64,
-) -> Result<Option<u64>> {
-    if raw & reserved != 0 {
-        return Err(Error::ReservedBits {
-            what,
-            offset: at,
-            value: raw,
-        });
-    }
-    let off = raw & offset_mask;
-    if !is_aligned(off, cluster_size) {
-        return Err(Error::Unaligned {
-            what,
-            offset: at,
-            value: off,
-        });
-    }
-    Ok((off != 0).then_some(off))
-}
-
-/// Whether `value` is a multiple of the power of two `align`.
-pub(crate) fn is_aligned(value: u64, align: u64) -> bool {
-    value & align.wrapping_sub(1) == 0
 }
 
 /// Sizes derived from a validated header.

@@ -10,11 +10,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::bitmap::{self, Bitmap};
+use crate::bounds::placed;
 use crate::compressed::{self, Descriptor};
 use crate::error::{Error, Result, What};
 use crate::extensions::{Extensions, StoredString};
 use crate::finding::Finding;
-use crate::header::{self, field, CompressionType, Geometry, Header, AUTOCLEAR_BITMAPS};
+use crate::header::{field, CompressionType, Geometry, Header, AUTOCLEAR_BITMAPS};
 use crate::l1l2::{Cluster, L1Entry, L2Table};
 use crate::limits::Limits;
 use crate::metadata::MetadataMap;
@@ -119,18 +120,13 @@ impl<S: Source> Image<S> {
         };
 
         if let Some(c) = &extensions.crypto {
-            if !header::is_aligned(c.header_offset, geometry.cluster_size) || c.header_offset == 0 {
-                return Err(Error::Unaligned {
-                    what: What::CryptoHeader,
-                    offset: c.offset,
-                    value: c.header_offset,
-                });
-            }
-            span(
+            placed(
                 What::CryptoHeader,
                 c.offset,
                 c.header_offset,
                 c.header_length,
+                true,
+                geometry.cluster_size,
                 file_len,
             )?;
         }

@@ -6,9 +6,10 @@
 //! at or above 2^56, compressed entries with the copied flag or a subcluster
 //! bitmap, and subcluster bitmaps that are self-contradictory.
 
+use crate::bounds::{host_pointer, is_aligned};
 use crate::compressed::{Descriptor, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::error::{Error, Result, What};
-use crate::header::{host_pointer, is_aligned, Geometry};
+use crate::header::Geometry;
 
 /// Bits 9..55: host offset of an L2 table or data cluster.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;

@@ -156,6 +156,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod bitmap;
+mod bounds;
 #[cfg(any(test, feature = "build"))]
 pub mod build;
 pub mod check;

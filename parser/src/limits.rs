@@ -5,31 +5,6 @@
 //! (see [`crate::qemu`]). Defaults equal QEMU's caps, so an image QEMU opens
 //! is accepted; a caller facing hostile uploads can tighten any of them.
 
-use crate::error::{Error, Result, What};
-
-/// The rule every size read from an image obeys: QEMU's cap first (past it
-/// QEMU refuses the image: [`Error::TooLarge`]), then the caller's limit
-/// ([`Error::LimitExceeded`]). `offset` is the field holding `value`.
-pub(crate) fn bound(what: What, offset: u64, value: u64, qemu_cap: u64, limit: u64) -> Result<()> {
-    if value > qemu_cap {
-        return Err(Error::TooLarge {
-            what,
-            offset,
-            value,
-            limit: qemu_cap,
-        });
-    }
-    if value > limit {
-        return Err(Error::LimitExceeded {
-            what,
-            offset,
-            value,
-            limit,
-        });
-    }
-    Ok(())
-}
-
 /// Bounds on allocations sized from the image. What the caller accepts is
 /// [`crate::Policy`] (the virtual size among it); how much a check may
 /// decompress is [`crate::CheckOptions`].

@@ -3,8 +3,9 @@
 //! Widths below 8 bits are packed LSB first within each byte; wider ones
 //! are big-endian integers.
 
+use crate::bounds::host_pointer;
 use crate::error::{Result, What};
-use crate::header::{host_pointer, Geometry};
+use crate::header::Geometry;
 
 /// Refcount table entry bits that must be zero.
 pub const REFTABLE_RESERVED_MASK: u64 = 0x1ff;

@@ -4,12 +4,13 @@
 //! padding to 8), so the table is read entry by entry, each read checked
 //! against the file and the running total against the table limits.
 
+use crate::bounds::{bound, placed};
 use crate::codec::{Need, Reader, Writer};
 use crate::error::{Error, Result, What};
-use crate::header::{is_aligned, Geometry};
-use crate::limits::{bound, Limits};
+use crate::header::Geometry;
+use crate::limits::Limits;
 use crate::qemu;
-use crate::source::{read_vec, span, Source};
+use crate::source::{read_vec, Source};
 
 /// Size of the fixed part of a snapshot table entry.
 pub const FIXED_ENTRY_BYTES: u64 = 40;
@@ -228,18 +229,13 @@ pub fn read_table<S: Source + ?Sized>(
         };
         l1_bound(u64::MAX)?;
         if l1_size > 0 {
-            if !is_aligned(l1_table_offset, g.cluster_size) || l1_table_offset == 0 {
-                return Err(Error::Unaligned {
-                    what: What::SnapshotL1Table,
-                    offset: at,
-                    value: l1_table_offset,
-                });
-            }
-            span(
+            placed(
                 What::SnapshotL1Table,
                 at,
                 l1_table_offset,
                 l1_bytes,
+                true,
+                g.cluster_size,
                 file_len,
             )?;
         }
