@@ -42,7 +42,7 @@ bin=$(cargo test --test fuzz_corpus --no-run --message-format=json 2>/dev/null |
 
 "$tools/llvm-profdata" merge -sparse "$prof"/*.profraw -o "$prof/merged.profdata"
 args=(-instr-profile="$prof/merged.profdata" "$bin"
-    --ignore-filename-regex='(/\.cargo/|/rustc/|/fuzz/|/tests/|/src/main\.rs|/src/cli|/library/)')
+    --ignore-filename-regex="(/\.cargo/|/rustc/|^$root/fuzz/|^$root/tests/|^$root/src/|/library/)")
 "$tools/llvm-cov" report "${args[@]}" | sed "s#$root/##"
 if [ "${1:-}" = "--lines" ]; then
     "$tools/llvm-cov" show "${args[@]}" --show-line-counts-or-regions \
