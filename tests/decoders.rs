@@ -128,6 +128,25 @@ fn run_cases(compression: &str, cases: Vec<(&str, Vec<u8>, Qemu)>) {
         patch(&img, host, &body);
         let theirs = qemu_reads(&img, dir.path());
         let ours = we_read(&img, dir.path());
+        // The fuzz oracle's model of QEMU's decompression
+        // (fuzz/src/qemu_decompress.rs) must read the stream as qemu-img
+        // did: same verdict, same bytes.
+        let kind = if compression == "zstd" {
+            qcow2_guard::CompressionType::Zstd
+        } else {
+            qcow2_guard::CompressionType::Deflate
+        };
+        let mut cluster = vec![0u8; CLUSTER];
+        let model = qcow2_guard_fuzz::qemu_decompress::qemu_decompress(kind, &body, &mut cluster)
+            .ok()
+            .map(|_| cluster);
+        if model != theirs {
+            failures.push(format!(
+                "{name}: the fuzz oracle's QEMU model {}, qemu-img {}",
+                if model.is_some() { "reads" } else { "fails" },
+                if theirs.is_some() { "reads" } else { "EIO" },
+            ));
+        }
         let measured = match (&theirs, &ours) {
             (Some(_), Some(_)) => Qemu::Reads,
             (Some(_), None) => Qemu::ReadsWeRefuse,
