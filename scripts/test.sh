@@ -9,6 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/deps.sh
+
 echo "== Rust: cargo test --workspace"
 # The hostile catalogue's images are kept for the Python side-by-side
 # tests (tests/common: export).
