@@ -193,7 +193,10 @@ pub(super) fn fill<S: Source>(
 ) -> Result<Chunk> {
     let len = end.checked_sub(start).ok_or_else(|| overflow(start))?;
     let n = usize::try_from(len).map_err(|_| overflow(start))?;
-    buf.clear();
+    // No clearing: every byte outside `holes` is overwritten below, and
+    // bytes under holes are never written out (`Chunk::pieces`), so a
+    // reused buffer is only resized (zero-filling a chunk per chunk cost
+    // 80 % of a preallocated image's conversion).
     buf.resize(n, 0);
     let mut holes = Vec::new();
     let backing = image.backing().is_some();
