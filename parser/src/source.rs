@@ -200,77 +200,38 @@ impl Source for Vec<u8> {
     }
 }
 
-impl<T: Source + ?Sized> Source for &T {
-    fn len(&self) -> u64 {
-        (**self).len()
-    }
-    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_exact_at(offset, buf)
-    }
-    fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
-        (**self).data_run(offset)
-    }
-    fn payload_outcome(
-        &self,
-        kind: CompressionType,
-        offset: u64,
-        len: u64,
-        cluster_size: u64,
-    ) -> Option<std::result::Result<(), String>> {
-        (**self).payload_outcome(kind, offset, len, cluster_size)
-    }
-    fn allocated_bytes(&self) -> Option<u64> {
-        (**self).allocated_bytes()
-    }
+/// A reference or smart pointer to a source is that source: every method
+/// forwards, the provided ones included (a wrapper that fell back to a
+/// default would hide a streamed source's payload outcomes).
+macro_rules! forward_source {
+    ($($ptr:ty),*) => {$(
+        impl<T: Source + ?Sized> Source for $ptr {
+            fn len(&self) -> u64 {
+                (**self).len()
+            }
+            fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+                (**self).read_exact_at(offset, buf)
+            }
+            fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+                (**self).data_run(offset)
+            }
+            fn payload_outcome(
+                &self,
+                kind: CompressionType,
+                offset: u64,
+                len: u64,
+                cluster_size: u64,
+            ) -> Option<std::result::Result<(), String>> {
+                (**self).payload_outcome(kind, offset, len, cluster_size)
+            }
+            fn allocated_bytes(&self) -> Option<u64> {
+                (**self).allocated_bytes()
+            }
+        }
+    )*};
 }
 
-impl<T: Source + ?Sized> Source for Arc<T> {
-    fn len(&self) -> u64 {
-        (**self).len()
-    }
-    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_exact_at(offset, buf)
-    }
-    fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
-        (**self).data_run(offset)
-    }
-    fn payload_outcome(
-        &self,
-        kind: CompressionType,
-        offset: u64,
-        len: u64,
-        cluster_size: u64,
-    ) -> Option<std::result::Result<(), String>> {
-        (**self).payload_outcome(kind, offset, len, cluster_size)
-    }
-    fn allocated_bytes(&self) -> Option<u64> {
-        (**self).allocated_bytes()
-    }
-}
-
-impl<T: Source + ?Sized> Source for Box<T> {
-    fn len(&self) -> u64 {
-        (**self).len()
-    }
-    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_exact_at(offset, buf)
-    }
-    fn data_run(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
-        (**self).data_run(offset)
-    }
-    fn payload_outcome(
-        &self,
-        kind: CompressionType,
-        offset: u64,
-        len: u64,
-        cluster_size: u64,
-    ) -> Option<std::result::Result<(), String>> {
-        (**self).payload_outcome(kind, offset, len, cluster_size)
-    }
-    fn allocated_bytes(&self) -> Option<u64> {
-        (**self).allocated_bytes()
-    }
-}
+forward_source!(&T, Arc<T>, Box<T>);
 
 /// Check that `start .. start + len` lies inside a file of `file_len` bytes
 /// and return its end. `field` is where the reference to it was found.
