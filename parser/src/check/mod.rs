@@ -40,6 +40,8 @@ use crate::Image;
 
 mod walk;
 
+pub(crate) use walk::TableUses;
+
 /// Finding codes of the check (decode errors keep their [`Error::code`],
 /// policy findings their [`crate::policy::code`]).
 pub mod code {
@@ -372,6 +374,13 @@ impl Findings {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn check<S: Source>(image: &Image<S>, opts: &CheckOptions) -> Report {
+    audit(image, opts).0
+}
+
+/// [`check`], and what each walked L2 table of the active layer maps (for
+/// a conversion, which then needs no pass of its own over the tables;
+/// empty when the walk did not run).
+pub(crate) fn audit<S: Source>(image: &Image<S>, opts: &CheckOptions) -> (Report, TableUses) {
     let mut findings = Findings::new(opts.max_findings);
     for f in image.policy_findings(&opts.policy) {
         findings.push(f);
@@ -396,11 +405,11 @@ pub fn check<S: Source>(image: &Image<S>, opts: &CheckOptions) -> Report {
                     opts.max_tracked_clusters
                 ),
             ));
-            return findings.into_report(stats, None);
+            return (findings.into_report(stats, None), TableUses::new());
         }
     };
-    let (findings, stats) = walk::run(image, opts, findings, stats, tracked);
-    findings.into_report(stats, None)
+    let (findings, stats, uses) = walk::run(image, opts, findings, stats, tracked);
+    (findings.into_report(stats, None), uses)
 }
 
 /// The metadata-only check `convert` runs before writing: everything

@@ -31,9 +31,9 @@ impl<S: Source> Conversion<S> {
     pub fn run(&self, sink: &dyn Sink, progress: Progress<'_>) -> Result<(), ConvertError> {
         let image = &self.image;
         if sink.sequential() {
-            to_sequential(image, sink, progress)?;
+            to_sequential(image, &self.holes, sink, progress)?;
         } else {
-            to_positional(image, sink, progress)?;
+            to_positional(image, &self.holes, sink, progress)?;
         }
         sink.finish(image.virtual_size())
             .map_err(ConvertError::Sink)
@@ -68,6 +68,7 @@ fn worker_died() -> ConvertError {
 
 fn to_positional<S: Source>(
     image: &Image<S>,
+    holes: &[bool],
     sink: &dyn Sink,
     progress: Progress<'_>,
 ) -> Result<(), ConvertError> {
@@ -79,7 +80,7 @@ fn to_positional<S: Source>(
                 s.spawn(move || -> Result<(), ConvertError> {
                     let mut buf = Vec::new();
                     let mut runs = HostRun::default();
-                    for (start, end, hole) in chunks(image).skip(w).step_by(WORKERS) {
+                    for (start, end, hole) in chunks(image, holes).skip(w).step_by(WORKERS) {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
@@ -116,6 +117,7 @@ fn to_positional<S: Source>(
 
 fn to_sequential<S: Source>(
     image: &Image<S>,
+    holes: &[bool],
     sink: &dyn Sink,
     progress: Progress<'_>,
 ) -> Result<(), ConvertError> {
@@ -130,7 +132,7 @@ fn to_sequential<S: Source>(
             s.spawn(move || {
                 let mut buffers = 0usize;
                 let mut runs = HostRun::default();
-                for (start, end, hole) in chunks(image).skip(w).step_by(WORKERS) {
+                for (start, end, hole) in chunks(image, holes).skip(w).step_by(WORKERS) {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
