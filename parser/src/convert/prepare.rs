@@ -55,6 +55,10 @@ pub struct ConvertOptions {
     /// larger file is refused ([`code::AUDIT_TOO_LARGE`]): nothing is
     /// converted without the audit.
     pub max_audit_clusters: u64,
+    /// Workers reading and decompressing chunks (default
+    /// [`crate::parallel::default_threads`]); the output is the same for
+    /// any value.
+    pub threads: usize,
 }
 
 impl Default for ConvertOptions {
@@ -65,6 +69,7 @@ impl Default for ConvertOptions {
             max_amplification: DEFAULT_MAX_AMPLIFICATION,
             max_output: None,
             max_audit_clusters: AUDIT_TRACKED_CLUSTERS,
+            threads: crate::parallel::default_threads(),
         }
     }
 }
@@ -152,6 +157,7 @@ pub struct Conversion<S> {
     /// Per active L1 entry: its span reads as zeros with nothing to read
     /// (see `hole_spans`).
     pub(super) holes: Vec<bool>,
+    pub(super) threads: usize,
 }
 
 impl<S: Source> std::fmt::Debug for Conversion<S> {
@@ -483,5 +489,6 @@ pub fn prepare<S: Source>(
         audit: report,
         warnings,
         holes,
+        threads: opts.threads,
     })
 }
