@@ -21,8 +21,8 @@ use qcow2_guard::convert::{
     self, prepare, Conversion, ConvertError, ConvertOptions, FileSink, Input, Inputs, Sink,
     StreamConversion, WriteSink,
 };
-use qcow2_guard::stream::SpoolFile;
 use qcow2_guard::snapshot::SnapshotSelector;
+use qcow2_guard::stream::SpoolFile;
 use qcow2_guard::{FileSource, Severity, Verdict};
 
 use crate::exit::Exit;
@@ -281,7 +281,12 @@ fn convert_stream(args: &Args) -> Result<(), Failure> {
             args.output.display()
         )));
     }
-    let spool = match args.spool.as_deref().map(crate::check::spool_file).transpose() {
+    let spool = match args
+        .spool
+        .as_deref()
+        .map(crate::check::spool_file)
+        .transpose()
+    {
         Ok(s) => s,
         Err((p, e)) => {
             return Err(Failure::Io(format!(
@@ -300,9 +305,10 @@ fn convert_stream(args: &Args) -> Result<(), Failure> {
     let opts = options(args);
     let mut conversion = match &spool {
         Some(tmp) => {
-            let f = tmp.as_file().try_clone().map_err(|e| {
-                Failure::Io(format!("{}: {e}", tmp.path().display()))
-            })?;
+            let f = tmp
+                .as_file()
+                .try_clone()
+                .map_err(|e| Failure::Io(format!("{}: {e}", tmp.path().display())))?;
             StreamConversion::with_spool(&opts, &sink, Arc::new(SpoolFile::new(f)))?
         }
         None => StreamConversion::new(&opts, &sink)?,

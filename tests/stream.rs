@@ -186,7 +186,12 @@ fn case(name: &str, p: &Path, streams: (bool, bool), converts: (bool, bool)) {
 #[test]
 fn convert_default() {
     let d = tmpdir();
-    case("convert", &convert(d.path(), "a.qcow2", &[]), (true, true), (true, true));
+    case(
+        "convert",
+        &convert(d.path(), "a.qcow2", &[]),
+        (true, true),
+        (true, true),
+    );
 }
 
 #[test]
@@ -282,7 +287,12 @@ fn convert_extended_l2_compat_0_10() {
 fn convert_preallocation_metadata() {
     let d = tmpdir();
     let p = convert(d.path(), "a.qcow2", &["-o", "preallocation=metadata"]);
-    case("convert preallocation=metadata", &p, (true, true), (true, true));
+    case(
+        "convert preallocation=metadata",
+        &p,
+        (true, true),
+        (true, true),
+    );
 }
 
 #[test]
@@ -302,7 +312,12 @@ fn create_then_writes() {
             "discard 3M 64k",
         ],
     );
-    case("create + scattered writes, zero, discard", &p, (true, true), (true, true));
+    case(
+        "create + scattered writes, zero, discard",
+        &p,
+        (true, true),
+        (true, true),
+    );
 }
 
 #[test]
@@ -312,9 +327,19 @@ fn snapshot_then_writes() {
     qemu_img(&["snapshot", "-c", "s1", s(&p)]);
     case("convert + snapshot", &p, (true, true), (true, true));
     qemu_io(&p, &["write -P 0x44 0 64k"]);
-    case("convert + snapshot + write", &p, (false, false), (false, false));
+    case(
+        "convert + snapshot + write",
+        &p,
+        (false, false),
+        (false, false),
+    );
     qemu_img(&["snapshot", "-c", "s2", s(&p)]);
-    case("convert + snapshot + write + snapshot", &p, (false, false), (false, false));
+    case(
+        "convert + snapshot + write + snapshot",
+        &p,
+        (false, false),
+        (false, false),
+    );
 }
 
 #[test]
@@ -324,7 +349,12 @@ fn resize_then_writes() {
     qemu_img(&["resize", "-q", "-f", "qcow2", s(&p), "64M"]);
     case("convert + resize", &p, (false, false), (false, false));
     qemu_io(&p, &["write -P 0x55 60M 64k"]);
-    case("convert + resize + write", &p, (false, false), (false, false));
+    case(
+        "convert + resize + write",
+        &p,
+        (false, false),
+        (false, false),
+    );
 }
 
 #[test]
@@ -342,7 +372,8 @@ fn refcount_table_growth() {
     case(
         "create + writes growing the refcount table",
         &p,
-        (false, false), (false, false),
+        (false, false),
+        (false, false),
     );
 }
 
@@ -359,7 +390,12 @@ fn amend_refcount_bits() {
     let d = tmpdir();
     let p = convert(d.path(), "a.qcow2", &["-o", "cluster_size=4k"]);
     qemu_img(&["amend", "-f", "qcow2", "-o", "refcount_bits=4", s(&p)]);
-    case("convert + amend refcount_bits", &p, (true, true), (true, true));
+    case(
+        "convert + amend refcount_bits",
+        &p,
+        (true, true),
+        (true, true),
+    );
 }
 
 /// `cat IMAGE | qcow2-guard check -`, through a real pipe.

@@ -75,7 +75,12 @@ fn forward_layouts_convert_from_a_pipe() {
         let want = qemu_raw(&p, d.path());
         let out = d.path().join("out.raw");
         let o = piped(&format!("cat '{}'", s(&p)), "", &out);
-        assert_eq!(code(&o), 0, "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            code(&o),
+            0,
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert!(std::fs::read(&out).unwrap() == want, "{name}: differs");
         std::fs::remove_file(&out).unwrap();
     }
@@ -98,7 +103,10 @@ fn backward_layout_refused_without_spool_converted_with_one() {
         err.contains("[needs_random_access] at 0x4000: bytes 0x4000..0x5000"),
         "{err}"
     );
-    assert_eq!(others(d.path(), &["in.qcow2", "qemu.raw"]), Vec::<String>::new());
+    assert_eq!(
+        others(d.path(), &["in.qcow2", "qemu.raw"]),
+        Vec::<String>::new()
+    );
 
     let spool = d.path().join("spool.qcow2");
     let o = piped(&feed, &format!("--spool '{}'", s(&spool)), &out);
@@ -180,7 +188,10 @@ fn outputs_that_cannot_wait_are_refused() {
     for (args, out) in [
         ("", Path::new("-")),
         ("", Path::new("/dev/null")),
-        ("--allow-backing --backing /dev/null", &d.path().join("o.raw")),
+        (
+            "--allow-backing --backing /dev/null",
+            &d.path().join("o.raw"),
+        ),
         ("-l s1", &d.path().join("o.raw")),
     ] {
         let o = piped(&feed, args, out);

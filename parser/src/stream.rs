@@ -736,8 +736,10 @@ impl Inspector {
     fn redo(&mut self, key: (u64, u64), buf: &[u8], tap: &mut dyn Tap) {
         let Some(f) = &self.format else { return };
         let kind = f.header.compression().unwrap_or(CompressionType::Deflate);
-        self.out_buf
-            .resize(usize::try_from(f.geometry.cluster_size).unwrap_or(usize::MAX), 0);
+        self.out_buf.resize(
+            usize::try_from(f.geometry.cluster_size).unwrap_or(usize::MAX),
+            0,
+        );
         if compressed::decompress(kind, buf, &mut self.out_buf).is_ok() {
             tap.payload(key, &self.out_buf);
         }

@@ -233,11 +233,8 @@ impl Writer<'_> {
     /// write the planned data they hold.
     fn pass(&mut self, start: u64, bytes: &[u8]) {
         let end = start.saturating_add(len64(bytes));
-        let due: Vec<((u64, u64), u64)> = self
-            .plan
-            .range(..(end, 0))
-            .map(|(&k, &e)| (k, e))
-            .collect();
+        let due: Vec<((u64, u64), u64)> =
+            self.plan.range(..(end, 0)).map(|(&k, &e)| (k, e)).collect();
         for ((h, g), e) in due {
             self.plan.remove(&(h, g));
             if h < start {
@@ -521,9 +518,7 @@ fn zero_out(sink: &dyn Sink, offset: u64, len: u64) -> Result<(), ConvertError> 
     let mut done = 0u64;
     while done < len {
         let n = len.saturating_sub(done).min(len64(&ZEROS));
-        let piece = ZEROS
-            .get(..usize::try_from(n).unwrap_or(0))
-            .unwrap_or(&[]);
+        let piece = ZEROS.get(..usize::try_from(n).unwrap_or(0)).unwrap_or(&[]);
         sink.write_at(offset.saturating_add(done), piece)
             .map_err(ConvertError::Sink)?;
         done = done.saturating_add(n);
