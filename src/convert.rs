@@ -190,6 +190,11 @@ pub fn run(args: &Args) -> Exit {
             for f in errors.iter().take(10) {
                 errln!("  {f}");
             }
+            if report.verdict == Verdict::NeedsRandomAccess {
+                errln!(
+                    "  (the layout does not stream: give --spool FILE, or convert the stored file)"
+                );
+            }
             match report.verdict {
                 Verdict::Invalid | Verdict::NeedsRandomAccess => Exit::NotChecked,
                 Verdict::Unsafe => Exit::Refused,
