@@ -231,7 +231,6 @@ fn strs(v: &[String]) -> Vec<&str> {
 /// Our `convert` and `qemu-img convert -O raw` of the active disk (no
 /// snapshot) or of snapshot `ID`; whether the outputs are identical
 /// when both succeed.
-
 fn convert_both(
     a: &Args,
     dir: &Path,
