@@ -59,6 +59,11 @@ pub struct Args {
     /// Do not fsync OUTPUT and its directory before reporting success.
     #[arg(long)]
     no_sync: bool,
+    /// Workers reading and decompressing (qemu-img's -m; 1-64, default:
+    /// the available cores, at most 4). The output is the same for any
+    /// value.
+    #[arg(short = 'm', long = "threads", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: Option<u16>,
     #[command(flatten)]
     qemu: QemuConvertArgs,
 }
@@ -229,6 +234,7 @@ fn prepare_conversion(args: &Args) -> Result<Conversion<FileSource>, Failure> {
         limits: args.policy.limits(),
         max_amplification: args.max_amplification.unwrap_or(defaults.max_amplification),
         max_output: args.max_output,
+        threads: args.threads.map_or(defaults.threads, usize::from),
         ..defaults
     };
     let conversion = prepare(inputs, &opts)?;
