@@ -169,13 +169,13 @@ pub fn decode_entries<'a, V: Visitor<'a> + ?Sized>(
         } else {
             None
         };
-        visit.l2_entry(
-            table,
-            index,
-            at,
-            raw,
-            Cluster::decode(raw, bitmap, at, g, data_file),
-        );
+        let cluster = Cluster::decode(raw, bitmap, at, g, data_file).and_then(|c| {
+            if data_file {
+                c.check_data_file_host(table.guest_offset(index, g), at)?;
+            }
+            Ok(c)
+        });
+        visit.l2_entry(table, index, at, raw, cluster);
         at = at.saturating_add(step);
     }
 }
