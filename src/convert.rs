@@ -21,7 +21,7 @@ use qcow2_guard::convert::{
     WriteSink,
 };
 use qcow2_guard::snapshot::SnapshotSelector;
-use qcow2_guard::{FileSource, Severity, Verdict};
+use qcow2_guard::{FileSource, Severity};
 
 use crate::exit::Exit;
 use crate::output::NewFile;
@@ -182,11 +182,7 @@ pub fn run(args: &Args) -> Exit {
             for f in errors.iter().take(10) {
                 errln!("  {f}");
             }
-            match report.verdict {
-                Verdict::Invalid | Verdict::NeedsRandomAccess => Exit::NotChecked,
-                Verdict::Unsafe => Exit::Refused,
-                _ => Exit::Corrupt,
-            }
+            Exit::for_report(&report)
         }
         ConvertError::Sink(e) => {
             let what = if args.output.as_os_str() == "-" {

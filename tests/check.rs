@@ -1004,7 +1004,7 @@ mod library {
             ..CheckOptions::default()
         };
         let r = check(&open(&p, Limits::default()), &opts);
-        assert_eq!((r.verdict, r.exit_code), (Verdict::Invalid, 1));
+        assert_eq!((r.verdict, r.checked), (Verdict::Invalid, false));
         assert!(r.has("too_large_to_check"));
     }
 
@@ -1016,7 +1016,7 @@ mod library {
         let (p, at) = compressed_image(dir.path(), "conv.qcow2");
         patch(&p, compressed_host(&p, at), &[0xff; 48]);
         let r = check_metadata(&open(&p, Limits::default()), &Policy::default());
-        assert!(!r.blocks_convert(), "{r:#?}");
+        assert!(r.verdict.passes(), "{r:#?}");
 
         let leak = base(dir.path(), "leak.qcow2");
         let cs = cluster_size(&leak);
@@ -1025,11 +1025,11 @@ mod library {
         set_refcount(&leak, end, 1);
         let r = check_metadata(&open(&leak, Limits::default()), &Policy::default());
         assert_eq!(r.verdict, Verdict::Leaks);
-        assert!(!r.blocks_convert());
+        assert!(r.verdict.passes());
 
         let bad = base(dir.path(), "bad.qcow2");
         put64(&bad, l2_entry_at(&bad, 0, 5), l1_offset(&bad) | COPIED);
         let r = check_metadata(&open(&bad, Limits::default()), &Policy::default());
-        assert!(r.blocks_convert());
+        assert!(!r.verdict.passes());
     }
 }

@@ -581,7 +581,8 @@ impl Error {
     }
 
     /// Whether this error means "not a qcow2 image at all" rather than a
-    /// malformed one (the CLI maps it to exit code 1, not 2).
+    /// malformed one: the image was not judged ([`crate::Report::checked`]
+    /// is false).
     pub fn is_not_qcow2(&self) -> bool {
         matches!(self, Error::BadMagic { .. } | Error::FileTooShort { .. })
     }
@@ -590,8 +591,7 @@ impl Error {
     /// malformed: it exceeds the caller's [`crate::Limits`], or reading it
     /// needs something the caller did not hand in (the external data file,
     /// a key for encrypted data), or it uses incompatible features this
-    /// reader cannot interpret. The CLI maps it to exit code 4, like the
-    /// safety policy.
+    /// reader cannot interpret. Verdict `unsafe`, like the safety policy.
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
