@@ -153,6 +153,24 @@ pub enum Error {
         /// The caller's maximum for it.
         limit: u64,
     },
+    /// The bytes an opened image holds would exceed the caller's total
+    /// [`crate::Limits::max_total_bytes`], although `what` is within its
+    /// own limit.
+    #[error(
+        "{what} at {offset:#x}: {value} more bytes would bring the image's allocations to {total}, over the configured total of {limit}"
+    )]
+    TotalLimitExceeded {
+        /// The structure whose allocation tipped the total over.
+        what: What,
+        /// File offset of the field holding its size or location.
+        offset: u64,
+        /// Bytes it needs.
+        value: u64,
+        /// The total with it.
+        total: u64,
+        /// The caller's total ([`crate::Limits::max_total_bytes`]).
+        limit: u64,
+    },
     /// An offset + length computation overflows 64 bits.
     #[error("{what} at {offset:#x}: offset/size arithmetic overflows")]
     Overflow {
@@ -492,6 +510,7 @@ impl Error {
             Error::PastEof { .. } => "past_eof",
             Error::TooLarge { .. } => "too_large",
             Error::LimitExceeded { .. } => "limit_exceeded",
+            Error::TotalLimitExceeded { .. } => "total_limit_exceeded",
             Error::Overflow { .. } => "offset_overflow",
             Error::Unaligned { .. } => "unaligned",
             Error::ReservedBits { .. } => "reserved_bits",
@@ -541,6 +560,7 @@ impl Error {
             | Error::PastEof { offset, .. }
             | Error::TooLarge { offset, .. }
             | Error::LimitExceeded { offset, .. }
+            | Error::TotalLimitExceeded { offset, .. }
             | Error::Overflow { offset, .. }
             | Error::Unaligned { offset, .. }
             | Error::ReservedBits { offset, .. }
@@ -596,6 +616,7 @@ impl Error {
         matches!(
             self,
             Error::LimitExceeded { .. }
+                | Error::TotalLimitExceeded { .. }
                 | Error::DataFileRequired { .. }
                 | Error::Encrypted { .. }
                 | Error::UnknownIncompatibleFeatures { .. }
