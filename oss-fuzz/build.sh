@@ -4,7 +4,7 @@
 # zip (corpus/<target>/ plus corpus/regressions/<target>/), the dictionary
 # and a .options file. Runs from the repository root ($SRC/qcow2-guard).
 # Targets (fuzz/Cargo.toml bins): header, tables, decompress, structured,
-# read, check, mutate; every one gets the same options (inputs over 1 MiB are
+# read, check, mutate, stream, convert; every one gets the same options (inputs over 1 MiB are
 # ignored by the bodies, read's 16-byte trailer included).
 #
 # Local check without docker: scripts/oss-fuzz-local.sh.

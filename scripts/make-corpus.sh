@@ -15,6 +15,9 @@
 #   corpus/check/       the tables images but the 64 KiB-cluster one
 #   corpus/stream/      every corpus/check/ input after a 4-byte seed (the
 #                       stream target draws its chunk sizes from it)
+#   corpus/convert/     the named tables images after a flags byte (0; the
+#                       backing, data-file and snapshot images also with
+#                       the flag that hands the input in)
 #
 # Files it makes are overwritten; other files are kept: inputs a fuzzer
 # found that add coverage (merged with -merge=1, named by their SHA-1) and
@@ -25,7 +28,7 @@ out=corpus
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-mkdir -p "$out/tables" "$out/header" "$out/decompress" "$out/structured" "$out/read" "$out/check" "$out/stream"
+mkdir -p "$out/tables" "$out/header" "$out/decompress" "$out/structured" "$out/read" "$out/check" "$out/stream" "$out/convert"
 
 io() { # io IMAGE CMD...: run qemu-io commands, quietly
     local img=$1; shift
@@ -197,9 +200,23 @@ for name in sorted(os.listdir(check)):
     data = open(os.path.join(check, name), "rb").read()
     seed = struct.pack(">I", zlib.crc32(name.encode()))
     open(os.path.join(out, "stream", name), "wb").write(seed + data)
+# convert: [flags] [image]; bit 0/1 the image as a qcow2/raw backing
+# image, bit 2 as its data file, bit 3 convert snapshot "1".
+for name in sorted(n for n in os.listdir(tables) if n.endswith(".qcow2")):
+    data = open(os.path.join(tables, name), "rb").read()
+    base = name[: -len(".qcow2")]
+    flags = [0]
+    if "backing" in name:
+        flags += [1, 2]
+    if "datafile" in name:
+        flags += [4]
+    if "snapshots" in name:
+        flags += [8]
+    for f in flags:
+        open(os.path.join(out, "convert", f"{base}-f{f}"), "wb").write(bytes([f]) + data)
 PY
 
 du -sh "$out"
-for d in tables header decompress structured read check stream; do
+for d in tables header decompress structured read check stream convert; do
     echo "$d: $(ls "$out/$d" | wc -l) files, $(du -sb "$out/$d" | cut -f1) bytes"
 done

@@ -16,7 +16,7 @@ use qcow2_guard::read::RawBacking;
 use qcow2_guard::{Image, Limits};
 use std::sync::Arc;
 
-use crate::FuzzImage;
+use crate::model::FuzzImage;
 
 /// One mutation whose effect on the verdict and on the guest data is known.
 /// Indices are folded into range; a mutation that does not apply to the

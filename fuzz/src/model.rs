@@ -1,0 +1,164 @@
+//! The structured model: an [`Arbitrary`] description of a valid image
+//! (folded into range by [`FuzzImage::model`] and written by the
+//! project's encoder, [`qcow2_guard::build`]), and the field edits the
+//! `structured` target applies to the encoded bytes.
+
+use arbitrary::Arbitrary;
+use qcow2_guard::build::{Field, GuestCluster, ImageModel, SnapshotModel};
+use qcow2_guard::{refcount, CompressionType};
+
+/// A guest cluster of the structured model.
+#[derive(Debug, Arbitrary)]
+pub enum FuzzCluster {
+    /// Unallocated.
+    Unallocated,
+    /// Reads as zeros.
+    Zero,
+    /// Data from a seed.
+    Data(u8),
+    /// Compressed data from a seed (at most 4 per image).
+    Compressed(u8),
+    /// Extended L2 subclusters (allocation and zero bitmaps).
+    Subclusters {
+        /// Allocated subclusters.
+        alloc: u32,
+        /// Zero subclusters.
+        zero: u32,
+        /// Data seed.
+        seed: u8,
+    },
+}
+
+/// One edit of the encoded image.
+#[derive(Debug, Arbitrary)]
+pub enum Edit {
+    /// Set field `field % fields.len()` to `value` (truncated to its width).
+    Set { field: u16, value: u64 },
+    /// Flip bits of a field.
+    Xor { field: u16, mask: u64 },
+    /// Add to a field (wrapping).
+    Add { field: u16, delta: u64 },
+    /// Set a byte anywhere in the file.
+    Byte { at: u32, value: u8 },
+    /// Cut the file at `at % len`.
+    Truncate { at: u32 },
+}
+
+/// The structured target's input: an image model plus edits.
+#[derive(Debug, Arbitrary)]
+pub struct FuzzImage {
+    /// Version 2 (else 3).
+    pub v2: bool,
+    /// Cluster bits, folded into 9..=16 (14..=16 with extended L2).
+    pub cluster_bits: u8,
+    /// Refcount order, folded into 0..=6 (4 for v2).
+    pub refcount_order: u8,
+    /// Extended L2 entries (v3 only).
+    pub extended_l2: bool,
+    /// Zstd compression (v3 only), else deflate.
+    pub zstd: bool,
+    /// The lazy-refcounts feature (v3 only).
+    pub lazy_refcounts: bool,
+    /// Write a feature name table.
+    pub feature_table: bool,
+    /// The guest clusters, in order.
+    pub clusters: Vec<FuzzCluster>,
+    /// Internal snapshots, folded into 0..=4.
+    pub snapshots: u8,
+    /// Edits of the encoded bytes (`structured` only).
+    pub edits: Vec<Edit>,
+}
+
+impl FuzzImage {
+    /// The valid model this input stands for (out-of-range choices are
+    /// folded into range).
+    pub fn model(&self) -> ImageModel {
+        let v3 = !self.v2;
+        let extended_l2 = v3 && self.extended_l2;
+        // 512 B..64 KiB clusters keep images (and runs) small.
+        let mut cluster_bits = 9 + u32::from(self.cluster_bits % 8);
+        if extended_l2 {
+            cluster_bits = cluster_bits.max(14);
+        }
+        let refcount_order = if v3 {
+            u32::from(self.refcount_order % 7)
+        } else {
+            4
+        };
+        let max_snapshots = refcount::max_value(refcount_order).saturating_sub(1).min(4);
+        // Compressing is the slow part of building (most of a run's time):
+        // at most 4 compressed clusters, the rest become data clusters.
+        let mut compressed = 0;
+        let clusters = self
+            .clusters
+            .iter()
+            // At most 160 clusters and 128 KiB of guest data (three L2
+            // tables with 512-byte clusters): keeps runs fast.
+            .take(160.min((128usize << 10) >> cluster_bits))
+            .map(|c| match *c {
+                FuzzCluster::Unallocated => GuestCluster::Unallocated,
+                FuzzCluster::Zero => GuestCluster::Zero,
+                FuzzCluster::Data(s) => GuestCluster::Data(s),
+                FuzzCluster::Compressed(s) if compressed < 4 => {
+                    compressed += 1;
+                    GuestCluster::Compressed(s)
+                }
+                FuzzCluster::Compressed(s) => GuestCluster::Data(s),
+                FuzzCluster::Subclusters { alloc, zero, seed } if extended_l2 => {
+                    GuestCluster::Subclusters { alloc, zero, seed }
+                }
+                FuzzCluster::Subclusters { seed, .. } => GuestCluster::Data(seed),
+            })
+            .collect();
+        ImageModel {
+            version: if v3 { 3 } else { 2 },
+            cluster_bits,
+            refcount_order,
+            extended_l2,
+            compression: if v3 && self.zstd {
+                CompressionType::Zstd
+            } else {
+                CompressionType::Deflate
+            },
+            lazy_refcounts: v3 && self.lazy_refcounts,
+            feature_table: self.feature_table,
+            clusters,
+            snapshots: (0..u64::from(self.snapshots % 5).min(max_snapshots))
+                .map(|i| SnapshotModel {
+                    name: format!("snap{i}"),
+                })
+                .collect(),
+        }
+    }
+}
+
+pub fn apply(bytes: &mut Vec<u8>, fields: &[Field], edit: &Edit) {
+    let field = |i: u16| fields.get(usize::from(i) % fields.len().max(1));
+    let update = |bytes: &mut Vec<u8>, i: u16, f: &dyn Fn(u64) -> u64| {
+        let Some(fld) = field(i) else { return };
+        let (at, w) = (fld.offset as usize, usize::from(fld.width));
+        let Some(slot) = bytes.get_mut(at..at + w) else {
+            return;
+        };
+        let mut be = [0u8; 8];
+        be[8 - w..].copy_from_slice(slot);
+        let v = f(u64::from_be_bytes(be)).to_be_bytes();
+        slot.copy_from_slice(&v[8 - w..]);
+    };
+    match *edit {
+        Edit::Set { field, value } => update(bytes, field, &|_| value),
+        Edit::Xor { field, mask } => update(bytes, field, &|v| v ^ mask),
+        Edit::Add { field, delta } => update(bytes, field, &|v| v.wrapping_add(delta)),
+        Edit::Byte { at, value } => {
+            if !bytes.is_empty() {
+                let i = at as usize % bytes.len();
+                bytes[i] = value;
+            }
+        }
+        Edit::Truncate { at } => {
+            if !bytes.is_empty() {
+                bytes.truncate(at as usize % bytes.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,584 @@
+//! Oracles shared by the targets: what must hold of an opened image,
+//! whatever bytes it came from (the tables walked without a failing
+//! disagreement, read paths agreeing with each other and with the file's
+//! bytes, a clean check reading back).
+
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use qcow2_guard::check::{code, CheckOptions, Report, Verdict};
+use qcow2_guard::compare::{compare, Outcome, Side};
+use qcow2_guard::convert::{
+    code as convert_code, Conversion, ConvertError, ConvertOptions, Sink, WriteSink,
+};
+use qcow2_guard::extensions::FeatureKind;
+use qcow2_guard::l1l2::Cluster;
+use qcow2_guard::qemu_map::{MapFile, Qcow2Layer};
+use qcow2_guard::read::RawBacking;
+use qcow2_guard::walker::{self, Item, L2Entry};
+use qcow2_guard::{qemu_map, Error, ExtentKind, Image, Policy, Severity, Source};
+
+use crate::{check_options, consume, WORK};
+
+/// Walk every table of an open image, with a bounded amount of work.
+/// Returns how many guest clusters failed to map.
+pub fn walk<S: Source>(img: &Image<S>) -> u64 {
+    let g = *img.geometry();
+    let size = img.virtual_size();
+    let mut work = WORK;
+    let mut failures = 0u64;
+    let _ = img.metadata().len();
+    for f in img.policy_findings(&Policy::default()) {
+        let _ = f.to_string();
+    }
+    let _ = img.bitmaps_stale();
+    if let Some(b) = img.backing_file() {
+        let _ = b.lossy();
+    }
+    // What a front end prints for feature bits: their names, if the image
+    // has a feature name table.
+    let ext = img.extensions();
+    let h = img.header();
+    for (kind, bits) in [
+        (FeatureKind::Incompatible, h.incompatible_features),
+        (FeatureKind::Compatible, h.compatible_features),
+        (FeatureKind::Autoclear, h.autoclear_features),
+    ] {
+        for bit in (0..64u8).filter(|b| bits >> b & 1 != 0) {
+            let _ = ext.feature_name(kind, bit);
+        }
+    }
+    let m = img.metadata();
+    let _ = (m.is_empty(), m.ranges().len());
+
+    // Every table, through the library's one walker; the clusters of the
+    // active tables also through the read path's checks (`Image::cluster`).
+    walker::walk(img, &mut |item: Item<'_>| match item {
+        Item::Error(e) | Item::RefcountBlock { block: Err(e), .. } => {
+            consume(&e);
+            failures += 1;
+        }
+        Item::L2(L2Entry {
+            table,
+            index,
+            cluster,
+            ..
+        }) => {
+            let guest = table.guest_offset(index, &g);
+            if let Err(e) = &cluster {
+                consume(e);
+                failures += 1;
+            }
+            let Some(w) = work.checked_sub(1) else {
+                return;
+            };
+            work = w;
+            if table.active == 0 || guest >= size {
+                return;
+            }
+            match img.cluster(guest) {
+                Ok(c) => {
+                    // The read path decodes the same entry with the same
+                    // rules, and checks more.
+                    match &cluster {
+                        Ok(w) => assert_eq!(c, *w, "walker and Image::cluster at {guest:#x}"),
+                        Err(e) => panic!("walker fails ({e}), Image::cluster maps {guest:#x}"),
+                    }
+                    let _ = (c.host_cluster(), c.copied());
+                    for s in 0..g.subclusters as u32 {
+                        let _ = c.subcluster(s, &g);
+                    }
+                    if let Cluster::Compressed(d) = c {
+                        let _ = d.host_clusters(&g).count();
+                    }
+                }
+                Err(e) => {
+                    consume(&e);
+                    failures += 1;
+                }
+            }
+        }
+        Item::Bitmap(b) => {
+            let _ = (
+                b.granularity(),
+                b.flag_names(),
+                b.expected_table_size(size, &g),
+            );
+        }
+        _ => {}
+    });
+
+    // Refcount table, blocks, and the refcount of every host cluster.
+    for i in 0..img.refcount_table().len() as u64 {
+        if let Err(e) = img.refcount_block(i) {
+            consume(&e);
+        }
+    }
+    let host_clusters = g.clusters_for(img.file_len()).min(work);
+    for c in 0..host_clusters {
+        if let Err(e) = img.refcount(c) {
+            consume(&e);
+        }
+    }
+    failures
+}
+
+/// The oracles of the `read` target on guest range `off .. off + len`
+/// (inside the disk) of `img`, opened from `file`, with no backing image or
+/// `file` itself as a raw backing image, and with no data file or `file`
+/// itself as the data file.
+///
+/// Let A be one `read_at` of the range, and P the `read_at`s of its
+/// pieces, split at cluster boundaries, in order:
+/// - A succeeds iff every P succeeds, and then the bytes are equal;
+/// - when both fail, A's error has the code of the first failing P (the
+///   read walks the range in order and stops at the first error);
+/// - the `GuestReader`, seeked to `off` and read in `chunk`-byte reads,
+///   never ends early; when it succeeds, A succeeds with the same bytes;
+///   when A succeeds and it fails, the failure is in the clusters it reads
+///   beyond the range (it buffers whole clusters): a `read_at` of the
+///   range widened to whole clusters fails too;
+/// - when A succeeds, `map` succeeds and its extents tile the range, zero
+///   extents read as zeros, unallocated ones as the backing bytes at the
+///   same guest offset (zeros past its end or without one), and data
+///   extents as the file bytes at their host offset; when `map` fails, A
+///   fails.
+///
+/// An empty range has no pieces: only `map` is checked (no extents).
+pub fn compare_reads<S: Source>(img: &Image<S>, file: &[u8], off: u64, len: u64, chunk: usize) {
+    let g = *img.geometry();
+    let n = len as usize;
+    let end = off + len;
+    let range = format!("guest range {off:#x}+{len:#x}");
+
+    let mut whole = vec![0u8; n];
+    let one = img.read_at(off, &mut whole);
+
+    let mut pieces = vec![0u8; n];
+    let mut first_err: Option<(u64, Error)> = None;
+    let mut pos = off;
+    while pos < end {
+        let next = (g.cluster_start(pos) + g.cluster_size).min(end);
+        let piece = &mut pieces[(pos - off) as usize..(next - off) as usize];
+        if let Err(e) = img.read_at(pos, piece) {
+            first_err.get_or_insert((pos, e));
+        }
+        pos = next;
+    }
+    if len == 0 {
+        // No pieces to compare with: an empty read may still be refused
+        // (an encrypted image), and map with it.
+        if let Ok(extents) = img.map(off, 0) {
+            assert_eq!(extents.count(), 0, "{range}: extents of an empty range");
+        }
+        return;
+    }
+    match (&one, &first_err) {
+        (Ok(()), None) => assert!(whole == pieces, "{range}: per-cluster bytes differ"),
+        (Ok(()), Some((at, e))) => {
+            panic!("{range} reads in one call, the cluster piece at {at:#x} fails: {e}")
+        }
+        (Err(e), None) => panic!("{range} fails in one call ({e}), every cluster piece reads"),
+        (Err(e), Some((at, p))) => assert_eq!(
+            e.code(),
+            p.code(),
+            "{range}: one call fails with {e}, the first failing piece (at {at:#x}) with {p}"
+        ),
+    }
+
+    let mut reader = img.reader();
+    assert_eq!(reader.seek(SeekFrom::Start(off)).expect("seek"), off);
+    let mut via = vec![0u8; n];
+    let mut done = 0;
+    let mut reader_err = None;
+    while done < n {
+        let to = (done + chunk).min(n);
+        match reader.read(&mut via[done..to]) {
+            Ok(0) => panic!("{range}: GuestReader ends at {:#x}", off + done as u64),
+            Ok(k) => done += k,
+            Err(e) => {
+                reader_err = Some(e);
+                break;
+            }
+        }
+    }
+    match (&one, reader_err) {
+        (Ok(()), None) => assert!(whole == via, "{range}: GuestReader bytes differ"),
+        (Err(e), None) => panic!("{range}: GuestReader reads, read_at fails: {e}"),
+        (Ok(()), Some(e)) => {
+            let start = g.cluster_start(off);
+            let stop = if end == off {
+                end
+            } else {
+                (g.cluster_start(end - 1) + g.cluster_size).min(img.virtual_size())
+            };
+            let mut wide = vec![0u8; (stop - start) as usize];
+            assert!(
+                img.read_at(start, &mut wide).is_err(),
+                "{range} reads, GuestReader fails ({e}), whole clusters {start:#x}..{stop:#x} read"
+            );
+        }
+        (Err(_), Some(_)) => {}
+    }
+
+    match img.map(off, len) {
+        Ok(extents) => {
+            let mut pos = off;
+            let mut failed = None;
+            for e in extents {
+                let e = match e {
+                    Ok(e) => e,
+                    Err(err) => {
+                        failed = Some(err);
+                        break;
+                    }
+                };
+                assert_eq!(e.guest_offset, pos, "{range}: extents do not tile");
+                assert!(e.len > 0 && e.end() <= end, "{range}: extent {e:?}");
+                pos = e.end();
+                if one.is_err() {
+                    continue;
+                }
+                let got = &whole[(e.guest_offset - off) as usize..(e.end() - off) as usize];
+                match e.kind {
+                    ExtentKind::Zero => {
+                        assert!(got.iter().all(|&b| b == 0), "{range}: {e:?} not zeros")
+                    }
+                    ExtentKind::Unallocated => {
+                        let backing = if img.backing().is_some() { file } else { &[] };
+                        let from = usize::try_from(e.guest_offset).unwrap_or(usize::MAX);
+                        let want = backing.get(from..).unwrap_or(&[]);
+                        let want = &want[..want.len().min(got.len())];
+                        let (head, tail) = got.split_at(want.len());
+                        assert!(
+                            head == want && tail.iter().all(|&b| b == 0),
+                            "{range}: {e:?} differs from the backing image"
+                        );
+                    }
+                    ExtentKind::Data { host } => {
+                        let want = usize::try_from(host)
+                            .ok()
+                            .and_then(|h| file.get(h..h.checked_add(got.len())?));
+                        assert!(want == Some(got), "{range}: {e:?} differs from the file");
+                    }
+                    _ => {}
+                }
+            }
+            match failed {
+                Some(err) => assert!(one.is_err(), "{range} reads, map fails: {err}"),
+                None => assert_eq!(pos, end, "{range}: extents stop short"),
+            }
+        }
+        Err(e) => assert!(one.is_err(), "{range} reads, map refuses it: {e}"),
+    }
+}
+
+/// Most guest bytes [`checked_reads`] reads back.
+const CHECK_READ: u64 = 32 << 20;
+
+/// Most extents [`checked_reads`] walks.
+const CHECK_EXTENTS: u64 = 1 << 18;
+
+/// Check `img`; when the verdict is `ok` or `leaks`, the whole virtual
+/// disk must read without error: `map` over the whole disk succeeds and
+/// tiles it, and every data and compressed extent reads with `read_at`
+/// (zero and unallocated extents are not read, so huge sparse disks stay
+/// fast; at most [`CHECK_READ`] bytes and [`CHECK_EXTENTS`] extents;
+/// compressed extents are skipped when the check's decompression budget
+/// ran out, as the check did not verify them then).
+pub fn checked_reads<S: Source>(img: &Image<S>) -> Report {
+    let opts = CheckOptions {
+        decompress: true,
+        ..check_options()
+    };
+    let report = qcow2_guard::check(img, &opts);
+    for f in &report.findings {
+        let _ = f.to_string();
+    }
+    let want_exit = match report.verdict {
+        Verdict::Ok => 0,
+        Verdict::Leaks => 3,
+        Verdict::Unsafe => 4,
+        Verdict::Corrupt => 2,
+        Verdict::Invalid => report.exit_code.clamp(1, 2),
+        Verdict::NeedsRandomAccess => 1,
+    };
+    assert_eq!(report.exit_code, want_exit, "{:?}", report.verdict);
+    if !matches!(report.verdict, Verdict::Ok | Verdict::Leaks) {
+        return report;
+    }
+    let verdict = report.verdict.as_str();
+    let skip_compressed = report.has(code::DECOMPRESS_BUDGET);
+    let size = img.virtual_size();
+    let extents = img
+        .map(0, size)
+        .unwrap_or_else(|e| panic!("verdict {verdict}, but map refuses the disk: {e}"));
+    let (mut budget, mut steps, mut pos) = (CHECK_READ, CHECK_EXTENTS, 0u64);
+    let mut buf = Vec::new();
+    for e in extents {
+        let e =
+            e.unwrap_or_else(|err| panic!("verdict {verdict}, but map fails at {pos:#x}: {err}"));
+        assert_eq!(e.guest_offset, pos, "extents do not tile the disk");
+        pos = e.end();
+        steps -= 1;
+        if steps == 0 {
+            return report;
+        }
+        match e.kind {
+            ExtentKind::Zero | ExtentKind::Unallocated => continue,
+            ExtentKind::Compressed(_) if skip_compressed => continue,
+            _ => {}
+        }
+        let mut at = e.guest_offset;
+        while at < e.end() {
+            let n = (e.end() - at).min(1 << 20).min(budget);
+            if n == 0 {
+                return report;
+            }
+            budget -= n;
+            buf.resize(n as usize, 0);
+            if let Err(err) = img.read_at(at, &mut buf) {
+                panic!("verdict {verdict}, but guest {at:#x}+{n:#x} ({e:?}) fails: {err}");
+            }
+            at += n;
+        }
+    }
+    assert_eq!(pos, size, "extents stop short of the disk's end");
+    report
+}
+
+/// A positional [`Sink`] in memory, as a new file: holes are left as they
+/// are (zeros), and every range handed to it is recorded, so the oracle
+/// can check that the conversion covered the disk exactly once.
+struct MemorySink {
+    state: Mutex<Written>,
+}
+
+/// The disk's bytes, and the `(offset, len)` ranges written.
+type Written = (Vec<u8>, Vec<(u64, u64)>);
+
+impl MemorySink {
+    fn new(size: u64) -> MemorySink {
+        MemorySink {
+            state: Mutex::new((vec![0; size as usize], Vec::new())),
+        }
+    }
+
+    fn record(&self, offset: u64, len: u64, data: Option<&[u8]>) -> std::io::Result<()> {
+        let mut st = self.state.lock().expect("sink lock");
+        let end = offset.checked_add(len).expect("sink range overflows");
+        assert!(
+            end <= st.0.len() as u64,
+            "positional write {offset:#x}+{len:#x} past the disk's end {:#x}",
+            st.0.len()
+        );
+        if let Some(d) = data {
+            st.0[offset as usize..end as usize].copy_from_slice(d);
+        }
+        st.1.push((offset, len));
+        Ok(())
+    }
+}
+
+impl Sink for MemorySink {
+    fn sequential(&self) -> bool {
+        false
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.record(offset, data.len() as u64, Some(data))
+    }
+
+    fn write_zeros(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.record(offset, len, None)
+    }
+
+    fn finish(&self, size: u64) -> std::io::Result<()> {
+        let st = self.state.lock().expect("sink lock");
+        assert_eq!(size, st.0.len() as u64, "finish with another size");
+        let mut ranges = st.1.clone();
+        ranges.sort_unstable();
+        let mut pos = 0;
+        for (at, len) in ranges {
+            assert_eq!(
+                at, pos,
+                "positional writes leave a gap or overlap at {pos:#x}"
+            );
+            pos = at + len;
+        }
+        assert_eq!(pos, size, "positional writes stop short of the disk's end");
+        Ok(())
+    }
+}
+
+/// Whether the image, opened as a conversion opens it
+/// ([`ConvertOptions::limits`]), checks clean (verdict `ok` or `leaks`,
+/// every compressed payload verified) under the conversion's policy: then
+/// the conversion, with no backing image, data file or snapshot handed
+/// in, must be accepted and must succeed.
+pub fn clean_without_backing(image: &[u8], opts: &ConvertOptions) -> bool {
+    let Ok(img) = Image::open_with(image, opts.limits()) else {
+        return false;
+    };
+    let report = qcow2_guard::check(
+        &img,
+        &CheckOptions {
+            decompress: true,
+            policy: opts.policy.clone(),
+            ..check_options()
+        },
+    );
+    matches!(report.verdict, Verdict::Ok | Verdict::Leaks) && !report.has(code::DECOMPRESS_BUDGET)
+}
+
+/// A refused conversion: the refusal is typed, with error findings (or a
+/// failing audit); an image that checks clean ([`clean_without_backing`])
+/// is refused only by the output bounds. Nothing can have been written:
+/// without a [`Conversion`] there is nothing to run.
+pub fn refusal_is_typed(e: &ConvertError, clean: bool) {
+    let _ = e.to_string();
+    match e {
+        ConvertError::Refused { findings, .. } => {
+            assert!(!findings.is_empty(), "refused without a finding");
+            for f in findings {
+                assert_eq!(f.severity, Severity::Error, "refused by a non-error: {f}");
+                assert!(
+                    !clean
+                        || [
+                            convert_code::AMPLIFICATION,
+                            convert_code::OUTPUT_TOO_LARGE,
+                            convert_code::AUDIT_TOO_LARGE,
+                        ]
+                        .contains(&f.code),
+                    "a clean image is refused: {f}"
+                );
+            }
+        }
+        ConvertError::Audit { report, .. } => {
+            assert!(
+                !matches!(report.verdict, Verdict::Ok | Verdict::Leaks),
+                "the audit refuses a {:?} image",
+                report.verdict
+            );
+            assert!(
+                !clean,
+                "the audit refuses a clean image: {:?}",
+                report.findings
+            );
+        }
+        ConvertError::Image { error, .. } => {
+            consume(error);
+            assert!(!clean, "a clean image fails to prepare: {error}");
+        }
+        ConvertError::Sink(err) => panic!("prepare fails with a sink error: {err}"),
+    }
+}
+
+/// The `convert` oracle on an accepted conversion: the positional sink
+/// ([`MemorySink`], holes skipped), the sequential sink
+/// ([`WriteSink`], holes written as zeros) and one [`Image::read_at`] of
+/// the whole disk all succeed or all fail (an image error, never a sink
+/// error), and a clean image (`clean`) succeeds. On success the three
+/// copies are equal byte for byte, the positional writes tile the disk
+/// exactly once, the progress callback adds up to the disk's size,
+/// `compare` (as `qemu-img compare`) finds the image and the output
+/// identical, and the image's `qemu-img map` records agree with the
+/// output (zero records read as zeros, data records in the image file as
+/// the file's bytes at their offset).
+pub fn conversions_agree<S: Source>(conversion: &Conversion<S>, clean: bool) {
+    let img = conversion.image();
+    let size = conversion.size();
+    assert!(
+        size <= crate::targets::MAX_CONVERT_DISK,
+        "policy lets {size:#x} bytes through"
+    );
+    for w in conversion.warnings() {
+        assert_ne!(w.severity, Severity::Error, "a warning is an error: {w}");
+    }
+    let mut reference = vec![0u8; size as usize];
+    let read = img.read_at(0, &mut reference);
+
+    let positional = MemorySink::new(size);
+    let pos_result = conversion.run(&positional, None);
+    let sequential = WriteSink::new(Vec::new());
+    let done = AtomicU64::new(0);
+    let progress = |n: u64| {
+        done.fetch_add(n, Ordering::Relaxed);
+    };
+    let seq_result = conversion.run(&sequential, Some(&progress));
+    let outcome = |r: &Result<(), ConvertError>, sink: &str| match r {
+        Ok(()) => true,
+        Err(ConvertError::Image { error, .. }) => {
+            consume(error);
+            false
+        }
+        Err(e) => panic!("{sink} conversion fails with {e}"),
+    };
+    let (p, s) = (
+        outcome(&pos_result, "positional"),
+        outcome(&seq_result, "sequential"),
+    );
+    assert!(
+        p == s && s == read.is_ok(),
+        "positional {pos_result:?}, sequential {seq_result:?}, read_at {read:?}"
+    );
+    if let Err(e) = &read {
+        assert!(!clean, "a clean image fails to convert: {e}");
+        return;
+    }
+    let out = sequential.into_inner().expect("sequential sink");
+    assert!(out == reference, "sequential output differs from read_at");
+    let (mem, _) = positional.state.into_inner().expect("sink lock");
+    assert!(mem == reference, "positional output differs from read_at");
+    assert_eq!(
+        done.into_inner(),
+        size,
+        "progress does not add up to the disk"
+    );
+
+    let raw = RawBacking(out);
+    let layer = Qcow2Layer::new(img);
+    let cmp = compare(
+        Side {
+            map: &layer,
+            data: img,
+        },
+        Side {
+            map: &raw,
+            data: &raw,
+        },
+        false,
+    )
+    .unwrap_or_else(|e| panic!("compare fails on a converted image: {e}"));
+    assert_eq!(cmp.outcome, Outcome::Identical, "compare: {cmp:?}");
+    assert!(!cmp.size_mismatch);
+
+    let file = img.source();
+    let mut records = 0u64;
+    let mapped = qemu_map(&[&layer], 0, size, |e| {
+        records += 1;
+        let got = &raw.0[e.start as usize..e.end() as usize];
+        // The chain is the image alone: without a backing image,
+        // unallocated ranges read as zeros; with one, they are its bytes.
+        let zeros = if e.present {
+            e.zero && !e.data
+        } else {
+            img.backing().is_none()
+        };
+        if zeros {
+            assert!(got.iter().all(|&b| b == 0), "map record {e:?} is not zeros");
+        } else if let (Some(host), Some((_, MapFile::Image)), false) =
+            (e.offset, e.file, e.compressed)
+        {
+            if e.data && !e.zero {
+                let mut want = vec![0u8; got.len()];
+                if file.read_exact_at(host, &mut want).is_ok() {
+                    assert!(want == got, "map record {e:?} differs from the file");
+                }
+            }
+        }
+        records < CHECK_EXTENTS
+    });
+    mapped.unwrap_or_else(|e| panic!("qemu_map fails on a converted image: {e}"));
+}
