@@ -16,10 +16,6 @@ const COMPRESSED: u64 = 1 << 62;
 
 // ---------------------------------------------------------------- helpers
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// Run `qcow2-guard check --json` with extra flags: (exit code, JSON).
 fn guard_check(p: &Path, extra: &[&str]) -> (i32, Value) {
     let mut args = vec!["check", "--json"];
@@ -156,16 +152,7 @@ fn compressed_image(dir: &Path, name: &str) -> (PathBuf, u64) {
         .collect();
     std::fs::write(&raw, text).expect("write raw");
     let p = dir.join(name);
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        s(&raw),
-        s(&p),
-    ]);
+    compress(&raw, &p, "cluster_size=65536");
     let at = l2_entry_at(&p, 0, 0);
     assert_eq!(be64(&p, at) >> 62, 1, "entry 0 is compressed");
     (p, at)
@@ -694,19 +681,12 @@ fn data_file_refused_by_default() {
 #[test]
 fn encryption_refused_by_default() {
     let dir = tmpdir();
-    let p = dir.path().join("luks.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        "secret,id=sec0,data=guard",
-        "-o",
+    let p = create_encrypted(
+        dir.path(),
+        "luks.qcow2",
         "encrypt.format=luks,encrypt.key-secret=sec0",
-        s(&p),
         "4M",
-    ]);
+    );
     let (c, v) = guard_check(&p, &[]);
     assert_eq!(c, 4, "{v:#}");
     assert_has(&v, "policy_encryption");
@@ -815,16 +795,7 @@ fn compressed_offset_above_bit_55() {
     let raw = dir.path().join("t.raw");
     std::fs::write(&raw, b"qcow2-guard ".repeat(400)).unwrap();
     let p = dir.path().join("c512.qcow2");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        s(&raw),
-        s(&p),
-    ]);
+    compress(&raw, &p, "cluster_size=512");
     let at = l2_entry_at(&p, 0, 0);
     assert_eq!(be64(&p, at) >> 62, 1);
     put64(&p, at, be64(&p, at) | 1 << 58);

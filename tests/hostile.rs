@@ -77,21 +77,13 @@ fn build(base: Base, dir: &Path) -> PathBuf {
             )
         }
         Base::Luks => {
-            let i = dir.join(&name);
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "--object",
-                "secret,id=sec0,data=abc",
-                "-o",
+            return create_encrypted(
+                dir,
+                &name,
                 "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,\
                  cluster_size=4k",
-                i.to_str().unwrap(),
                 "1M",
-            ]);
-            return i;
+            );
         }
     };
     if base != Base::Snap {

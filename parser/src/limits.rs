@@ -68,11 +68,12 @@ pub struct Limits {
     /// opens (a snapshot's L1 table replaces the active one's charge in
     /// [`crate::Image::into_snapshot`]). An image whose structures each
     /// pass their cap but together exceed it is refused
-    /// (`total_limit_exceeded`, a refusal). Default 256 MiB: the largest
-    /// image qemu-img makes (an L1 table at QEMU's 32 MiB cap: 128 GiB of
-    /// 512-byte clusters, `preallocation=metadata`) charges 176 MiB with
-    /// the default cache ([`crate::Image::charged_bytes`]; the command and
-    /// the figures are in SECURITY.md, "Limits").
+    /// (`total_limit_exceeded`, a refusal). Default 256 MiB: real images
+    /// charge 16 to 50 MiB ([`crate::Image::charged_bytes`]; 50 MiB for
+    /// an L1 table at QEMU's 32 MiB cap, `qemu-img create -f qcow2 -o
+    /// cluster_size=512 x.qcow2 128G`), and the largest qemu-img can make
+    /// (the same with `preallocation=metadata`) about 216 MiB, scaled
+    /// from a measured 4 GiB one (SECURITY.md, "Limits").
     pub max_total_bytes: u64,
     /// Bytes a streamed inspection ([`crate::stream`]) may keep in memory:
     /// the tables, refcount blocks and compressed payloads it still needs,
