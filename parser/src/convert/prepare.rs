@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::{code, ConvertError, Input};
-use crate::check::{self, CheckOptions, Report, TableUses, Verdict};
+use crate::check::{check_judged, CheckOptions, Report, TableUses};
 use crate::finding::{Category, Finding, Severity};
 use crate::header::{self, field};
 use crate::l1l2::L1Entry;
@@ -197,34 +197,39 @@ fn refusal(code: &'static str, offset: u64, message: String) -> Finding {
     Finding::new(code, Severity::Error, Category::Policy, offset, message)
 }
 
-/// The policy's error findings for `image`, as a refusal of `input`.
+/// The policy's findings on `image` (evaluated once: the audit reuses
+/// them); its error findings refuse `input`, the others are warnings.
 fn refuse_on_policy<T: Source>(
     input: Input,
     image: &Image<T>,
     policy: &Policy,
     warnings: &mut Vec<Finding>,
-) -> Result<(), ConvertError> {
-    let (errors, others): (Vec<_>, Vec<_>) = image
-        .policy_findings(policy)
-        .into_iter()
-        .partition(|f| f.severity == Severity::Error);
+) -> Result<Vec<Finding>, ConvertError> {
+    let findings = image.policy_findings(policy);
+    let errors: Vec<_> = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .cloned()
+        .collect();
     if !errors.is_empty() {
         return Err(ConvertError::Refused {
             input,
             findings: errors,
         });
     }
-    warnings.extend(others);
-    Ok(())
+    warnings.extend(findings.iter().cloned());
+    Ok(findings)
 }
 
 /// The metadata check `check` runs, without decompression, before
 /// anything is written: error findings and policy violations refuse the
 /// image; leaks and warnings do not. A file with more host clusters than
 /// the audit may track is refused: no conversion without the audit.
+/// `policy` is [`refuse_on_policy`]'s findings on `image`.
 fn audit<T: Source>(
     image: &Image<T>,
     opts: &ConvertOptions,
+    policy: Vec<Finding>,
 ) -> Result<(Report, TableUses), ConvertError> {
     let g = image.geometry();
     let clusters = image.file_len().div_ceil(g.cluster_size);
@@ -246,17 +251,18 @@ fn audit<T: Source>(
         max_tracked_clusters: opts.max_audit_clusters,
         ..CheckOptions::metadata_only(opts.policy.clone())
     };
-    Ok(check::audit(image, &check_opts))
+    Ok(check_judged(image, &check_opts, policy))
 }
 
 /// Refuse an image whose audit found errors.
 fn audit_passed(report: Report) -> Result<Report, ConvertError> {
-    match report.verdict {
-        Verdict::Ok | Verdict::Leaks => Ok(report),
-        _ => Err(ConvertError::Audit {
+    if report.verdict.passes() {
+        Ok(report)
+    } else {
+        Err(ConvertError::Audit {
             input: Input::Image,
             report: Box::new(report),
-        }),
+        })
     }
 }
 
@@ -392,10 +398,10 @@ pub fn prepare<S: Source>(
     let policy = &opts.policy;
     let mut warnings = Vec::new();
     let mut image = Image::open_with(inputs.image, limits.clone()).map_err(ConvertError::image)?;
-    refuse_on_policy(Input::Image, &image, policy, &mut warnings)?;
+    let judged = refuse_on_policy(Input::Image, &image, policy, &mut warnings)?;
     // One walk of the tables: the audit, and what each table maps (for
     // the bounds and for skipping holes). The bounds are judged first.
-    let (report, uses) = audit(&image, opts)?;
+    let (report, uses) = audit(&image, opts, judged)?;
     bound_output(&image, &uses, opts, inputs.backing.is_some())?;
     let report = audit_passed(report)?;
     if let Some(sel) = &inputs.snapshot {
