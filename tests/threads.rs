@@ -212,3 +212,73 @@ fn convert_is_the_same_on_any_thread_count() {
         assert!(std::fs::read(&out).expect("read") == want, "{kind}, -m 3");
     }
 }
+
+/// Hostile variations of built images (random bytes overwritten anywhere,
+/// tables included): the report never depends on the thread count.
+#[test]
+fn mutated_images_report_the_same_on_any_thread_count() {
+    use qcow2_guard::build::{GuestCluster, ImageModel, SnapshotModel};
+    use qcow2_guard::CompressionType;
+
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut payload_failures = 0;
+    for (i, compression) in [CompressionType::Deflate, CompressionType::Zstd]
+        .into_iter()
+        .cycle()
+        .take(8)
+        .enumerate()
+    {
+        let clusters = (0..120u32)
+            .map(|c| match c % 5 {
+                0 => GuestCluster::Data(c as u8),
+                1 => GuestCluster::Zero,
+                _ => GuestCluster::Compressed(c as u8),
+            })
+            .collect();
+        let built = ImageModel {
+            cluster_bits: 9 + (i as u32 % 4),
+            compression,
+            clusters,
+            snapshots: if i % 3 == 0 {
+                vec![SnapshotModel { name: "s".into() }]
+            } else {
+                Vec::new()
+            },
+            ..ImageModel::default()
+        }
+        .build()
+        .expect("build");
+        for round in 0..25 {
+            let mut bytes = built.bytes.clone();
+            for _ in 0..1 + round % 8 {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] = next() as u8;
+            }
+            let Ok(image) = Image::open(bytes.as_slice()) else {
+                continue;
+            };
+            let base = CheckOptions {
+                max_findings: 1 + round % 20,
+                ..CheckOptions::default()
+            };
+            let one = check(
+                &image,
+                &CheckOptions {
+                    threads: 1,
+                    ..base.clone()
+                },
+            );
+            let three = check(&image, &CheckOptions { threads: 3, ..base });
+            assert_eq!(one, three, "model {i}, round {round}");
+            payload_failures += usize::from(one.has("decompress_failed"));
+        }
+    }
+    // The mutations do reach payloads.
+    assert!(payload_failures > 5, "{payload_failures}");
+}
