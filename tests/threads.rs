@@ -282,3 +282,57 @@ fn mutated_images_report_the_same_on_any_thread_count() {
     // The mutations do reach payloads.
     assert!(payload_failures > 5, "{payload_failures}");
 }
+
+/// Peak RSS (KiB) of `qcow2-guard ARGS`, through python's `wait4`.
+fn peak_rss_kib(args: &[&str]) -> u64 {
+    let script = "import os, sys\n\
+        pid = os.fork()\n\
+        if pid == 0:\n    \
+            fd = os.open(os.devnull, os.O_WRONLY); os.dup2(fd, 1)\n    \
+            os.execv(sys.argv[1], sys.argv[1:])\n\
+        _, st, ru = os.wait4(pid, 0)\n\
+        assert os.waitstatus_to_exitcode(st) == 0, st\n\
+        print(ru.ru_maxrss)\n";
+    let out = std::process::Command::new("python3")
+        .args(["-S", "-c", script, bin()])
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("rss")
+}
+
+/// 2 MiB clusters (the largest QEMU allows) and 64 threads asked for:
+/// the workers' buffers stay within `parallel::WORKER_MEMORY` (without
+/// the cut, 32 workers of 8 MiB each).
+#[test]
+fn large_clusters_start_fewer_workers() {
+    let dir = tmpdir();
+    let raw = dir.path().join("big.raw");
+    write_raw(&raw, 64 << 20, 5);
+    let p = dir.path().join("big.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=2M,compression_type=zstd",
+        s(&raw),
+        s(&p),
+    ]);
+    let convert = peak_rss_kib(&["convert", "-q", "-m", "64", s(&p), "-"]);
+    let check = peak_rss_kib(&["check", "--threads", "64", s(&p)]);
+    // Measured: 27 and 30 MiB; without the cut 101 and 75 MiB.
+    assert!(convert < 40 << 10, "convert: {convert} KiB");
+    assert!(check < 40 << 10, "check: {check} KiB");
+}
