@@ -179,7 +179,7 @@ fn run_stream(args: &Args) -> Exit {
 }
 
 /// A temporary file beside `target` (removed unless persisted).
-fn spool_file(target: &Path) -> Result<tempfile::NamedTempFile, (PathBuf, io::Error)> {
+pub(crate) fn spool_file(target: &Path) -> Result<tempfile::NamedTempFile, (PathBuf, io::Error)> {
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

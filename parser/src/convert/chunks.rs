@@ -312,7 +312,7 @@ fn find_zero_blocks(data: &[u8], base: usize, holes: &mut Vec<(usize, usize)>) {
 }
 
 /// Whether `b` is all zeros, a word at a time.
-fn is_zero(b: &[u8]) -> bool {
+pub(super) fn is_zero(b: &[u8]) -> bool {
     let mut words = b.chunks_exact(16);
     let body = words
         .by_ref()
