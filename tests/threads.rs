@@ -13,30 +13,13 @@ use qcow2_guard::l1l2::Cluster;
 use qcow2_guard::walker::{walk, Item};
 use qcow2_guard::{check, CheckOptions, FileSource, Image, Report};
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// `qemu-img convert -c` of 6 MiB of mixed data (text, random, zeros) with
 /// 4 KiB clusters: 384 compressed clusters in three L2 tables.
 fn compressed(dir: &Path, kind: &str) -> PathBuf {
     let raw = dir.join(format!("{kind}.raw"));
     write_raw(&raw, 6 << 20, 11);
-    let p = dir.join(format!("{kind}.qcow2"));
     let opts = format!("cluster_size=4096,compression_type={kind}");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        &opts,
-        s(&raw),
-        s(&p),
-    ]);
-    p
+    compress(&raw, &dir.join(format!("{kind}.qcow2")), &opts)
 }
 
 /// Every L2 entry: (file offset, raw word, compressed).
@@ -317,19 +300,11 @@ fn large_clusters_start_fewer_workers() {
     let dir = tmpdir();
     let raw = dir.path().join("big.raw");
     write_raw(&raw, 64 << 20, 5);
-    let p = dir.path().join("big.qcow2");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
+    let p = compress(
+        &raw,
+        &dir.path().join("big.qcow2"),
         "cluster_size=2M,compression_type=zstd",
-        s(&raw),
-        s(&p),
-    ]);
+    );
     let convert = peak_rss_kib(&["convert", "-q", "-m", "64", s(&p), "-"]);
     let check = peak_rss_kib(&["check", "--threads", "64", s(&p)]);
     // Measured: 27 and 30 MiB; without the cut 101 and 75 MiB.
