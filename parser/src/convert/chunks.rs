@@ -101,9 +101,14 @@ pub(super) fn chunks<'a, S: Source>(image: &'a Image<S>, holes: &'a [bool]) -> C
     Chunks {
         image,
         holes,
-        chunk: CHUNK.max(image.geometry().cluster_size),
+        chunk: chunk_size(image),
         pos: 0,
     }
+}
+
+/// Guest bytes of a (non-hole) chunk: [`CHUNK`], or one cluster if larger.
+pub(super) fn chunk_size<S: Source>(image: &Image<S>) -> u64 {
+    CHUNK.max(image.geometry().cluster_size)
 }
 
 impl<S: Source> Iterator for Chunks<'_, S> {
