@@ -128,7 +128,7 @@ fn emit<S: Source>(args: &Args, path: &Path, image: Option<&Image<S>>, rep: &Rep
     } else {
         print_human(path, image, rep);
     }
-    exit_for(rep)
+    Exit::for_report(rep)
 }
 
 /// `check -`: inspect standard input as it arrives ([`Inspector`]), with
@@ -196,16 +196,6 @@ pub(crate) fn spool_file(target: &Path) -> Result<tempfile::NamedTempFile, (Path
         .map_err(|e| (dir, e))
 }
 
-pub(crate) fn exit_for(rep: &Report) -> Exit {
-    match rep.exit_code {
-        0 => Exit::Ok,
-        2 => Exit::Corrupt,
-        3 => Exit::Leaks,
-        4 => Exit::Refused,
-        _ => Exit::NotChecked,
-    }
-}
-
 fn report_json<S: Source>(
     path: &Path,
     image: Option<&Image<S>>,
@@ -216,7 +206,7 @@ fn report_json<S: Source>(
     let mut v = qcow2_guard::json::check(&name, image, rep, metadata_only);
     if let Some(obj) = v.as_object_mut() {
         // After "verdict", as the schema lists it.
-        obj.shift_insert(3, "exit-code".into(), json!(exit_for(rep).code()));
+        obj.shift_insert(3, "exit-code".into(), json!(Exit::for_report(rep).code()));
     }
     v
 }

@@ -200,11 +200,7 @@ pub fn run(args: &Args) -> Exit {
                     "  (the layout does not stream: give --spool FILE, or convert the stored file)"
                 );
             }
-            match report.verdict {
-                Verdict::Invalid | Verdict::NeedsRandomAccess => Exit::NotChecked,
-                Verdict::Unsafe => Exit::Refused,
-                _ => Exit::Corrupt,
-            }
+            Exit::for_report(&report)
         }
         ConvertError::Sink(e) => {
             let what = if args.output.as_os_str() == "-" {

@@ -67,7 +67,7 @@ pub fn open_qcow2(
     let mut image =
         Image::open_with(src, limits.clone()).map_err(|e| report::fatal(path, &e, false))?;
     let rep = check(&image, &CheckOptions::metadata_only(policy.clone()));
-    if rep.blocks_convert() {
+    if !rep.verdict.passes() {
         let errors: Vec<_> = rep
             .findings
             .iter()
@@ -82,10 +82,7 @@ pub fn open_qcow2(
         for f in errors.iter().take(10) {
             errln!("  {f}");
         }
-        return Err(match crate::check::exit_for(&rep) {
-            Exit::Ok | Exit::Leaks => Exit::Corrupt,
-            e => e,
-        });
+        return Err(Exit::for_report(&rep));
     }
     match (image.header().has_data_file(), data_file) {
         (true, Some(df)) => {

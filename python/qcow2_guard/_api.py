@@ -72,7 +72,10 @@ class Finding:
 class Report:
     """The result of :func:`check`: the content of ``qcow2-guard check
     --json`` (without the process exit status, which belongs to the
-    command-line tool).
+    command-line tool: the package carries the verdict and the findings;
+    an ``invalid`` report whose findings are ``bad_magic``,
+    ``file_too_short``, ``io_error`` or ``too_large_to_check`` was not
+    judged, any other is a malformed qcow2).
 
     ``verdict``, ``findings`` (in walk order, capped), ``finding_counts``
     (every finding, per code), ``findings_omitted``, ``image`` (facts:

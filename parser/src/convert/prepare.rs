@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{code, ConvertError, Input};
-use crate::check::{check, CheckOptions, Report, Verdict};
+use crate::check::{check_judged, CheckOptions, Report};
 use crate::finding::{Category, Finding, Severity};
 use crate::header::{self, field, Geometry};
 use crate::l1l2::{Cluster, L1Entry, L2Table};
@@ -195,32 +195,40 @@ fn refusal(code: &'static str, offset: u64, message: String) -> Finding {
     Finding::new(code, Severity::Error, Category::Policy, offset, message)
 }
 
-/// The policy's error findings for `image`, as a refusal of `input`.
+/// The policy's findings on `image` (evaluated once: the audit reuses
+/// them); its error findings refuse `input`, the others are warnings.
 fn refuse_on_policy<T: Source>(
     input: Input,
     image: &Image<T>,
     policy: &Policy,
     warnings: &mut Vec<Finding>,
-) -> Result<(), ConvertError> {
-    let (errors, others): (Vec<_>, Vec<_>) = image
-        .policy_findings(policy)
-        .into_iter()
-        .partition(|f| f.severity == Severity::Error);
+) -> Result<Vec<Finding>, ConvertError> {
+    let findings = image.policy_findings(policy);
+    let errors: Vec<_> = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .cloned()
+        .collect();
     if !errors.is_empty() {
         return Err(ConvertError::Refused {
             input,
             findings: errors,
         });
     }
-    warnings.extend(others);
-    Ok(())
+    warnings.extend(findings.iter().cloned());
+    Ok(findings)
 }
 
 /// The metadata check `check` runs, without decompression, before
 /// anything is written: error findings and policy violations refuse the
 /// image; leaks and warnings do not. A file with more host clusters than
 /// the audit may track is refused: no conversion without the audit.
-fn audit<T: Source>(image: &Image<T>, opts: &ConvertOptions) -> Result<Report, ConvertError> {
+/// `policy` is [`refuse_on_policy`]'s findings on `image`.
+fn audit<T: Source>(
+    image: &Image<T>,
+    opts: &ConvertOptions,
+    policy: Vec<Finding>,
+) -> Result<Report, ConvertError> {
     let g = image.geometry();
     let clusters = image.file_len().div_ceil(g.cluster_size);
     if clusters > opts.max_audit_clusters {
@@ -241,13 +249,14 @@ fn audit<T: Source>(image: &Image<T>, opts: &ConvertOptions) -> Result<Report, C
         max_tracked_clusters: opts.max_audit_clusters,
         ..CheckOptions::metadata_only(opts.policy.clone())
     };
-    let report = check(image, &check_opts);
-    match report.verdict {
-        Verdict::Ok | Verdict::Leaks => Ok(report),
-        _ => Err(ConvertError::Audit {
+    let report = check_judged(image, &check_opts, policy);
+    if report.verdict.passes() {
+        Ok(report)
+    } else {
+        Err(ConvertError::Audit {
             input: Input::Image,
             report: Box::new(report),
-        }),
+        })
     }
 }
 
@@ -361,9 +370,9 @@ pub fn prepare<S: Source>(
     let policy = &opts.policy;
     let mut warnings = Vec::new();
     let mut image = Image::open_with(inputs.image, limits.clone()).map_err(ConvertError::image)?;
-    refuse_on_policy(Input::Image, &image, policy, &mut warnings)?;
+    let judged = refuse_on_policy(Input::Image, &image, policy, &mut warnings)?;
     bound_output(&image, opts, inputs.backing.is_some())?;
-    let report = audit(&image, opts)?;
+    let report = audit(&image, opts, judged)?;
     if let Some(sel) = &inputs.snapshot {
         let Some(index) = sel.find(image.snapshots()) else {
             return Err(ConvertError::Refused {
