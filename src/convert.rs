@@ -23,7 +23,7 @@ use qcow2_guard::convert::{
 };
 use qcow2_guard::snapshot::SnapshotSelector;
 use qcow2_guard::stream::SpoolFile;
-use qcow2_guard::{FileSource, Severity, Verdict};
+use qcow2_guard::{FileSource, Verdict};
 
 use crate::check::{pump_stdin, spool_file, Pump};
 use crate::exit::Exit;
@@ -182,26 +182,13 @@ pub fn run(args: &Args) -> Exit {
             Exit::Refused
         }
         ConvertError::Audit { input, report } => {
-            let errors: Vec<_> = report
-                .findings
-                .iter()
-                .filter(|f| f.severity == Severity::Error)
-                .collect();
-            errln!(
-                "qcow2-guard: {}: refused: the metadata check says {} ({} error finding(s); run `qcow2-guard check` for all of them)",
-                args.path_of(input).display(),
-                report.verdict.as_str(),
-                errors.len()
-            );
-            for f in errors.iter().take(10) {
-                errln!("  {f}");
-            }
+            let exit = report::audit_refusal(args.path_of(input), &report);
             if report.verdict == Verdict::NeedsRandomAccess {
                 errln!(
                     "  (the layout does not stream: give --spool FILE, or convert the stored file)"
                 );
             }
-            Exit::for_report(&report)
+            exit
         }
         ConvertError::Sink(e) => {
             let what = if args.output.as_os_str() == "-" {

@@ -220,10 +220,7 @@ def check(
     doc = _native.check_image(
         src,
         filename,
-        allow_backing,
-        allow_data_file,
-        allow_encryption,
-        max_virtual_size,
+        _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
         metadata_only,
     )
     return Report(doc)
@@ -253,11 +250,23 @@ def info(
         src,
         filename,
         used,
-        allow_backing,
-        allow_data_file,
-        allow_encryption,
-        max_virtual_size,
+        _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
     )
+
+
+def _policy(
+    allow_backing: bool,
+    allow_data_file: bool,
+    allow_encryption: bool,
+    max_virtual_size: Optional[int],
+) -> Dict[str, Any]:
+    """The policy options as the native module takes them (one dict)."""
+    return {
+        "allow_backing": allow_backing,
+        "allow_data_file": allow_data_file,
+        "allow_encryption": allow_encryption,
+        "max_virtual_size": max_virtual_size,
+    }
 
 
 def _same_file(a: Any, b: Any) -> bool:
@@ -317,10 +326,7 @@ def convert(
         out,
         back,
         data,
-        allow_backing,
-        allow_data_file,
-        allow_encryption,
-        max_virtual_size,
+        _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
         progress,
     )
     return [Finding(**f) for f in warnings]
@@ -388,10 +394,7 @@ class StreamInspector:
     ) -> None:
         self._native = _native.StreamInspector(
             filename,
-            allow_backing,
-            allow_data_file,
-            allow_encryption,
-            max_virtual_size,
+            _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
             metadata_only,
             _spool_source(spool),
         )

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{code, ConvertError, Input};
 use crate::check::{check_judged, CheckOptions, Report};
 use crate::finding::{Category, Finding, Severity};
-use crate::header::{self, field, Geometry};
+use crate::header::{self, field, Geometry, Header};
 use crate::l1l2::{Cluster, L1Entry, L2Table};
 use crate::read::RawBacking;
 use crate::snapshot::SnapshotSelector;
@@ -359,6 +359,36 @@ fn bound_output<T: Source>(
     Ok(())
 }
 
+/// The rule for the caller's external data file: an image whose guest data
+/// lives in one needs it handed in ([`code::DATA_FILE_MISSING`]), and one
+/// handed in for an image without one is refused
+/// ([`code::DATA_FILE_UNEXPECTED`], input [`Input::DataFile`]). `given`:
+/// whether the caller has one. Paths named inside the image are never
+/// opened.
+pub fn data_file_rule(h: &Header, given: bool) -> Result<(), ConvertError> {
+    let (code, input, message) = match (h.has_data_file(), given) {
+        (true, true) | (false, false) => return Ok(()),
+        (true, false) => (
+            code::DATA_FILE_MISSING,
+            Input::Image,
+            "guest data lives in an external data file that was not handed in",
+        ),
+        (false, true) => (
+            code::DATA_FILE_UNEXPECTED,
+            Input::DataFile,
+            "a data file was handed in but the image has no external data file",
+        ),
+    };
+    Err(ConvertError::Refused {
+        input,
+        findings: vec![refusal(
+            code,
+            field::INCOMPATIBLE_FEATURES,
+            message.to_owned(),
+        )],
+    })
+}
+
 /// Open `inputs.image`, apply the policy and the conversion rules, attach
 /// the backing image and data file, and audit the metadata. Nothing is
 /// written; an `Err` means the conversion must not run.
@@ -387,38 +417,14 @@ pub fn prepare<S: Source>(
         image = image.into_snapshot(index).map_err(ConvertError::image)?;
     }
 
-    let needs_data_file = image.header().has_data_file();
-    match inputs.data_file {
-        Some(df) if needs_data_file => image.set_data_file(df),
-        None if needs_data_file => {
-            return Err(ConvertError::Refused {
-                input: Input::Image,
-                findings: vec![refusal(
-                    code::DATA_FILE_MISSING,
-                    field::INCOMPATIBLE_FEATURES,
-                    "guest data lives in an external data file that was not handed in".to_owned(),
-                )],
-            })
-        }
-        Some(_) => {
-            return Err(ConvertError::Refused {
-                input: Input::DataFile,
-                findings: vec![refusal(
-                    code::DATA_FILE_UNEXPECTED,
-                    field::INCOMPATIBLE_FEATURES,
-                    "a data file was handed in but the image has no external data file".to_owned(),
-                )],
-            })
-        }
-        None => {}
+    data_file_rule(image.header(), inputs.data_file.is_some())?;
+    if let Some(df) = inputs.data_file {
+        image.set_data_file(df);
     }
 
     match inputs.backing {
         Some(src) => {
-            let mut magic = [0u8; 4];
-            let is_qcow2 = src.read_exact_at(0, &mut magic).is_ok()
-                && u32::from_be_bytes(magic) == header::MAGIC;
-            if is_qcow2 {
+            if header::has_magic(&*src) {
                 let backing =
                     Image::open_with(src, limits).map_err(|error| ConvertError::Image {
                         input: Input::Backing,
