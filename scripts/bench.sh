@@ -292,7 +292,7 @@ def case(group, label, gcmd, qcmd, before=None):
     gm, qm = med(x[1] for x in g), med(x[1] for x in q)
     rows.append((group, label, gt, qt, gm / 1024, qm / 1024))
     ins = f"{insns / 1e6:10.0f}" if insns is not None else f"{'-':>10}"
-    print(f"{label:44}{gt:8.3f}{qt:8.3f}{gt / qt:7.2f}{gm / 1024:8.1f}{qm / 1024:8.1f}{ins}", flush=True)
+    print(f"{label:48}{gt:8.3f}{qt:8.3f}{gt / qt:7.2f}{gm / 1024:9.1f}{qm / 1024:9.1f}{ins}", flush=True)
 
 notes = []
 def compare(name, out_g, out_q):
@@ -323,8 +323,8 @@ def stream_convert(name):
 
 pre = os.environ["PREALLOC_GIB"]
 pre4 = str(int(pre) * 4)
-print(f"{'case':44}{'ours s':>8}{'qemu s':>8}{'ratio':>7}{'ours MiB':>8}{'qemu MiB':>8}{'our Minsn':>10}")
-print(f"{'':44}{'(median wall)':>23}{'(median peak RSS)':>16}")
+print(f"{'case':48}{'ours s':>8}{'qemu s':>8}{'ratio':>7}{'ours MiB':>9}{'qemu MiB':>9}{'our Minsn':>10}")
+print(f"{'':48}{'(median wall time)':>23}{'(median peak RSS)':>18}")
 convert("random", "random 64k (uncompressed)")
 convert("zlib", "mixed, zlib")
 convert("zstd", "mixed, zstd")
@@ -348,7 +348,7 @@ for name in ("random", "zlib", "zstd", "files-zlib", "files-zstd", "zstd4k", "sn
 for name in ("zstd", "files-zstd"):
     case("streaming", f"cat | check - {name} / qemu check",
          sh(f"cat '{img(name)}' | '{guard}' check --metadata-only -"), ["qemu-img", "check", img(name)])
-    case("streaming", f"cat | check - (decompress) {name} / qemu conv",
+    case("streaming", f"cat | check - (decompress) {name} / qemu convert",
          sh(f"cat '{img(name)}' | '{guard}' check -"), ["qemu-img", "convert", "-O", "raw", img(name), out_q],
          before=rm(out_q))
 rm(out_q)()
