@@ -17,7 +17,7 @@ use crate::model::{apply, FuzzImage};
 use crate::oracles::{
     checked_reads, clean_without_backing, compare_reads, conversions_agree, refusal_is_typed, walk,
 };
-use crate::{check_options, consume, qemu_decompress, MAX_INPUT};
+use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
 
 /// `header`: the fixed header and the extensions, from raw bytes.
 ///
@@ -27,6 +27,7 @@ pub fn header(data: &[u8]) {
     if data.len() > MAX_INPUT {
         return;
     }
+    reference::header_agrees(data);
     let h = match Header::decode(data) {
         Ok(h) => h,
         Err(e) => return consume(&e),
@@ -70,6 +71,7 @@ pub fn tables(data: &[u8]) {
     }
     match Image::open_with(data, Limits::fuzzing()) {
         Ok(img) => {
+            reference::entries_agree(&img, data);
             walk(&img);
         }
         Err(e) => consume(&e),
