@@ -171,7 +171,7 @@ const I64_MAX: u128 = i64::MAX as u128;
 /// `offset + bytes` past `i64::MAX`, or `offset` not cluster aligned
 /// (QEMU's check of every table offset).
 fn bad_table(r: &Raw, offset: u64, bytes: u128) -> bool {
-    offset % r.cluster_size() != 0 || u128::from(offset) + bytes > I64_MAX
+    !offset.is_multiple_of(r.cluster_size()) || u128::from(offset) + bytes > I64_MAX
 }
 
 /// The header rules, in the order QEMU applies them (the order matters
@@ -429,7 +429,7 @@ pub fn judge_l1(raw: u64, cluster_size: u64) -> Entry {
     let off = raw & OFFSET_BITS;
     if raw & 0x7f00_0000_0000_01ff != 0 {
         Entry::Invalid("L1 reserved bits (0..8, 56..62) clear")
-    } else if off % cluster_size != 0 {
+    } else if !off.is_multiple_of(cluster_size) {
         Entry::Invalid("L2 table offset cluster aligned")
     } else if off == 0 && raw != 0 {
         Entry::Invalid("no flags on an unallocated L1 entry")
@@ -478,7 +478,7 @@ pub fn judge_l2(
     if raw & reserved != 0 {
         return Entry::Invalid("L2 reserved bits clear");
     }
-    if off % cluster_size != 0 {
+    if !off.is_multiple_of(cluster_size) {
         return Entry::Invalid("host offset cluster aligned");
     }
     if let Some(b) = bitmap {
@@ -499,7 +499,7 @@ pub fn judge_l2(
 pub fn judge_refcount_entry(raw: u64, cluster_size: u64) -> Entry {
     if raw & 0x1ff != 0 {
         Entry::Invalid("refcount table reserved bits (0..8) clear")
-    } else if raw % cluster_size != 0 {
+    } else if !raw.is_multiple_of(cluster_size) {
         Entry::Invalid("refcount block offset cluster aligned")
     } else {
         Entry::Valid

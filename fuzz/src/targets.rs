@@ -311,8 +311,10 @@ pub fn decompress(data: &[u8]) {
 /// guest cluster maps without error, every host cluster is referenced, the
 /// full check is clean (verdict `ok`, exit 0), and `read_at` over the whole
 /// disk and the `GuestReader` give [`qcow2_guard::build::BuiltImage::guest`]
-/// byte for byte. With edits: the [`checked_reads`] oracle, no panic, and
-/// the bounded memory every target has.
+/// byte for byte. With edits: the acceptance reference agrees with the
+/// parser on the header and every table entry ([`crate::reference`]), the
+/// [`checked_reads`] oracle, no panic, and the bounded memory every target
+/// has.
 pub fn structured(data: &[u8]) {
     if data.len() > MAX_INPUT {
         return;
@@ -357,8 +359,10 @@ pub fn structured(data: &[u8]) {
         if let Err(e) = img.read_at(0, &mut guest) {
             panic!("a built image does not read: {e}\n{model:?}");
         }
-        if let Some(i) = (0..guest.len()).find(|&i| guest[i] != built.guest[i]) {
-            panic!("guest byte {i:#x} of a built image differs\n{model:?}");
+        // Compare whole (memcmp) first; find the byte only on a failure.
+        if guest != built.guest {
+            let i = (0..guest.len()).find(|&i| guest[i] != built.guest[i]);
+            panic!("guest byte {i:#x?} of a built image differs\n{model:?}");
         }
         let mut via = Vec::new();
         img.reader()
@@ -371,8 +375,10 @@ pub fn structured(data: &[u8]) {
     for edit in input.edits.iter().take(16) {
         apply(&mut bytes, &built.fields, edit);
     }
+    reference::header_agrees(&bytes);
     match Image::open_with(&bytes[..], Limits::fuzzing()) {
         Ok(img) => {
+            reference::entries_agree(&img, &bytes);
             walk(&img);
             checked_reads(&img);
         }
