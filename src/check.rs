@@ -75,6 +75,10 @@ pub struct Args {
     /// Check metadata only: do not decompress compressed clusters.
     #[arg(long)]
     metadata_only: bool,
+    /// Threads decompressing payloads (1-64; default: the available
+    /// cores, at most 4). The report is the same for any value.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: Option<u16>,
     /// With IMAGE `-` (standard input, inspected as a stream): keep a copy
     /// of the stream in FILE, which also serves to read back tables that
     /// point backwards.
@@ -101,10 +105,12 @@ pub fn run(args: &Args) -> Exit {
         Ok(s) => s,
         Err(e) => return report::unreadable(path, &e, json),
     };
+    let defaults = CheckOptions::default();
     let opts = CheckOptions {
         policy: args.policy.policy(),
         decompress: !args.metadata_only,
-        ..CheckOptions::default()
+        threads: args.threads.map_or(defaults.threads, usize::from),
+        ..defaults
     };
     let (rep, image) = match Image::open_with(src, args.policy.limits()) {
         Ok(image) => (check::check(&image, &opts), Some(image)),
@@ -173,7 +179,7 @@ fn run_stream(args: &Args) -> Exit {
 }
 
 /// A temporary file beside `target` (removed unless persisted).
-fn spool_file(target: &Path) -> Result<tempfile::NamedTempFile, (PathBuf, io::Error)> {
+pub(crate) fn spool_file(target: &Path) -> Result<tempfile::NamedTempFile, (PathBuf, io::Error)> {
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

@@ -10,17 +10,19 @@
 //! an existing OUTPUT that is not a regular file (a device, a FIFO) is
 //! written in place.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use qcow2_guard::convert::{
     self, prepare, Conversion, ConvertError, ConvertOptions, FileSink, Input, Inputs, Sink,
-    WriteSink,
+    StreamConversion, WriteSink,
 };
 use qcow2_guard::snapshot::SnapshotSelector;
+use qcow2_guard::stream::SpoolFile;
 use qcow2_guard::{FileSource, Severity, Verdict};
 
 use crate::exit::Exit;
@@ -34,6 +36,12 @@ pub struct Args {
     image: ImageArg,
     /// Where to write the raw disk; `-` for stdout.
     output: PathBuf,
+    /// With IMAGE `-` (standard input, converted as it arrives): keep a
+    /// copy of the stream in FILE, which also serves to read back what a
+    /// layout that does not stream needs (without it such an image is
+    /// refused as soon as that is known).
+    #[arg(long, value_name = "FILE")]
+    spool: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
     /// Backing image (qcow2 or raw) to read unallocated clusters from.
@@ -59,6 +67,11 @@ pub struct Args {
     /// Do not fsync OUTPUT and its directory before reporting success.
     #[arg(long)]
     no_sync: bool,
+    /// Workers reading and decompressing (qemu-img's -m; 1-64, default:
+    /// the available cores, at most 4). The output is the same for any
+    /// value.
+    #[arg(short = 'm', long = "threads", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: Option<u16>,
     #[command(flatten)]
     qemu: QemuConvertArgs,
 }
@@ -182,6 +195,11 @@ pub fn run(args: &Args) -> Exit {
             for f in errors.iter().take(10) {
                 errln!("  {f}");
             }
+            if report.verdict == Verdict::NeedsRandomAccess {
+                errln!(
+                    "  (the layout does not stream: give --spool FILE, or convert the stored file)"
+                );
+            }
             match report.verdict {
                 Verdict::Invalid | Verdict::NeedsRandomAccess => Exit::NotChecked,
                 Verdict::Unsafe => Exit::Refused,
@@ -220,27 +238,119 @@ fn prepare_conversion(args: &Args) -> Result<Conversion<FileSource>, Failure> {
     if let Some(d) = &args.data_file {
         inputs = inputs.with_data_file(open_file(d)?);
     }
-    let defaults = ConvertOptions::default();
     if let Some(sel) = &args.qemu.snapshot {
         inputs = inputs.with_snapshot(SnapshotSelector::parse(sel));
     }
-    let opts = ConvertOptions {
+    let conversion = prepare(inputs, &options(args))?;
+    warn(args, conversion.warnings());
+    Ok(conversion)
+}
+
+fn options(args: &Args) -> ConvertOptions {
+    let defaults = ConvertOptions::default();
+    ConvertOptions {
         policy: args.policy.policy(),
         limits: args.policy.limits(),
         max_amplification: args.max_amplification.unwrap_or(defaults.max_amplification),
         max_output: args.max_output,
+        threads: args.threads.map_or(defaults.threads, usize::from),
         ..defaults
-    };
-    let conversion = prepare(inputs, &opts)?;
+    }
+}
+
+fn warn(args: &Args, warnings: &[qcow2_guard::Finding]) {
     let path = args.image.image.display();
-    for w in conversion.warnings() {
+    for w in warnings {
         if w.code == convert::code::NO_BACKING {
             errln!(
                 "qcow2-guard: {path}: no --backing given: unallocated clusters are written as zeros"
             );
         }
     }
-    Ok(conversion)
+}
+
+/// `convert - OUTPUT`: the raw disk written from standard input as it
+/// arrives ([`StreamConversion`]) into the unnamed new OUTPUT, named only
+/// once the whole stream passed the audit. A refusal (policy, malformed
+/// header, a layout that needs random access without `--spool`) stops
+/// reading at once.
+fn convert_stream(args: &Args) -> Result<(), Failure> {
+    let unsupported = [
+        (args.backing.is_some(), "--backing"),
+        (args.data_file.is_some(), "--data-file"),
+        (args.qemu.snapshot.is_some(), "-l"),
+    ];
+    if let Some((_, flag)) = unsupported.iter().find(|(given, _)| *given) {
+        return Err(Failure::Io(format!(
+            "-: {flag} is not supported with IMAGE `-` (convert a stored file)"
+        )));
+    }
+    let existing = std::fs::metadata(&args.output).ok();
+    if args.output.as_os_str() == "-" || existing.is_some_and(|m| !m.file_type().is_file()) {
+        return Err(Failure::Io(format!(
+            "{}: IMAGE `-` is converted while it arrives, into a new regular file named only              once the whole stream is checked: OUTPUT cannot be stdout or a device",
+            args.output.display()
+        )));
+    }
+    let spool = match args
+        .spool
+        .as_deref()
+        .map(crate::check::spool_file)
+        .transpose()
+    {
+        Ok(s) => s,
+        Err((p, e)) => {
+            return Err(Failure::Io(format!(
+                "{}: cannot create the spool: {e}",
+                p.display()
+            )))
+        }
+    };
+    let out = NewFile::create(&args.output).map_err(|e| {
+        Failure::Io(format!(
+            "{}: cannot create the output: {e}",
+            args.output.display()
+        ))
+    })?;
+    let sink = FileSink::new(out.file());
+    let opts = options(args);
+    let mut conversion = match &spool {
+        Some(tmp) => {
+            let f = tmp
+                .as_file()
+                .try_clone()
+                .map_err(|e| Failure::Io(format!("{}: {e}", tmp.path().display())))?;
+            StreamConversion::with_spool(&opts, &sink, Arc::new(SpoolFile::new(f)))?
+        }
+        None => StreamConversion::new(&opts, &sink)?,
+    };
+    let mut stdin = io::stdin().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Failure::Io(format!("-: cannot read: {e}"))),
+        };
+        let chunk = buf.get(..n).unwrap_or(&[]);
+        if let Some(tmp) = &spool {
+            tmp.as_file()
+                .write_all(chunk)
+                .map_err(|e| Failure::Io(format!("{}: {e}", tmp.path().display())))?;
+        }
+        // On a refusal, reading stops here: nothing is named.
+        conversion.feed(chunk)?;
+    }
+    let done = conversion.finish()?;
+    warn(args, &done.warnings);
+    if let (Some(tmp), Some(target)) = (spool, args.spool.as_deref()) {
+        tmp.persist(target)
+            .map_err(|e| Failure::Io(format!("{}: {}", target.display(), e.error)))?;
+    }
+    out.commit(!args.no_sync)
+        .map_err(|e| Failure::Convert(ConvertError::Sink(e)))?;
+    Ok(())
 }
 
 /// Refuse an OUTPUT that is one of the inputs (by device and inode, so
@@ -279,6 +389,14 @@ fn run_into(
 }
 
 fn convert(args: &Args) -> Result<(), Failure> {
+    if args.image.image.as_os_str() == "-" {
+        return convert_stream(args);
+    }
+    if args.spool.is_some() {
+        return Err(Failure::Io(
+            "--spool goes with IMAGE `-` (standard input)".to_owned(),
+        ));
+    }
     let to_stdout = args.output.as_os_str() == "-";
     // The disk goes to a duplicate of descriptor 1, unbuffered, whose
     // errors (EPIPE, ENOSPC) stop the conversion; std's stdout would

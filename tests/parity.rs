@@ -26,7 +26,15 @@ fn qemu_check(p: &Path) -> (i32, String) {
 
 /// Our `check` exit status and its JSON findings' codes.
 fn our_check(p: &Path) -> (i32, Vec<String>) {
-    let out = guard(&["check", "--json", p.to_str().expect("utf-8")]);
+    our_check_with(p, &[])
+}
+
+/// [`our_check`] with more arguments (policy flags).
+fn our_check_with(p: &Path, args: &[&str]) -> (i32, Vec<String>) {
+    let mut all = vec!["check", "--json"];
+    all.extend_from_slice(args);
+    all.push(p.to_str().expect("utf-8"));
+    let out = guard(&all);
     let v = json(&out);
     let mut codes: Vec<String> = v["findings"]
         .as_array()
@@ -205,6 +213,72 @@ fn end_of_extensions_length_is_checked() {
             assert_eq!(ours, 0, "{codes:?}");
         } else {
             assert_eq!((ours, codes), (2, vec!["extension_too_large".to_string()]));
+        }
+    }
+}
+
+/// An image with an external data file (plain and raw): an L2 entry whose
+/// host offset is not its cluster's guest offset. `qemu-img check` finds
+/// nothing, but QEMU's read path refuses the cluster (EIO, "External data
+/// file host cluster offset ... does not match guest cluster offset") and
+/// marks the image corrupt: the stricter side wins. With the zero flag and
+/// offset 0 the entry has no host cluster (QEMU tests the zero flag first)
+/// and reads as zeros. Found by the differential engine's data-file seeds.
+#[test]
+fn data_file_host_offset_must_equal_guest_offset() {
+    let dir = tmpdir();
+    for raw in ["off", "on"] {
+        let data = dir.path().join(format!("d-{raw}.data"));
+        let opts = format!(
+            "data_file={},data_file_raw={raw},cluster_size=4096",
+            data.display()
+        );
+        let base = create(dir.path(), &format!("base-{raw}.qcow2"), &opts, "1M");
+        qemu_io(&base, &["write -P 0xaa 0 12k"]);
+        let l2 = be64(&base, be64(&base, 40)) & 0x00ff_ffff_ffff_fe00;
+        // Entry 1 maps guest 0x1000 to host 0x1000 of the data file.
+        assert_eq!(be64(&base, l2 + 8), 0x8000_0000_0000_1000);
+        for (entry, qemu_reads) in [
+            (0x8000_0000_0000_2000u64, false), // data at another cluster
+            (0x8000_0000_0000_2001, false),    // preallocated zeros, wrong host
+            (0x8000_0000_0000_0000, false),    // copied + offset 0: host 0
+            (0x8000_0000_0000_1001, true),     // zeros at the right host
+            (0x8000_0000_0000_0001, true),     // zeros, no host cluster
+        ] {
+            let img = copy(&base, dir.path(), "m.qcow2");
+            set64(&img, l2 + 8, entry);
+            let (q, text) = qemu_check(&img);
+            assert_eq!(q, 0, "qemu-img check finds nothing ({entry:#x}): {text}");
+            let qemu_raw = dir.path().join("qemu.raw");
+            let p = |x: &Path| x.to_str().expect("utf-8").to_string();
+            let qc = qemu_img_status(&["convert", "-O", "raw", &p(&img), &p(&qemu_raw)]);
+            assert_eq!(
+                qc.status.success(),
+                qemu_reads,
+                "qemu-img convert of {entry:#x}"
+            );
+            let (ours, codes) = our_check_with(&img, &["--allow-data-file"]);
+            if qemu_reads {
+                assert_eq!((ours, codes), (0, vec![]), "{entry:#x}");
+                let ours_raw = dir.path().join("ours.raw");
+                let out = guard(&[
+                    "convert",
+                    "-q",
+                    "--allow-data-file",
+                    "--data-file",
+                    &p(&data),
+                    &p(&img),
+                    &p(&ours_raw),
+                ]);
+                assert_eq!(code(&out), 0);
+                assert_eq!(std::fs::read(&ours_raw).ok(), std::fs::read(&qemu_raw).ok());
+            } else {
+                assert_eq!(ours, 2, "{entry:#x}: {codes:?}");
+                assert!(
+                    codes.iter().any(|c| c == "data_file_offset_mismatch"),
+                    "{entry:#x}: {codes:?}"
+                );
+            }
         }
     }
 }

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use common::*;
 use qcow2_guard::check::Verdict;
+use qcow2_guard::convert::{ConvertError, ConvertOptions, FileSink, StreamConversion};
+use qcow2_guard::source::Source;
 use qcow2_guard::stream::{Early, Inspector};
 use qcow2_guard::{check, CheckOptions, Image, Limits, Report};
 
@@ -79,6 +81,78 @@ fn measure(p: &Path) -> (bool, bool) {
     (streams[0], streams[1])
 }
 
+/// `convert -` in the library: feed `bytes` in `chunk`-byte pieces into a
+/// new file. Ok((disk, written again from the spool)), or the error and
+/// the bytes fed before it.
+fn stream_convert(
+    bytes: &[u8],
+    chunk: usize,
+    spool: bool,
+) -> Result<(Vec<u8>, bool), (ConvertError, usize)> {
+    let out = tempfile::tempfile().expect("temp file");
+    let sink = FileSink::new(&out);
+    let opts = ConvertOptions::default();
+    let mut c = if spool {
+        let spool: Arc<dyn Source> = Arc::new(bytes.to_vec());
+        StreamConversion::with_spool(&opts, &sink, spool)
+    } else {
+        StreamConversion::new(&opts, &sink)
+    }
+    .expect("a positional sink");
+    let mut fed = 0;
+    for piece in bytes.chunks(chunk) {
+        c.feed(piece).map_err(|e| (e, fed))?;
+        fed += piece.len();
+    }
+    let done = c.finish().map_err(|e| (e, fed))?;
+    let mut disk = Vec::new();
+    std::io::Read::read_to_end(&mut &out, &mut disk).expect("read the output");
+    assert_eq!(disk.len() as u64, done.size);
+    Ok((disk, done.respooled))
+}
+
+/// Convert `p` from a stream at 4 KiB and 64 KiB chunks, with and without
+/// a spool, against `qemu-img convert -O raw`; returns whether it was
+/// written as it passed, without a spool, at each.
+fn measure_convert(p: &Path) -> (bool, bool) {
+    let bytes = std::fs::read(p).expect("read image");
+    let d = tmpdir();
+    let want_path = d.path().join("want.raw");
+    qemu_img(&["convert", "-O", "raw", s(p), s(&want_path)]);
+    let want = std::fs::read(&want_path).expect("read qemu-img's output");
+    let name = p.display();
+    // In one chunk everything is in hand when its table arrives.
+    match stream_convert(&bytes, bytes.len(), false) {
+        Ok((disk, respooled)) => assert!(disk == want && !respooled, "{name}: one chunk"),
+        Err((e, _)) => panic!("{name}: one chunk: {e}"),
+    }
+    let mut streams = Vec::new();
+    for chunk in [4096, 65536] {
+        match stream_convert(&bytes, chunk, true) {
+            Ok((disk, _)) => assert!(disk == want, "{name}: chunk {chunk} with a spool"),
+            Err((e, _)) => panic!("{name}: chunk {chunk} with a spool: {e}"),
+        }
+        match stream_convert(&bytes, chunk, false) {
+            Ok((disk, respooled)) => {
+                assert!(disk == want && !respooled, "{name}: chunk {chunk}");
+                streams.push(true);
+            }
+            Err((ConvertError::Audit { report, .. }, fed)) => {
+                assert_eq!(report.verdict, Verdict::NeedsRandomAccess, "{name}");
+                assert!(report.has("needs_random_access"));
+                eprintln!(
+                    "{name} chunk {chunk}: convert refused after {fed} of {} bytes: {}",
+                    bytes.len(),
+                    report.findings[0]
+                );
+                streams.push(false);
+            }
+            Err((e, _)) => panic!("{name}: chunk {chunk}: {e}"),
+        }
+    }
+    (streams[0], streams[1])
+}
+
 fn raw(dir: &Path) -> PathBuf {
     let r = dir.join("src.raw");
     write_raw(&r, 4 << 20, 11);
@@ -95,19 +169,29 @@ fn convert(dir: &Path, name: &str, opts: &[&str]) -> PathBuf {
     p
 }
 
-fn case(name: &str, p: &Path, streams: (bool, bool)) {
+/// Check and convert `p` from a stream; `streams`: whether the check
+/// needs no spool at (4 KiB, 64 KiB) chunks; `converts`: whether the
+/// conversion writes the disk as it passes without one.
+fn case(name: &str, p: &Path, streams: (bool, bool), converts: (bool, bool)) {
     let got = measure(p);
+    let conv = measure_convert(p);
     eprintln!(
-        "layout {name}: streams without a spool at 4 KiB {} / 64 KiB {}",
-        got.0, got.1
+        "layout {name}: streams without a spool at 4 KiB {} / 64 KiB {}; converts {} / {}",
+        got.0, got.1, conv.0, conv.1
     );
-    assert_eq!(got, streams, "{name}: measured (4 KiB, 64 KiB)");
+    assert_eq!(got, streams, "{name}: check measured (4 KiB, 64 KiB)");
+    assert_eq!(conv, converts, "{name}: convert measured (4 KiB, 64 KiB)");
 }
 
 #[test]
 fn convert_default() {
     let d = tmpdir();
-    case("convert", &convert(d.path(), "a.qcow2", &[]), (true, true));
+    case(
+        "convert",
+        &convert(d.path(), "a.qcow2", &[]),
+        (true, true),
+        (true, true),
+    );
 }
 
 #[test]
@@ -116,6 +200,7 @@ fn convert_compressed_zlib() {
     case(
         "convert -c",
         &convert(d.path(), "a.qcow2", &["-c"]),
+        (true, true),
         (true, true),
     );
 }
@@ -127,19 +212,19 @@ fn convert_compressed_4k() {
     // before it, with zstd): they have passed when the table arrives.
     let d = tmpdir();
     let p = convert(d.path(), "a.qcow2", &["-c", "-o", "cluster_size=4k"]);
-    case("convert -c 4k", &p, (false, false));
+    case("convert -c 4k", &p, (false, false), (false, false));
     let p = convert(
         d.path(),
         "b.qcow2",
         &["-c", "-o", "compression_type=zstd,cluster_size=4k"],
     );
-    case("convert -c zstd 4k", &p, (false, false));
+    case("convert -c zstd 4k", &p, (false, false), (false, false));
     let p = convert(
         d.path(),
         "c.qcow2",
         &["-c", "-o", "compression_type=zstd,cluster_size=16k"],
     );
-    case("convert -c zstd 16k", &p, (true, true));
+    case("convert -c zstd 16k", &p, (true, true), (true, true));
 }
 
 #[test]
@@ -169,14 +254,14 @@ fn convert_compressed_across_l2_tables() {
     }
     let p = d.path().join("a.qcow2");
     qemu_img(&["convert", "-c", "-O", "qcow2", s(&big), s(&p)]);
-    case("convert -c, two L2 tables", &p, (true, true));
+    case("convert -c, two L2 tables", &p, (true, true), (true, true));
 }
 
 #[test]
 fn convert_compressed_512() {
     let d = tmpdir();
     let p = convert(d.path(), "a.qcow2", &["-c", "-o", "cluster_size=512"]);
-    case("convert -c 512", &p, (true, true));
+    case("convert -c 512", &p, (true, true), (true, true));
 }
 
 #[test]
@@ -187,22 +272,27 @@ fn convert_extended_l2_compat_0_10() {
         "a.qcow2",
         &["-o", "extended_l2=on,cluster_size=64k"],
     );
-    case("convert extended_l2", &p, (true, true));
+    case("convert extended_l2", &p, (true, true), (true, true));
     let p = convert(d.path(), "b.qcow2", &["-o", "compat=0.10,refcount_bits=16"]);
-    case("convert compat=0.10", &p, (true, true));
+    case("convert compat=0.10", &p, (true, true), (true, true));
     let p = convert(
         d.path(),
         "c.qcow2",
         &["-o", "refcount_bits=1,cluster_size=4k"],
     );
-    case("convert refcount_bits=1", &p, (true, true));
+    case("convert refcount_bits=1", &p, (true, true), (true, true));
 }
 
 #[test]
 fn convert_preallocation_metadata() {
     let d = tmpdir();
     let p = convert(d.path(), "a.qcow2", &["-o", "preallocation=metadata"]);
-    case("convert preallocation=metadata", &p, (true, true));
+    case(
+        "convert preallocation=metadata",
+        &p,
+        (true, true),
+        (true, true),
+    );
 }
 
 #[test]
@@ -210,7 +300,7 @@ fn create_then_writes() {
     let d = tmpdir();
     let p = create(d.path(), "a.qcow2", "", "8M");
     qemu_io(&p, &["write -P 0x11 0 1M", "write -P 0x22 4M 512k"]);
-    case("create + sequential writes", &p, (true, true));
+    case("create + sequential writes", &p, (true, true), (true, true));
     let p = create(d.path(), "b.qcow2", "cluster_size=4k", "8M");
     qemu_io(
         &p,
@@ -222,7 +312,12 @@ fn create_then_writes() {
             "discard 3M 64k",
         ],
     );
-    case("create + scattered writes, zero, discard", &p, (true, true));
+    case(
+        "create + scattered writes, zero, discard",
+        &p,
+        (true, true),
+        (true, true),
+    );
 }
 
 #[test]
@@ -230,11 +325,21 @@ fn snapshot_then_writes() {
     let d = tmpdir();
     let p = convert(d.path(), "a.qcow2", &["-o", "cluster_size=4k"]);
     qemu_img(&["snapshot", "-c", "s1", s(&p)]);
-    case("convert + snapshot", &p, (true, true));
+    case("convert + snapshot", &p, (true, true), (true, true));
     qemu_io(&p, &["write -P 0x44 0 64k"]);
-    case("convert + snapshot + write", &p, (false, false));
+    case(
+        "convert + snapshot + write",
+        &p,
+        (false, false),
+        (false, false),
+    );
     qemu_img(&["snapshot", "-c", "s2", s(&p)]);
-    case("convert + snapshot + write + snapshot", &p, (false, false));
+    case(
+        "convert + snapshot + write + snapshot",
+        &p,
+        (false, false),
+        (false, false),
+    );
 }
 
 #[test]
@@ -242,9 +347,14 @@ fn resize_then_writes() {
     let d = tmpdir();
     let p = convert(d.path(), "a.qcow2", &["-o", "cluster_size=4k"]);
     qemu_img(&["resize", "-q", "-f", "qcow2", s(&p), "64M"]);
-    case("convert + resize", &p, (false, false));
+    case("convert + resize", &p, (false, false), (false, false));
     qemu_io(&p, &["write -P 0x55 60M 64k"]);
-    case("convert + resize + write", &p, (false, false));
+    case(
+        "convert + resize + write",
+        &p,
+        (false, false),
+        (false, false),
+    );
 }
 
 #[test]
@@ -263,6 +373,7 @@ fn refcount_table_growth() {
         "create + writes growing the refcount table",
         &p,
         (false, false),
+        (false, false),
     );
 }
 
@@ -271,7 +382,7 @@ fn bitmaps() {
     let d = tmpdir();
     let p = convert(d.path(), "a.qcow2", &[]);
     qemu_img(&["bitmap", "--add", s(&p), "b1"]);
-    case("convert + bitmap --add", &p, (true, true));
+    case("convert + bitmap --add", &p, (true, true), (true, true));
 }
 
 #[test]
@@ -279,7 +390,12 @@ fn amend_refcount_bits() {
     let d = tmpdir();
     let p = convert(d.path(), "a.qcow2", &["-o", "cluster_size=4k"]);
     qemu_img(&["amend", "-f", "qcow2", "-o", "refcount_bits=4", s(&p)]);
-    case("convert + amend refcount_bits", &p, (true, true));
+    case(
+        "convert + amend refcount_bits",
+        &p,
+        (true, true),
+        (true, true),
+    );
 }
 
 /// `cat IMAGE | qcow2-guard check -`, through a real pipe.

@@ -45,6 +45,8 @@ pub struct Layout {
     pub cluster_size: u64,
     /// Host offsets of metadata and data clusters, for re-pointing.
     pub targets: Vec<u64>,
+    /// The internal snapshots' IDs (whose data `convert -l` reads).
+    pub snapshot_ids: Vec<String>,
 }
 
 fn be(b: &[u8], at: u64, n: u64) -> u64 {
@@ -236,6 +238,16 @@ impl Layout {
             l.targets.push(be(b, sn, 8));
             let id = be(b, sn.saturating_add(12), 2);
             let name = be(b, sn.saturating_add(14), 2);
+            let id_at = sn.saturating_add(40).saturating_add(extra);
+            if let (Ok(from), Ok(to)) = (
+                usize::try_from(id_at),
+                usize::try_from(id_at.saturating_add(id)),
+            ) {
+                if let Some(text) = b.get(from..to) {
+                    l.snapshot_ids
+                        .push(String::from_utf8_lossy(text).into_owned());
+                }
+            }
             sn = sn
                 .saturating_add(40)
                 .saturating_add(extra)

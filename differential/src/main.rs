@@ -4,10 +4,13 @@
 //!
 //! - P1: `check` and `convert` never crash, hang, or pass their memory bound;
 //! - P2: if `check` exits 0, `qemu-img check` reports no corruption,
-//!   `qemu-img convert -O raw` succeeds and its output equals ours;
+//!   `qemu-img info` opens it, `qemu-img convert -O raw` succeeds and its
+//!   output equals ours, and each internal snapshot is read (`convert -l`)
+//!   by both or by neither;
 //! - P3: if `qemu-img check` reports corruption or cannot open the image,
 //!   `check` does not exit 0;
-//! - P4: whenever both convert, the outputs are identical.
+//! - P4: whenever both convert (the disk, or a snapshot), the outputs
+//!   are identical.
 //!
 //! Seeded and reproducible: mutant `i` of seed `s` is the same on every
 //! machine for the same seed list. Each failure prints its mutations and
@@ -17,7 +20,13 @@
 //! qcow2-differential [--guard PATH] [--mutants N] [--seed S] [--jobs J]
 //!                    [--work DIR] [--failures DIR] [--index I]
 //!                    [--seeds NAME,NAME...] [--memory MIB] [--timeout SECS]
+//!                    [--breakdown]
 //! ```
+//!
+//! `--breakdown` adds, at the end, the causes of the two soft disagreements
+//! (we refuse what `qemu-img check` calls clean; we find only leaks where
+//! it finds corruption): mutants per first error code of our `check`,
+//! whether `qemu-img convert` could read them, and per mutation kind.
 
 mod locate;
 mod mutate;
@@ -43,6 +52,7 @@ struct Args {
     seeds: Vec<String>,
     memory_mib: u64,
     timeout: u64,
+    breakdown: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -57,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
         seeds: Vec::new(),
         memory_mib: 1024,
         timeout: 60,
+        breakdown: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,16 +84,17 @@ fn parse_args() -> Result<Args, String> {
             "--seeds" => a.seeds = val()?.split(',').map(String::from).collect(),
             "--memory" => a.memory_mib = num(val()?)?,
             "--timeout" => a.timeout = num(val()?)?,
+            "--breakdown" => a.breakdown = true,
             "-h" | "--help" => {
-                println!(
-                    "{}",
-                    include_str!("main.rs")
-                        .lines()
-                        .skip(17)
-                        .take(4)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
+                // The usage block of this file's documentation.
+                let usage = include_str!("main.rs")
+                    .lines()
+                    .skip_while(|l| *l != "//! ```text")
+                    .skip(1)
+                    .take_while(|l| *l != "//! ```")
+                    .map(|l| l.trim_start_matches("//! "))
+                    .collect::<Vec<_>>();
+                println!("{}", usage.join("\n"));
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -166,44 +178,130 @@ fn same_file(x: &Path, y: &Path) -> bool {
 struct Verdicts {
     ours_check: End,
     ours_convert: End,
+    ours_info: End,
     qemu_check: End,
     qemu_check_text: String,
     qemu_convert: End,
+    qemu_info: End,
     identical: Option<bool>,
+    /// Per internal snapshot (when our convert accepted the image):
+    /// (ID, ours, qemu-img, identical when both converted).
+    snapshots: Vec<(String, End, End, Option<bool>)>,
     ours_text: String,
+    /// The code of the first error our `check` printed (`error [code] ...`).
+    ours_code: Option<String>,
 }
 
-fn judge(a: &Args, dir: &Path, img: &Path) -> Verdicts {
+/// The arguments our commands take for mutants of one seed, and the
+/// snapshots whose data is compared.
+struct SeedArgs<'a> {
+    policy: &'a [String],
+    convert: &'a [String],
+    /// `--image-opts` options for qemu-img (empty: plain `-f qcow2 IMG`).
+    qemu: &'a [String],
+    snapshots: &'a [String],
+}
+
+/// Whether image `b` sets incompatible bit 2 (external data file).
+fn has_data_file_bit(b: &[u8]) -> bool {
+    b.get(4..8) == Some(&[0, 0, 0, 3][..]) && b.get(79).is_some_and(|x| x & 4 != 0)
+}
+
+/// qemu-img's image argument(s) for `img`.
+fn qemu_image(img: &str, sa: &SeedArgs) -> Vec<String> {
+    if sa.qemu.is_empty() {
+        vec!["-f".into(), "qcow2".into(), img.into()]
+    } else {
+        let mut o = format!(
+            "driver=qcow2,file.driver=file,file.filename={}",
+            img.replace(',', ",,")
+        );
+        for x in sa.qemu {
+            o.push(',');
+            o.push_str(x);
+        }
+        vec!["--image-opts".into(), o]
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Our `convert` and `qemu-img convert -O raw` of the active disk (no
+/// snapshot) or of snapshot `ID`; whether the outputs are identical
+/// when both succeed.
+fn convert_both(
+    a: &Args,
+    dir: &Path,
+    img: &Path,
+    sa: &SeedArgs,
+    snapshot: Option<&str>,
+) -> (End, String, End, Option<bool>) {
     let s = |p: &Path| p.display().to_string();
     let (ours_g, ours_q) = (dir.join("ours.raw"), dir.join("qemu.raw"));
     let _ = std::fs::remove_file(&ours_g);
     let _ = std::fs::remove_file(&ours_q);
-    let (ours_check, ours_text) = run(a, true, &a.guard, &["check", &s(img)]);
-    let (ours_convert, conv_text) =
-        run(a, true, &a.guard, &["convert", "-q", &s(img), &s(&ours_g)]);
-    let (qemu_check, qemu_check_text) = run(
-        a,
-        false,
-        Path::new("qemu-img"),
-        &["check", "-f", "qcow2", &s(img)],
-    );
-    let (qemu_convert, _) = run(
-        a,
-        false,
-        Path::new("qemu-img"),
-        &["convert", "-f", "qcow2", "-O", "raw", &s(img), &s(&ours_q)],
-    );
-    let identical = (ours_convert == End::Exit(0) && qemu_convert == End::Exit(0))
-        .then(|| same_file(&ours_g, &ours_q));
+    let sel = snapshot.map(|id| format!("snapshot.id={id}"));
+    let mut ours: Vec<String> = vec!["convert".into(), "-q".into()];
+    let mut qemu: Vec<String> = ["convert", "-O", "raw"].map(String::from).to_vec();
+    if let Some(sel) = &sel {
+        ours.extend(["-l".into(), sel.clone()]);
+        qemu.extend(["-l".into(), sel.clone()]);
+    }
+    ours.extend(sa.policy.iter().chain(sa.convert).cloned());
+    ours.extend([s(img), s(&ours_g)]);
+    qemu.extend(qemu_image(&s(img), sa));
+    qemu.push(s(&ours_q));
+    let (ours_end, text) = run(a, true, &a.guard, &strs(&ours));
+    let (qemu_end, _) = run(a, false, Path::new("qemu-img"), &strs(&qemu));
+    let identical =
+        (ours_end == End::Exit(0) && qemu_end == End::Exit(0)).then(|| same_file(&ours_g, &ours_q));
     let _ = std::fs::remove_file(&ours_g);
     let _ = std::fs::remove_file(&ours_q);
+    (ours_end, text, qemu_end, identical)
+}
+
+fn judge(a: &Args, dir: &Path, img: &Path, sa: &SeedArgs) -> Verdicts {
+    let path = img.display().to_string();
+    let ours = |cmd: &str| {
+        let mut v = vec![cmd];
+        v.extend(sa.policy.iter().map(String::as_str));
+        v.push(&path);
+        run(a, true, &a.guard, &v)
+    };
+    let qemu = |cmd: &str| {
+        let mut v = vec![cmd.to_string()];
+        v.extend(qemu_image(&path, sa));
+        run(a, false, Path::new("qemu-img"), &strs(&v))
+    };
+    let (ours_check, ours_text) = ours("check");
+    let (ours_info, _) = ours("info");
+    let (qemu_check, qemu_check_text) = qemu("check");
+    let (qemu_info, _) = qemu("info");
+    let (ours_convert, conv_text, qemu_convert, identical) = convert_both(a, dir, img, sa, None);
+    let snapshots = if ours_convert == End::Exit(0) {
+        sa.snapshots
+            .iter()
+            .map(|id| {
+                let (o, _, q, same) = convert_both(a, dir, img, sa, Some(id));
+                (id.clone(), o, q, same)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     Verdicts {
         ours_check,
         ours_convert,
+        ours_info,
         qemu_check,
         qemu_check_text,
         qemu_convert,
+        qemu_info,
         identical,
+        snapshots,
+        ours_code: first_error_code(&ours_text),
         ours_text: format!("{ours_text}{conv_text}"),
     }
 }
@@ -212,8 +310,11 @@ fn judge(a: &Args, dir: &Path, img: &Path) -> Verdicts {
 fn failures(v: &Verdicts) -> Vec<&'static str> {
     let ok = |e: End| matches!(e, End::Exit(0..=4));
     let mut f = Vec::new();
-    if !ok(v.ours_check) || !ok(v.ours_convert) {
-        f.push("P1: check or convert crashed, hung or ran out of memory");
+    if !ok(v.ours_check) || !ok(v.ours_convert) || !ok(v.ours_info) {
+        f.push("P1: check, info or convert crashed, hung or ran out of memory");
+    }
+    if v.snapshots.iter().any(|s| !ok(s.1)) {
+        f.push("P1: convert -l (a snapshot) crashed, hung or ran out of memory");
     }
     // qemu-img check: 0 clean, 3 leaks only (no corruption), 2 corrupt,
     // 1 could not check (e.g. the image does not open).
@@ -226,6 +327,15 @@ fn failures(v: &Verdicts) -> Vec<&'static str> {
         } else if v.ours_convert != End::Exit(0) {
             f.push("P2: check accepted; our convert refuses what qemu-img converts");
         }
+        if v.qemu_info != End::Exit(0) {
+            f.push("P2: check accepted; qemu-img info cannot open it");
+        }
+        if v.snapshots
+            .iter()
+            .any(|s| (s.1 == End::Exit(0)) != (s.2 == End::Exit(0)))
+        {
+            f.push("P2: check accepted; our convert -l and qemu-img convert -l disagree on reading a snapshot");
+        }
     }
     if !qemu_clean && v.ours_check == End::Exit(0) {
         f.push("P3: qemu-img check calls it corrupt or cannot open it; check exits 0");
@@ -233,13 +343,42 @@ fn failures(v: &Verdicts) -> Vec<&'static str> {
     if v.identical == Some(false) {
         f.push("P4: both convert, outputs differ");
     }
+    if v.snapshots.iter().any(|s| s.3 == Some(false)) {
+        f.push("P4: both convert a snapshot (-l), outputs differ");
+    }
     f
+}
+
+/// The code of the first `error [code]` line of our human output.
+fn first_error_code(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("error ["))
+        .and_then(|l| l.split(']').next())
+        .map(String::from)
 }
 
 struct Seed {
     name: String,
     bytes: Vec<u8>,
     layout: Layout,
+    policy: Vec<String>,
+    convert: Vec<String>,
+    qemu: Vec<String>,
+}
+
+impl Seed {
+    /// The arguments for a mutant `bytes` of this seed: files the image
+    /// needs are handed to both sides (see `seeds::Seed::qemu`).
+    fn args(&self, bytes: &[u8]) -> SeedArgs<'_> {
+        let hand_in = self.qemu.is_empty() || has_data_file_bit(bytes);
+        let none: &[String] = &[];
+        SeedArgs {
+            policy: &self.policy,
+            convert: if hand_in { &self.convert } else { none },
+            qemu: if hand_in { &self.qemu } else { none },
+            snapshots: &self.layout.snapshot_ids,
+        }
+    }
 }
 
 /// Mutant `index`: (seed index, bytes, mutations).
@@ -264,6 +403,132 @@ struct Stats {
     both_converted_identical: u64,
     leak_disagreements: u64,
     matrix: std::collections::BTreeMap<String, u64>,
+    /// Our `info` and `qemu-img info`: did each open the image?
+    info_matrix: std::collections::BTreeMap<String, u64>,
+    /// Snapshot conversions compared (both read them, identically).
+    snapshots_identical: u64,
+    /// Mutants of the soft disagreements, for `--breakdown`.
+    soft: Vec<Soft>,
+}
+
+/// The soft disagreements `--breakdown` explains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum SoftClass {
+    /// Our check refuses (exit 1, 2 or 4), `qemu-img check` exits 0.
+    WeRefuseQemuClean,
+    /// Our check finds only leaks (exit 3), `qemu-img check` corruption.
+    WeLeaksQemuCorrupt,
+}
+
+impl SoftClass {
+    fn of(v: &Verdicts) -> Option<SoftClass> {
+        match (v.ours_check, v.qemu_check) {
+            (End::Exit(1 | 2 | 4), End::Exit(0)) => Some(SoftClass::WeRefuseQemuClean),
+            (End::Exit(3), End::Exit(2)) => Some(SoftClass::WeLeaksQemuCorrupt),
+            _ => None,
+        }
+    }
+    fn title(self) -> &'static str {
+        match self {
+            SoftClass::WeRefuseQemuClean => "we refuse, qemu-img check clean",
+            SoftClass::WeLeaksQemuCorrupt => "we find only leaks, qemu-img check finds corruption",
+        }
+    }
+}
+
+struct Soft {
+    class: SoftClass,
+    index: u64,
+    /// Our first error code (for leaks-only mutants: `leaked_cluster`).
+    code: String,
+    qemu_reads: bool,
+    /// What was mutated, without table indexes (`l2[][]: set a reserved bit (1..8)`).
+    kinds: Vec<String>,
+}
+
+/// A mutation's kind: its description without the indexes and values.
+fn kind_of(m: &Mutation) -> String {
+    if m.width == 0 {
+        return format!(
+            "{} ({})",
+            m.what,
+            if m.new < m.old { "cut" } else { "extended" }
+        );
+    }
+    let mut out = String::new();
+    let mut in_index = false;
+    for c in m.what.chars() {
+        match c {
+            '[' => {
+                in_index = true;
+                out.push('[');
+            }
+            ']' => {
+                in_index = false;
+                out.push(']');
+            }
+            _ if in_index => {}
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// `--breakdown`: per class, mutants per first error code (with whether
+/// `qemu-img convert` read them and a few replayable indexes), then the
+/// mutation kinds behind each code.
+fn print_breakdown(soft: &mut [Soft]) {
+    use std::collections::BTreeMap;
+    soft.sort_by_key(|s| (s.class, s.index));
+    let mut classes: BTreeMap<SoftClass, Vec<&Soft>> = BTreeMap::new();
+    for s in soft.iter() {
+        classes.entry(s.class).or_default().push(s);
+    }
+    for (class, all) in classes {
+        println!("breakdown: {} ({} mutants)", class.title(), all.len());
+        println!("  mutants  qemu-img convert reads / fails  our first error code  (sample --index: read by qemu-img; not read)");
+        let mut by_code: BTreeMap<&str, Vec<&Soft>> = BTreeMap::new();
+        for s in &all {
+            by_code.entry(s.code.as_str()).or_default().push(s);
+        }
+        let mut codes: Vec<_> = by_code.into_iter().collect();
+        codes.sort_by(|x, y| y.1.len().cmp(&x.1.len()).then(x.0.cmp(y.0)));
+        for (code, ms) in &codes {
+            let reads = ms.iter().filter(|s| s.qemu_reads).count();
+            let samples = |read: bool| {
+                ms.iter()
+                    .filter(|s| s.qemu_reads == read)
+                    .take(3)
+                    .map(|s| s.index.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!(
+                "  {:>7}  {:>6} / {:<6}                   {code}  ({}; {})",
+                ms.len(),
+                reads,
+                ms.len() - reads,
+                samples(true),
+                samples(false)
+            );
+            let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+            for s in ms {
+                *kinds.entry(s.kinds.join(" + ")).or_default() += 1;
+            }
+            let mut kinds: Vec<_> = kinds.into_iter().collect();
+            kinds.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+            for (k, n) in kinds.iter().take(8) {
+                println!("           {n:>6}  {k}");
+            }
+            if kinds.len() > 8 {
+                let rest: u64 = kinds.iter().skip(8).map(|(_, n)| n).sum();
+                println!(
+                    "           {rest:>6}  ({} other combinations)",
+                    kinds.len() - 8
+                );
+            }
+        }
+    }
 }
 
 fn main() {
@@ -291,25 +556,31 @@ fn main() {
     };
     let seeds: Vec<Seed> = made
         .into_iter()
-        .map(|(name, path, bytes)| {
+        .map(|m| {
+            let layout = Layout::of(&m.bytes);
+            let seed = Seed {
+                name: m.name,
+                bytes: m.bytes,
+                layout,
+                policy: m.policy,
+                convert: m.convert,
+                qemu: m.qemu,
+            };
             // A seed must be clean for both, or mutants prove nothing.
-            let v = judge(&a, &a.work, &path);
+            let v = judge(&a, &a.work, &m.path, &seed.args(&seed.bytes));
             if v.ours_check != End::Exit(0)
                 || v.qemu_check != End::Exit(0)
                 || v.identical != Some(true)
+                || !failures(&v).is_empty()
+                || v.snapshots.iter().any(|s| s.3 != Some(true))
             {
                 eprintln!(
-                    "seed {name} is not clean for both: ours {} / qemu {} / identical {:?}\n{}{}",
-                    v.ours_check, v.qemu_check, v.identical, v.ours_text, v.qemu_check_text
+                    "seed {} is not clean for both: ours {} / qemu {} / identical {:?} / snapshots {:?}\n{}{}",
+                    seed.name, v.ours_check, v.qemu_check, v.identical, v.snapshots, v.ours_text, v.qemu_check_text
                 );
                 std::process::exit(1);
             }
-            let layout = Layout::of(&bytes);
-            Seed {
-                name,
-                bytes,
-                layout,
-            }
+            seed
         })
         .collect();
     let fields: usize = seeds.iter().map(|s| s.layout.fields.len()).sum();
@@ -346,7 +617,7 @@ fn main() {
                         eprintln!("cannot write {}", img.display());
                         break;
                     }
-                    let v = judge(a, &dir, &img);
+                    let v = judge(a, &dir, &img, &seeds[s].args(&bytes));
                     let broken = failures(&v);
                     let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
                     st.done += 1;
@@ -355,6 +626,20 @@ fn main() {
                         v.ours_check, v.qemu_check
                     );
                     *st.matrix.entry(key).or_default() += 1;
+                    let opened = |e: End, policy: bool| match e {
+                        End::Exit(0) => "opens",
+                        End::Exit(4) if policy => "opens (policy refusal)",
+                        _ => "does not open",
+                    };
+                    let key = format!(
+                        "ours info {} ({}) / qemu-img info {}",
+                        opened(v.ours_info, true),
+                        v.ours_info,
+                        opened(v.qemu_info, false)
+                    );
+                    *st.info_matrix.entry(key).or_default() += 1;
+                    st.snapshots_identical +=
+                        v.snapshots.iter().filter(|s| s.3 == Some(true)).count() as u64;
                     match (v.ours_check, v.qemu_check) {
                         (End::Exit(0), End::Exit(0)) => st.both_accept += 1,
                         (End::Exit(0), End::Exit(3)) => st.leak_disagreements += 1,
@@ -363,6 +648,18 @@ fn main() {
                     }
                     if v.identical == Some(true) {
                         st.both_converted_identical += 1;
+                    }
+                    if let Some(class) = SoftClass::of(&v).filter(|_| a.breakdown) {
+                        st.soft.push(Soft {
+                            class,
+                            index,
+                            code: v.ours_code.clone().unwrap_or_else(|| match v.ours_check {
+                                End::Exit(3) => "(leaks only: warnings, no error)".into(),
+                                e => format!("(no error line; {e})"),
+                            }),
+                            qemu_reads: v.qemu_convert == End::Exit(0),
+                            kinds: muts.iter().map(kind_of).collect(),
+                        });
                     }
                     if st.done % 1000 == 0 {
                         println!(
@@ -384,7 +681,7 @@ fn main() {
             });
         }
     });
-    let st = stats.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut st = stats.into_inner().unwrap_or_else(|e| e.into_inner());
     println!(
         "{} mutants in {:.0} s: {} failures (P1-P4)",
         st.done,
@@ -397,6 +694,16 @@ fn main() {
     );
     for (k, n) in &st.matrix {
         println!("  {n:>6}  {k}");
+    }
+    for (k, n) in &st.info_matrix {
+        println!("  {n:>6}  {k}");
+    }
+    println!(
+        "  snapshots converted identically (convert -l): {}",
+        st.snapshots_identical
+    );
+    if a.breakdown {
+        print_breakdown(&mut st.soft);
     }
     if st.failed > 0 {
         std::process::exit(2);
@@ -420,9 +727,14 @@ fn report(
         text.push_str(&format!("  mutation: {m}\n"));
     }
     text.push_str(&format!(
-        "  ours: check {}, convert {}; qemu-img: check {}, convert {}; outputs identical: {:?}\n",
-        v.ours_check, v.ours_convert, v.qemu_check, v.qemu_convert, v.identical
+        "  ours: check {}, info {}, convert {}; qemu-img: check {}, info {}, convert {}; outputs identical: {:?}\n",
+        v.ours_check, v.ours_info, v.ours_convert, v.qemu_check, v.qemu_info, v.qemu_convert, v.identical
     ));
+    for (id, o, q, same) in &v.snapshots {
+        text.push_str(&format!(
+            "  snapshot {id}: ours convert -l {o}; qemu-img convert -l {q}; identical: {same:?}\n"
+        ));
+    }
     for b in broken {
         text.push_str(&format!("  FAILED {b}\n"));
     }
@@ -441,7 +753,8 @@ fn report(
             format!(" --seeds {}", a.seeds.join(","))
         }
     ));
-    if !broken.is_empty() {
+    // Failures, and a replayed mutant (`--index`), are kept.
+    if !broken.is_empty() || a.index.is_some() {
         let _ = std::fs::create_dir_all(&a.failures);
         let base = a.failures.join(format!("seed{}-mutant{index}", a.seed));
         let _ = std::fs::write(base.with_extension("qcow2"), bytes);

@@ -180,11 +180,30 @@ fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
     use miniz_oxide::inflate::TINFLStatus;
 
-    let mut state = DecompressorOxide::new();
+    // The decoder state (about 11 KiB of Huffman tables) is made once per
+    // thread and reset per stream: `init` restarts the state machine,
+    // which rebuilds every table from each block header before use.
+    thread_local! {
+        static STATE: std::cell::RefCell<Option<Box<DecompressorOxide>>> =
+            const { std::cell::RefCell::new(None) };
+    }
     // Raw deflate (no zlib header), all input present, `out` is the whole
     // output window: the decoder can never write past it.
     let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
-    let (status, _read, written) = decompress(&mut state, input, out, 0, flags);
+    let (status, written) = STATE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut slot) => {
+            let state = slot.get_or_insert_with(Box::default);
+            state.init();
+            let (status, _read, written) = decompress(state, input, out, 0, flags);
+            (status, written)
+        }
+        // Not reachable (nothing here re-enters), but never worth a panic.
+        Err(_) => {
+            let (status, _read, written) =
+                decompress(&mut DecompressorOxide::new(), input, out, 0, flags);
+            (status, written)
+        }
+    });
     let want = out.len();
     match status {
         TINFLStatus::Done if written == want => Ok(()),
@@ -231,17 +250,20 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
         let mut slot = cell
             .try_borrow_mut()
             .map_err(|_| "zstd context busy".to_string())?;
+        let err = |what: &str, code: usize| format!("{what}: {}", get_error_name(code));
         if slot.is_none() {
-            *slot = DCtx::try_create();
+            // Parameters survive a session reset: set once per context.
+            let mut dctx =
+                DCtx::try_create().ok_or_else(|| "cannot allocate a zstd context".to_string())?;
+            dctx.set_parameter(DParameter::StableOutBuffer(true))
+                .map_err(|c| err("zstd parameter", c))?;
+            *slot = Some(dctx);
         }
         let dctx = slot
             .as_mut()
             .ok_or_else(|| "cannot allocate a zstd context".to_string())?;
-        let err = |what: &str, code: usize| format!("{what}: {}", get_error_name(code));
         dctx.reset(ResetDirective::SessionOnly)
             .map_err(|c| err("zstd reset", c))?;
-        dctx.set_parameter(DParameter::StableOutBuffer(true))
-            .map_err(|c| err("zstd parameter", c))?;
         let mut output = OutBuffer::around(out);
         let mut src = InBuffer::around(input);
         let mut hint = 0usize;

@@ -447,6 +447,17 @@ pub enum Error {
         /// The metadata structure found there.
         other: What,
     },
+    /// In an image with an external data file, an L2 entry whose host
+    /// offset is not the guest offset of its cluster.
+    #[error("L2 entry at {offset:#x} maps guest cluster {guest:#x} to host {host:#x} of the external data file; they must be equal")]
+    DataFileOffsetMismatch {
+        /// File offset of the L2 entry.
+        offset: u64,
+        /// The host offset it names.
+        host: u64,
+        /// The guest offset of its cluster.
+        guest: u64,
+    },
     /// Guest data lives in an external data file the caller did not supply.
     #[error(
         "image at {offset:#x} stores guest data in an external data file that was not supplied"
@@ -524,6 +535,7 @@ impl Error {
             Error::Decompress { .. } => "decompress_failed",
             Error::InvalidSubclusterBitmap { .. } => "invalid_subcluster_bitmap",
             Error::MetadataOverlap { .. } => "metadata_overlap",
+            Error::DataFileOffsetMismatch { .. } => "data_file_offset_mismatch",
             Error::DataFileRequired { .. } => "data_file_required",
             Error::Encrypted { .. } => "encrypted",
             Error::OutOfVirtualBounds { .. } => "out_of_virtual_bounds",
@@ -573,6 +585,7 @@ impl Error {
             | Error::Decompress { offset, .. }
             | Error::InvalidSubclusterBitmap { offset, .. }
             | Error::MetadataOverlap { offset, .. }
+            | Error::DataFileOffsetMismatch { offset, .. }
             | Error::DataFileRequired { offset }
             | Error::Encrypted { offset }
             | Error::OutOfVirtualBounds { offset, .. }

@@ -430,7 +430,11 @@ impl<S: Source> Image<S> {
             what: What::L2Table,
             offset: t.offset,
         })?;
-        let cluster = Cluster::decode(raw, bitmap, at, &g, self.header.has_data_file())?;
+        let data_file = self.header.has_data_file();
+        let cluster = Cluster::decode(raw, bitmap, at, &g, data_file)?;
+        if data_file {
+            cluster.check_data_file_host(guest_offset & !g.cluster_size.wrapping_sub(1), at)?;
+        }
         self.check_data_pointer(&cluster, at)?;
         Ok(cluster)
     }

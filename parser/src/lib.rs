@@ -174,6 +174,7 @@ pub mod json;
 pub mod l1l2;
 pub mod limits;
 pub mod metadata;
+pub mod parallel;
 pub mod policy;
 pub mod qemu;
 pub mod qemu_map;

@@ -151,8 +151,8 @@ enum Need {
     Probe,
     /// The first cluster: header extensions.
     FirstCluster,
-    /// The active L1 table, or a snapshot's: its L2 tables.
-    L1,
+    /// The active L1 table (`active`), or a snapshot's: its L2 tables.
+    L1 { active: bool },
     /// The refcount table: its blocks.
     RefcountTable,
     /// Snapshot table entry `index`, starting at `pos`.
@@ -376,6 +376,7 @@ pub struct Inspector {
     format: Option<Format>,
     extensions: Option<Extensions>,
     refused: Option<Vec<Finding>>,
+    open_error: Option<Report>,
     missed: Vec<(u64, u64, Why)>,
     over_budget: bool,
     decompressed: u64,
@@ -418,6 +419,7 @@ impl Inspector {
             format: None,
             extensions: None,
             refused: None,
+            open_error: None,
             missed: Vec::new(),
             over_budget: false,
             decompressed: 0,
@@ -491,6 +493,12 @@ impl Inspector {
 
     /// The next bytes of the file.
     pub fn feed(&mut self, bytes: &[u8]) {
+        self.feed_with(bytes, &mut NoTap);
+    }
+
+    /// [`Inspector::feed`], telling `tap` what passes (a streaming
+    /// conversion).
+    pub(crate) fn feed_with(&mut self, bytes: &[u8], tap: &mut dyn Tap) {
         // The last bytes fed stay in hand with the new ones (see `window`).
         let mut hand = std::mem::take(&mut self.hand);
         hand.extend_from_slice(bytes);
@@ -544,14 +552,14 @@ impl Inspector {
                 if key.0.saturating_add(len64(buf)) >= key.1 {
                     if let Some(buf) = self.payloads.remove(&key) {
                         self.payload_bytes = self.payload_bytes.saturating_sub(len64(&buf));
-                        self.verify(key, buf);
+                        self.verify(key, buf, tap);
                     }
                 }
             }
         }
 
         while let Some((key, need)) = ready.pop() {
-            self.act(key, need, chunk, &mut ready);
+            self.act(key, need, chunk, &mut ready, tap);
         }
         self.pos = end;
         // Trim the hand to the window once it holds twice as much (each
@@ -660,12 +668,22 @@ impl Inspector {
     }
 
     /// A compressed payload at `start .. end`: decompressed once whole.
-    fn want_payload(&mut self, start: u64, end: u64, chunk: Chunk<'_>) {
+    fn want_payload(&mut self, start: u64, end: u64, chunk: Chunk<'_>, tap: &mut dyn Tap) {
         let key = (start, end);
-        if end <= start || self.memo.knows(key) || self.payloads.contains_key(&key) {
+        let len = end.saturating_sub(start);
+        if end <= start || self.payloads.contains_key(&key) {
             return;
         }
-        let len = end.saturating_sub(start);
+        if self.memo.knows((start, len)) {
+            // Decompressed already for another table: again only for a
+            // conversion that maps it here too, if it can still be read.
+            if tap.wants(key) {
+                if let Some(buf) = self.view(chunk).read(start, len) {
+                    self.redo(key, &buf, tap);
+                }
+            }
+            return;
+        }
         if !self.fits(len.saturating_add(MEMO_COST)) {
             if self.spool.is_none() {
                 self.miss(start, end, Why::Budget);
@@ -686,16 +704,17 @@ impl Inspector {
         let from = start.saturating_add(len64(&buf));
         buf.extend_from_slice(chunk.part(from, end));
         if start.saturating_add(len64(&buf)) >= end {
-            self.verify(key, buf);
+            self.verify(key, buf, tap);
         } else {
             self.payload_bytes = self.payload_bytes.saturating_add(len64(&buf));
             self.payloads.insert(key, buf);
         }
     }
 
-    /// Decompress a whole payload and remember the outcome (or keep its
-    /// bytes when the decompression budget is spent).
-    fn verify(&mut self, key: (u64, u64), buf: Vec<u8>) {
+    /// Decompress a whole payload (`buf`, the bytes of `key` up to the
+    /// end of the stream) and remember the outcome (or keep its bytes
+    /// when the decompression budget is spent); `tap` gets the cluster.
+    fn verify(&mut self, key: (u64, u64), buf: Vec<u8>, tap: &mut dyn Tap) {
         let Some(f) = &self.format else { return };
         let cs = f.geometry.cluster_size;
         let kind = f.header.compression().unwrap_or(CompressionType::Deflate);
@@ -707,8 +726,23 @@ impl Inspector {
         self.out_buf
             .resize(usize::try_from(cs).unwrap_or(usize::MAX), 0);
         let outcome = compressed::decompress(kind, &buf, &mut self.out_buf);
-        self.memo
-            .record((key.0, key.1.saturating_sub(key.0)), outcome);
+        if outcome.is_ok() {
+            tap.payload(key, &self.out_buf);
+        }
+        self.memo.record((key.0, len64(&buf)), outcome);
+    }
+
+    /// Decompress a payload whose outcome is known again, for `tap`.
+    fn redo(&mut self, key: (u64, u64), buf: &[u8], tap: &mut dyn Tap) {
+        let Some(f) = &self.format else { return };
+        let kind = f.header.compression().unwrap_or(CompressionType::Deflate);
+        self.out_buf.resize(
+            usize::try_from(f.geometry.cluster_size).unwrap_or(usize::MAX),
+            0,
+        );
+        if compressed::decompress(kind, buf, &mut self.out_buf).is_ok() {
+            tap.payload(key, &self.out_buf);
+        }
     }
 
     fn view<'a>(&'a self, chunk: Chunk<'a>) -> View<'a> {
@@ -742,8 +776,16 @@ impl Inspector {
 
     fn refuse(&mut self, e: &Error) {
         if self.refused.is_none() {
-            self.refused = Some(Report::from_open_error(e).findings);
+            let report = Report::from_open_error(e);
+            self.refused = Some(report.findings.clone());
+            self.open_error = Some(report);
         }
+    }
+
+    /// When the image is already refused because it cannot open: the
+    /// report [`Report::from_open_error`] gives.
+    pub(crate) fn open_error(&self) -> Option<&Report> {
+        self.open_error.as_ref()
     }
 
     /// A structure is whole: decode it and ask for what it points to.
@@ -753,6 +795,7 @@ impl Inspector {
         need: Need,
         chunk: Chunk<'_>,
         ready: &mut Vec<((u64, u64), Need)>,
+        tap: &mut dyn Tap,
     ) {
         let (start, end) = key;
         let Some(bytes) = self.view(chunk).read(start, end.saturating_sub(start)) else {
@@ -761,7 +804,7 @@ impl Inspector {
         match need {
             Need::Probe => self.header(&bytes, chunk, ready),
             Need::FirstCluster => self.first_cluster(&bytes, chunk, ready),
-            Need::L1 => {
+            Need::L1 { active } => {
                 let Some(g) = self.format.as_ref().map(|f| f.geometry) else {
                     return;
                 };
@@ -772,9 +815,15 @@ impl Inspector {
                         ..
                     }) = L1Entry::decode(raw, at, &g)
                     {
+                        let l2_end = l2.saturating_add(g.cluster_size);
+                        if active {
+                            tap.active_l2(i, l2);
+                        }
                         if self.seen_l2.insert(l2) {
-                            let l2_end = l2.saturating_add(g.cluster_size);
                             self.want(l2, l2_end, Need::L2, chunk, ready);
+                        } else if active && self.store.covers(l2, l2_end) {
+                            // Whole already (a snapshot's L1 table came first).
+                            self.tap_l2(l2, chunk, tap);
                         }
                     }
                 }
@@ -793,7 +842,7 @@ impl Inspector {
             }
             Need::Snapshot { pos, index } => self.snapshot(key, pos, index, chunk, ready),
             Need::BitmapDirectory => self.bitmap_directory(chunk, ready),
-            Need::L2 => self.l2_table(start, &bytes, chunk),
+            Need::L2 => self.l2_table(start, &bytes, chunk, tap),
             Need::Keep => {}
         }
     }
@@ -847,7 +896,13 @@ impl Inspector {
         let l1_end = h
             .l1_table_offset
             .saturating_add(u64::from(h.l1_size).saturating_mul(8));
-        self.want(h.l1_table_offset, l1_end, Need::L1, chunk, ready);
+        self.want(
+            h.l1_table_offset,
+            l1_end,
+            Need::L1 { active: true },
+            chunk,
+            ready,
+        );
         let rt_end = h
             .refcount_table_offset
             .saturating_add(u64::from(h.refcount_table_clusters).saturating_mul(cs));
@@ -927,7 +982,8 @@ impl Inspector {
             .saturating_mul(8)
             .min(self.limits.max_l1_entries.saturating_mul(8));
         let l1_end = s.l1_table_offset.saturating_add(l1_bytes);
-        self.want(s.l1_table_offset, l1_end, Need::L1, chunk, ready);
+        let need = Need::L1 { active: false };
+        self.want(s.l1_table_offset, l1_end, need, chunk, ready);
         let next_index = index.saturating_add(1);
         if next_index < h.nb_snapshots {
             let next = s.entry_offset.saturating_add(s.entry_len);
@@ -967,7 +1023,16 @@ impl Inspector {
         }
     }
 
-    fn l2_table(&mut self, start: u64, bytes: &[u8], chunk: Chunk<'_>) {
+    /// Show the whole L2 table at `start` to `tap`.
+    fn tap_l2(&self, start: u64, chunk: Chunk<'_>, tap: &mut dyn Tap) {
+        let Some(f) = &self.format else { return };
+        let view = self.view(chunk);
+        if let Some(bytes) = view.read(start, f.geometry.cluster_size) {
+            tap.l2_table(start, &bytes, &f.geometry, f.header.size, &view);
+        }
+    }
+
+    fn l2_table(&mut self, start: u64, bytes: &[u8], chunk: Chunk<'_>, tap: &mut dyn Tap) {
         let Some(Format {
             header: h,
             geometry: g,
@@ -975,6 +1040,7 @@ impl Inspector {
         else {
             return;
         };
+        tap.l2_table(start, bytes, &g, h.size, &self.view(chunk));
         // What the check decompresses (CheckOptions::decompress, not
         // encrypted, no external data file).
         if !self.opts.decompress || h.crypt_method != 0 || h.has_data_file() {
@@ -987,38 +1053,73 @@ impl Inspector {
             };
             if let Ok(Cluster::Compressed(d)) = Cluster::decode(raw, bm, at, &g, false) {
                 if d.validate(at, &g, u64::MAX).is_ok() {
-                    self.want_payload(d.start(), d.end(), chunk);
+                    self.want_payload(d.start(), d.end(), chunk, tap);
                 }
             }
         }
     }
 
-    /// The stream has ended: check what was kept.
-    pub fn finish(mut self) -> Finished {
-        let len = self.pos;
-        // Payloads cut by the end of the file: the check reads what there is.
-        for ((start, _), buf) in std::mem::take(&mut self.payloads) {
-            self.store.insert(start, &buf);
+    /// The stream has ended: what was kept, as a [`Source`] of the whole
+    /// stream's length. Payloads cut by the end of the file are
+    /// decompressed as they are (what the check reads of them).
+    pub(crate) fn retained(&mut self, tap: &mut dyn Tap) -> Retained {
+        for (key, buf) in std::mem::take(&mut self.payloads) {
+            self.payload_bytes = self.payload_bytes.saturating_sub(len64(&buf));
+            self.verify(key, buf, tap);
         }
         let format = self.format.as_ref();
-        let log = Arc::clone(&self.read_back);
-        let src = Retained {
+        Retained {
             store: std::mem::take(&mut self.store),
-            len,
+            len: self.pos,
             spool: self.spool.clone(),
             memo: std::mem::take(&mut self.memo),
             kind: format.and_then(|f| f.header.compression()),
             cluster_size: format.map_or(0, |f| f.geometry.cluster_size),
-            read_back: Arc::clone(&log),
-        };
+            read_back: Arc::clone(&self.read_back),
+        }
+    }
+
+    /// The ranges read back from the spool, or (without one) needed and
+    /// not kept, so far.
+    pub(crate) fn read_back(&self) -> Vec<(u64, u64)> {
+        self.read_back
+            .lock()
+            .map(|set| set.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// `range` could not be kept within the budget (a conversion's
+    /// bookkeeping): worded so in [`Inspector::needs_random_access`].
+    pub(crate) fn note_over_budget(&mut self, range: (u64, u64)) {
+        self.miss(range.0, range.1, Why::Budget);
+    }
+
+    /// Whether a spool was given.
+    pub(crate) fn has_spool(&self) -> bool {
+        self.spool.is_some()
+    }
+
+    /// Ranges the stream had passed before they were known to be needed
+    /// (without a spool: the inspection will end `needs_random_access`
+    /// if the check reads them).
+    pub(crate) fn passed(&self) -> Vec<(u64, u64)> {
+        self.missed
+            .iter()
+            .filter(|m| m.2 == Why::Passed)
+            .map(|m| (m.0, m.1))
+            .collect()
+    }
+
+    /// The stream has ended: check what was kept.
+    pub fn finish(mut self) -> Finished {
+        let src = self.retained(&mut NoTap);
+        let log = Arc::clone(&self.read_back);
         let (report, image) = match Image::open_with(src, self.limits.clone()) {
             Ok(image) => (crate::check(&image, &self.opts), Some(image)),
             Err(e) => (Report::from_open_error(&e), None),
         };
-        let read_back: Vec<(u64, u64)> = log
-            .lock()
-            .map(|set| set.iter().copied().collect())
-            .unwrap_or_default();
+        drop(log);
+        let read_back = self.read_back();
         if self.spool.is_none() && !read_back.is_empty() {
             return Finished {
                 report: self.needs_random_access(&read_back),
@@ -1033,7 +1134,9 @@ impl Inspector {
         }
     }
 
-    fn needs_random_access(&self, ranges: &[(u64, u64)]) -> Report {
+    /// The `needs_random_access` report for `ranges`, each worded with
+    /// why it was not kept.
+    pub(crate) fn needs_random_access(&self, ranges: &[(u64, u64)]) -> Report {
         let mut findings = Vec::new();
         for &(start, end) in ranges.iter().take(self.opts.max_findings) {
             let known = self
@@ -1076,6 +1179,35 @@ impl Inspector {
     }
 }
 
+/// What a streaming conversion is told as the stream passes.
+pub(crate) trait Tap {
+    /// Entry `index` of the active L1 table points at the L2 table at
+    /// `table`.
+    fn active_l2(&mut self, index: u64, table: u64);
+    /// The L2 table at `offset` is whole (`bytes`); `view` reads what has
+    /// passed (from the spool) and what is in hand, and fails for bytes
+    /// still to come (and passed ones without a spool).
+    fn l2_table(&mut self, offset: u64, bytes: &[u8], g: &Geometry, size: u64, view: &View<'_>);
+    /// The compressed payload at `key` (start, end) decompressed to
+    /// `cluster`.
+    fn payload(&mut self, key: (u64, u64), cluster: &[u8]);
+    /// Whether the payload at `key` is still wanted (decompressed
+    /// already, it is decompressed again for the tap).
+    fn wants(&self, key: (u64, u64)) -> bool;
+}
+
+/// An inspection without a conversion.
+struct NoTap;
+
+impl Tap for NoTap {
+    fn active_l2(&mut self, _: u64, _: u64) {}
+    fn l2_table(&mut self, _: u64, _: &[u8], _: &Geometry, _: u64, _: &View<'_>) {}
+    fn payload(&mut self, _: (u64, u64), _: &[u8]) {}
+    fn wants(&self, _: (u64, u64)) -> bool {
+        false
+    }
+}
+
 fn len64_count(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
 }
@@ -1084,7 +1216,7 @@ fn len64_count(n: usize) -> u64 {
 /// kept, the chunk in hand, and the spool for what has passed. Its
 /// length is unknown (`u64::MAX`); a read of bytes still to come fails
 /// and is remembered, so the decoders say themselves what they need.
-struct View<'a> {
+pub(crate) struct View<'a> {
     store: &'a Extents,
     chunk: Chunk<'a>,
     spool: Option<&'a dyn Source>,
@@ -1097,10 +1229,16 @@ struct View<'a> {
 }
 
 impl View<'_> {
-    fn read(&self, start: u64, len: u64) -> Option<Vec<u8>> {
+    /// The `len` bytes at `start`, if kept, in hand or spooled.
+    pub(crate) fn read(&self, start: u64, len: u64) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; usize::try_from(len).ok()?];
         self.read_exact_at(start, &mut buf).ok()?;
         Some(buf)
+    }
+
+    /// One past the last byte in hand: later bytes are still to come.
+    pub(crate) fn arrived(&self) -> u64 {
+        self.chunk.end()
     }
 
     /// The first read that asked for bytes still to come.

@@ -242,7 +242,12 @@ pub fn walk_l2<'a, S: Source>(image: &'a Image<S>, tables: &[L2Ref], visit: &mut
                 index,
                 at,
                 raw,
-                Cluster::decode(raw, bitmap, at, &g, data_file),
+                Cluster::decode(raw, bitmap, at, &g, data_file).and_then(|c| {
+                    if data_file {
+                        c.check_data_file_host(t.guest_offset(index, &g), at)?;
+                    }
+                    Ok(c)
+                }),
             );
         }
     }

@@ -38,6 +38,7 @@ use crate::policy::Policy;
 use crate::source::Source;
 use crate::Image;
 
+mod payloads;
 mod walk;
 
 /// Finding codes of the check (decode errors keep their [`Error::code`],
@@ -95,6 +96,10 @@ pub struct CheckOptions {
     /// Total bytes the check may decompress; past this, compressed
     /// payloads are no longer verified and a finding says so.
     pub max_decompressed_bytes: u64,
+    /// Threads verifying compressed payloads (default
+    /// [`crate::parallel::default_threads`]; 1: the calling thread alone).
+    /// The report is the same for any value.
+    pub threads: usize,
 }
 
 impl Default for CheckOptions {
@@ -105,6 +110,7 @@ impl Default for CheckOptions {
             max_findings: 1000,
             max_tracked_clusters: 1 << 26,
             max_decompressed_bytes: 1 << 50,
+            threads: crate::parallel::default_threads(),
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::payloads::{self, Budget, Verifier};
 use super::{code, CheckOptions, Findings, Stats};
 use crate::bitmap::{self, Bitmap};
 use crate::compressed::Descriptor;
@@ -52,8 +53,9 @@ pub(super) fn run<S: Source>(
         stats,
         ids: HashMap::new(),
         decompress: opts.decompress && image.header().crypt_method == 0,
-        max_decompressed: opts.max_decompressed_bytes,
-        decompressed: 0,
+        budget: Budget::new(opts.max_decompressed_bytes),
+        budget_spent_reported: false,
+        ready: None,
         in_buf: Vec::new(),
         out_buf: Vec::new(),
         next_contiguous: None,
@@ -61,7 +63,8 @@ pub(super) fn run<S: Source>(
     let tables = walker::walk_tables(image, &mut walk);
     // Every metadata structure is known: overlaps between them.
     walk.metadata_overlaps();
-    walker::walk_l2(image, &tables, &mut walk);
+    let (verify, budget) = (walk.decompress, walk.budget);
+    payloads::walk_l2(image, &tables, &mut walk, verify, budget, opts.threads);
     walk.compare_refcounts();
     (walk.f, walk.stats)
 }
@@ -163,8 +166,11 @@ struct Walk<'a, S> {
     /// Snapshot IDs seen, with their entry offsets.
     ids: HashMap<&'a str, u64>,
     decompress: bool,
-    max_decompressed: u64,
-    decompressed: u64,
+    budget: Budget,
+    budget_spent_reported: bool,
+    /// The outcome of the next compressed entry's payload, verified on
+    /// another thread ([`payloads`]).
+    ready: Option<(u64, Result<()>)>,
     in_buf: Vec<u8>,
     out_buf: Vec<u8>,
     next_contiguous: Option<u64>,
@@ -234,6 +240,12 @@ impl<'a, S: Source> Visitor<'a> for Walk<'a, S> {
             Ok(c) => self.l2_entry_ok(table, index, at, raw, c),
             Err(e) => self.f.error(&e),
         }
+    }
+}
+
+impl<'a, S: Source> Verifier<'a> for Walk<'a, S> {
+    fn precomputed(&mut self, at: u64, outcome: Result<()>) {
+        self.ready = Some((at, outcome));
     }
 }
 
@@ -631,9 +643,10 @@ impl<'a, S: Source> Walk<'a, S> {
         if !self.decompress {
             return;
         }
-        let budget = self.max_decompressed;
-        if self.decompressed.saturating_add(g.cluster_size) > budget {
-            if !self.f.counts.contains_key(code::DECOMPRESS_BUDGET) {
+        if !self.budget.take(g.cluster_size) {
+            if !self.budget_spent_reported {
+                self.budget_spent_reported = true;
+                let budget = self.budget.max();
                 self.f.push(Finding::new(
                     code::DECOMPRESS_BUDGET,
                     Severity::Warning,
@@ -644,12 +657,15 @@ impl<'a, S: Source> Walk<'a, S> {
             }
             return;
         }
-        self.decompressed = self.decompressed.saturating_add(g.cluster_size);
-        self.out_buf.resize(idx(g.cluster_size), 0);
-        match self
-            .img
-            .verify_compressed(&d, guest, &mut self.in_buf, &mut self.out_buf)
-        {
+        let outcome = match self.ready.take() {
+            Some((a, outcome)) if a == at => outcome,
+            _ => {
+                self.out_buf.resize(idx(g.cluster_size), 0);
+                self.img
+                    .verify_compressed(&d, guest, &mut self.in_buf, &mut self.out_buf)
+            }
+        };
+        match outcome {
             Ok(()) => {
                 self.stats.decompressed_clusters =
                     self.stats.decompressed_clusters.saturating_add(1);

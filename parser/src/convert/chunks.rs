@@ -183,14 +183,25 @@ impl HostRun {
     }
 }
 
+/// What a worker keeps from one chunk to the next: where the host file's
+/// holes are, and the scratch space for one compressed stream (reused, so
+/// a compressed cluster costs no allocation and no zero-filling).
+#[derive(Debug, Default)]
+pub(super) struct Worker {
+    runs: HostRun,
+    stream: Vec<u8>,
+}
+
 /// Read guest range `start .. end` into `buf` (reused), noting its holes.
 pub(super) fn fill<S: Source>(
     image: &Image<S>,
     start: u64,
     end: u64,
     mut buf: Vec<u8>,
-    runs: &mut HostRun,
+    worker: &mut Worker,
 ) -> Result<Chunk> {
+    let g = image.geometry();
+    let cs = g.cluster_size;
     let len = end.checked_sub(start).ok_or_else(|| overflow(start))?;
     let n = usize::try_from(len).map_err(|_| overflow(start))?;
     // No clearing: every byte outside `holes` is overwritten below, and
@@ -216,7 +227,7 @@ pub(super) fn fill<S: Source>(
                 let mut done = 0u64;
                 while done < e.len {
                     let h = host.checked_add(done).ok_or_else(|| overflow(host))?;
-                    let run = runs.at(image, h)?;
+                    let run = worker.runs.at(image, h)?;
                     let piece = run.end.saturating_sub(h).min(e.len.saturating_sub(done));
                     let p_off = usize::try_from(done)
                         .ok()
@@ -237,6 +248,13 @@ pub(super) fn fill<S: Source>(
                     }
                     done = done.saturating_add(piece);
                 }
+            }
+            ExtentKind::Compressed(d)
+                if e.len == cs && g.offset_in_cluster(e.guest_offset) == 0 =>
+            {
+                let part = slice(&mut buf, off, elen, e.guest_offset)?;
+                image.read_compressed(&d, e.guest_offset, &mut worker.stream, part)?;
+                find_zero_blocks(part, off, &mut holes);
             }
             ExtentKind::Unallocated | ExtentKind::Compressed(_) => {
                 let part = slice(&mut buf, off, elen, e.guest_offset)?;
@@ -289,7 +307,7 @@ fn find_zero_blocks(data: &[u8], base: usize, holes: &mut Vec<(usize, usize)>) {
 }
 
 /// Whether `b` is all zeros, a word at a time.
-fn is_zero(b: &[u8]) -> bool {
+pub(super) fn is_zero(b: &[u8]) -> bool {
     let mut words = b.chunks_exact(16);
     let body = words
         .by_ref()

@@ -46,12 +46,14 @@ mod chunks;
 mod pipeline;
 mod prepare;
 mod sink;
+mod streaming;
 
 pub use pipeline::Progress;
 pub use prepare::{
     prepare, Conversion, ConvertOptions, Inputs, AUDIT_TRACKED_CLUSTERS, DEFAULT_MAX_AMPLIFICATION,
 };
 pub use sink::{FileSink, Sink, WriteSink};
+pub use streaming::{StreamConversion, Streamed};
 
 /// Finding codes of the conversion rules (policy findings keep their
 /// [`crate::policy::code`], audit findings their [`crate::check::code`]).

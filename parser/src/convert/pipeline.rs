@@ -1,7 +1,8 @@
 //! [`Conversion::run`]: workers fill chunks, the sink takes them.
 //!
-//! Two workers take chunks in turn (worker `w` takes chunks `w, w + 2,
-//! ...`). Into a positional sink each worker writes its own chunks, so
+//! [`ConvertOptions::threads`](super::ConvertOptions::threads) workers
+//! take chunks in turn (worker `w` of `n` takes chunks `w, w + n, ...`),
+//! each reading, decompressing and zero-scanning its own. Into a positional sink each worker writes its own chunks, so
 //! there are no hand-offs and many small hole chunks cost nothing; into a
 //! sequential sink the calling thread writes the chunks in order. At most
 //! a few chunks are in flight, so memory does not grow with the image.
@@ -9,13 +10,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
-use super::chunks::{chunks, fill, Chunk, HostRun, Piece};
+use super::chunks::{chunks, fill, Chunk, Piece, Worker};
 use super::{Conversion, ConvertError, Sink};
 use crate::source::Source;
 use crate::Image;
 
-/// Workers filling chunks.
-const WORKERS: usize = 2;
 /// Chunk buffers per worker (sequential sinks): one being filled, one
 /// queued, one being written.
 const BUFFERS: usize = 3;
@@ -30,10 +29,11 @@ impl<S: Source> Conversion<S> {
     /// discards it.
     pub fn run(&self, sink: &dyn Sink, progress: Progress<'_>) -> Result<(), ConvertError> {
         let image = &self.image;
+        let workers = crate::parallel::clamp(self.threads);
         if sink.sequential() {
-            to_sequential(image, sink, progress)?;
+            to_sequential(image, sink, progress, workers)?;
         } else {
-            to_positional(image, sink, progress)?;
+            to_positional(image, sink, progress, workers)?;
         }
         sink.finish(image.virtual_size())
             .map_err(ConvertError::Sink)
@@ -70,16 +70,17 @@ fn to_positional<S: Source>(
     image: &Image<S>,
     sink: &dyn Sink,
     progress: Progress<'_>,
+    workers: usize,
 ) -> Result<(), ConvertError> {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let workers: Vec<_> = (0..WORKERS)
+        let workers: Vec<_> = (0..workers)
             .map(|w| {
                 let stop = &stop;
                 s.spawn(move || -> Result<(), ConvertError> {
                     let mut buf = Vec::new();
-                    let mut runs = HostRun::default();
-                    for (start, end, hole) in chunks(image).skip(w).step_by(WORKERS) {
+                    let mut worker = Worker::default();
+                    for (start, end, hole) in chunks(image).skip(w).step_by(workers) {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
@@ -87,7 +88,7 @@ fn to_positional<S: Source>(
                             sink.write_zeros(start, end.saturating_sub(start))
                                 .map_err(ConvertError::Sink)
                         } else {
-                            fill(image, start, end, std::mem::take(&mut buf), &mut runs)
+                            fill(image, start, end, std::mem::take(&mut buf), &mut worker)
                                 .map_err(ConvertError::image)
                                 .and_then(|c| write_chunk(sink, &c).map(|()| buf = c.data))
                         };
@@ -118,19 +119,20 @@ fn to_sequential<S: Source>(
     image: &Image<S>,
     sink: &dyn Sink,
     progress: Progress<'_>,
+    workers: usize,
 ) -> Result<(), ConvertError> {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let mut lanes = Vec::with_capacity(WORKERS);
-        for w in 0..WORKERS {
+        let mut lanes = Vec::with_capacity(workers);
+        for w in 0..workers {
             let (tx, rx) = mpsc::sync_channel::<Result<Chunk, ConvertError>>(1);
             let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
             lanes.push((rx, back_tx));
             let stop = &stop;
             s.spawn(move || {
                 let mut buffers = 0usize;
-                let mut runs = HostRun::default();
-                for (start, end, hole) in chunks(image).skip(w).step_by(WORKERS) {
+                let mut worker = Worker::default();
+                for (start, end, hole) in chunks(image).skip(w).step_by(workers) {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
@@ -147,7 +149,7 @@ fn to_sequential<S: Source>(
                             }
                             Err(_) => back_rx.recv().map_err(|_| worker_died())?,
                         };
-                        fill(image, start, end, buf, &mut runs).map_err(ConvertError::image)
+                        fill(image, start, end, buf, &mut worker).map_err(ConvertError::image)
                     });
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {

@@ -56,6 +56,10 @@ pub struct ConvertOptions {
     /// larger file is refused ([`code::AUDIT_TOO_LARGE`]): nothing is
     /// converted without the audit.
     pub max_audit_clusters: u64,
+    /// Workers reading and decompressing chunks (default
+    /// [`crate::parallel::default_threads`]); the output is the same for
+    /// any value.
+    pub threads: usize,
 }
 
 impl Default for ConvertOptions {
@@ -66,6 +70,7 @@ impl Default for ConvertOptions {
             max_amplification: DEFAULT_MAX_AMPLIFICATION,
             max_output: None,
             max_audit_clusters: AUDIT_TRACKED_CLUSTERS,
+            threads: crate::parallel::default_threads(),
         }
     }
 }
@@ -150,6 +155,7 @@ pub struct Conversion<S> {
     pub(super) image: Image<S>,
     audit: Report,
     warnings: Vec<Finding>,
+    pub(super) threads: usize,
 }
 
 impl<S: Source> std::fmt::Debug for Conversion<S> {
@@ -441,5 +447,6 @@ pub fn prepare<S: Source>(
         image,
         audit: report,
         warnings,
+        threads: opts.threads,
     })
 }

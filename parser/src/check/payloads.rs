@@ -1,0 +1,373 @@
+//! Compressed payloads verified on several threads, findings in walk order.
+//!
+//! The audit ([`super::walk`]) meets compressed clusters one L2 entry at a
+//! time and decompresses each (the only costly part of a full check).
+//! With more than one thread, [`walk_l2`] puts an [`Ahead`] between the
+//! walker and the audit: each compressed entry the audit will verify (its
+//! descriptor passes [`Descriptor::validate`] and the decompression
+//! [`Budget`] has room, the same rules the audit applies) is handed to a
+//! worker as it is walked, and the entries are held back in walk order
+//! until the payload at their head is done; the audit then receives every
+//! item in the order of the single-thread walk, with the outcome of each
+//! payload handed in just before its entry ([`Verifier::precomputed`]).
+//! So findings, their order, the stored/omitted split and the statistics
+//! are those of the single-thread run, whatever the threads' timing.
+//!
+//! Memory stays bounded: at most [`IN_FLIGHT_PER_THREAD`] payloads per
+//! thread are being decoded or waiting, at most [`MAX_HELD`] entries are
+//! held back, and each worker owns one cluster of input and one of output
+//! (plus its decoder context). Workers are started as payloads arrive,
+//! so an image without compressed clusters starts none.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{mpsc, Mutex};
+use std::thread::Scope;
+
+use crate::compressed::Descriptor;
+use crate::error::Result;
+use crate::header::Geometry;
+use crate::l1l2::Cluster;
+use crate::source::Source;
+use crate::walker::{self, Item, L2Ref, Visitor};
+use crate::Image;
+
+/// Payloads queued or being decoded, per thread: enough that no worker
+/// waits while the walk reads the next L2 table.
+const IN_FLIGHT_PER_THREAD: usize = 4;
+/// Walk items held back behind an unfinished payload.
+const MAX_HELD: usize = 4096;
+
+/// The decompression budget ([`super::CheckOptions::max_decompressed_bytes`]):
+/// once a cluster no longer fits, no later one does.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Budget {
+    spent: u64,
+    max: u64,
+}
+
+impl Budget {
+    pub(super) fn new(max: u64) -> Budget {
+        Budget { spent: 0, max }
+    }
+
+    /// Spend `n` bytes if they fit.
+    pub(super) fn take(&mut self, n: u64) -> bool {
+        let spent = self.spent.saturating_add(n);
+        if spent > self.max {
+            return false;
+        }
+        self.spent = spent;
+        true
+    }
+
+    pub(super) fn max(&self) -> u64 {
+        self.max
+    }
+}
+
+/// A visitor that verifies compressed payloads and can be handed the
+/// outcome of one verified elsewhere.
+pub(super) trait Verifier<'a>: Visitor<'a> {
+    /// The outcome of [`Image::verify_compressed`] for the compressed
+    /// entry at `at`, which is the next entry this visitor receives.
+    fn precomputed(&mut self, at: u64, outcome: Result<()>);
+}
+
+/// [`walker::walk_l2`], verifying payloads on `threads` threads when
+/// `verify` (payloads are decompressed at all) and `threads > 1`.
+/// `budget` is the audit's budget before the walk.
+pub(super) fn walk_l2<'a, S: Source, V: Verifier<'a>>(
+    image: &'a Image<S>,
+    tables: &[L2Ref],
+    visit: &mut V,
+    verify: bool,
+    budget: Budget,
+    threads: usize,
+) {
+    let threads = crate::parallel::clamp(threads);
+    if !verify || threads < 2 {
+        walker::walk_l2(image, tables, visit);
+        return;
+    }
+    let (job_tx, job_rx) = mpsc::channel::<Job>();
+    let job_rx = Mutex::new(job_rx);
+    let (done_tx, done_rx) = mpsc::channel::<Done>();
+    let g = *image.geometry();
+    std::thread::scope(|scope| {
+        let mut ahead = Ahead {
+            visit,
+            image,
+            scope,
+            g,
+            file_len: image.file_len(),
+            budget,
+            threads,
+            spawned: 0,
+            jobs: Some(job_tx),
+            job_rx: &job_rx,
+            done_tx: Some(done_tx),
+            done_rx,
+            held: VecDeque::new(),
+            results: HashMap::new(),
+            next: 0,
+            in_flight: 0,
+            max_in_flight: threads.saturating_mul(IN_FLIGHT_PER_THREAD),
+        };
+        walker::walk_l2(image, tables, &mut ahead);
+        ahead.finish();
+        // Dropping `ahead` closes the job channel: the workers end.
+    });
+}
+
+/// One payload to verify.
+struct Job {
+    seq: u64,
+    d: Descriptor,
+    guest: u64,
+}
+
+/// A payload's outcome; `None` when its worker could not compute it (then
+/// the audit verifies it itself).
+type Done = (u64, Option<Result<()>>);
+
+/// A walk item held back, in walk order.
+enum Held<'a> {
+    Item(Item<'a>),
+    Entry {
+        table: L2Ref,
+        index: u64,
+        at: u64,
+        raw: u64,
+        cluster: Result<Cluster>,
+        /// The payload job of a compressed entry.
+        ticket: Option<u64>,
+    },
+}
+
+struct Ahead<'a, 'v, 's, 'e, S, V> {
+    visit: &'v mut V,
+    image: &'a Image<S>,
+    scope: &'s Scope<'s, 'e>,
+    g: Geometry,
+    file_len: u64,
+    budget: Budget,
+    threads: usize,
+    spawned: usize,
+    /// `None` once no worker can be reached: payloads are then left to
+    /// the audit.
+    jobs: Option<mpsc::Sender<Job>>,
+    job_rx: &'e Mutex<mpsc::Receiver<Job>>,
+    /// Cloned into each worker; dropped once all are started.
+    done_tx: Option<mpsc::Sender<Done>>,
+    done_rx: mpsc::Receiver<Done>,
+    held: VecDeque<Held<'a>>,
+    results: HashMap<u64, Option<Result<()>>>,
+    next: u64,
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+impl<'a, 'e, S: Source, V: Verifier<'a>> Ahead<'a, '_, '_, 'e, S, V>
+where
+    'a: 'e,
+{
+    /// Hand the payload of `cluster` to a worker if the audit will
+    /// verify it: its ticket.
+    fn submit(
+        &mut self,
+        cluster: &Result<Cluster>,
+        table: &L2Ref,
+        index: u64,
+        at: u64,
+    ) -> Option<u64> {
+        let Ok(Cluster::Compressed(d)) = cluster else {
+            return None;
+        };
+        // The audit's own rules, in the same order: a descriptor that
+        // fails validation is not decompressed and spends no budget.
+        if d.validate(at, &self.g, self.file_len).is_err() || !self.budget.take(self.g.cluster_size)
+        {
+            return None;
+        }
+        if self.in_flight >= self.spawned && self.spawned < self.threads {
+            self.spawn();
+        }
+        let seq = self.next;
+        let job = Job {
+            seq,
+            d: *d,
+            guest: table.guest_offset(index, &self.g),
+        };
+        let sent = self.spawned > 0 && self.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+        if !sent {
+            self.jobs = None;
+            return None;
+        }
+        self.next = seq.saturating_add(1);
+        self.in_flight = self.in_flight.saturating_add(1);
+        Some(seq)
+    }
+
+    /// Start one more worker (when the system refuses, carry on with
+    /// those there are).
+    fn spawn(&mut self) {
+        let Some(done) = self.done_tx.clone() else {
+            return;
+        };
+        let (image, jobs) = (self.image, self.job_rx);
+        let cs = usize::try_from(self.g.cluster_size).unwrap_or(0);
+        let worker = move || {
+            let mut input = Vec::new();
+            let mut out = vec![0u8; cs];
+            loop {
+                let job = match jobs.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok(job) = job else { return };
+                let outcome = catch_unwind(AssertUnwindSafe(|| {
+                    image.verify_compressed(&job.d, job.guest, &mut input, &mut out)
+                }))
+                .ok();
+                if done.send((job.seq, outcome)).is_err() {
+                    return;
+                }
+            }
+        };
+        match std::thread::Builder::new()
+            .name("qcow2-guard-check".into())
+            .spawn_scoped(self.scope, worker)
+        {
+            Ok(_) => self.spawned = self.spawned.saturating_add(1),
+            Err(_) => self.threads = self.spawned,
+        }
+        if self.spawned >= self.threads {
+            self.done_tx = None;
+        }
+    }
+
+    /// Take the outcomes that are in, without waiting.
+    fn collect(&mut self) {
+        while let Ok((seq, r)) = self.done_rx.try_recv() {
+            self.results.insert(seq, r);
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Wait for one outcome; `false` when none can come.
+    fn wait(&mut self) -> bool {
+        if self.in_flight == 0 {
+            return false;
+        }
+        match self.done_rx.recv() {
+            Ok((seq, r)) => {
+                self.results.insert(seq, r);
+                self.in_flight = self.in_flight.saturating_sub(1);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Hand the audit every held item up to the first unfinished payload
+    /// (all of them when `all`: the rest are left to the audit).
+    fn deliver(&mut self, all: bool) {
+        while let Some(front) = self.held.front() {
+            if let Held::Entry {
+                ticket: Some(t), ..
+            } = front
+            {
+                if !all && !self.results.contains_key(t) {
+                    return;
+                }
+            }
+            match self.held.pop_front() {
+                Some(Held::Item(item)) => self.visit.item(item),
+                Some(Held::Entry {
+                    table,
+                    index,
+                    at,
+                    raw,
+                    cluster,
+                    ticket,
+                }) => {
+                    if let Some(Some(outcome)) = ticket.and_then(|t| self.results.remove(&t)) {
+                        self.visit.precomputed(at, outcome);
+                    }
+                    self.visit.l2_entry(&table, index, at, raw, cluster);
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Deliver what is ready; wait while too much is in flight or held.
+    fn pump(&mut self) {
+        self.collect();
+        self.deliver(false);
+        while self.in_flight >= self.max_in_flight || self.held.len() >= MAX_HELD {
+            if !self.wait() {
+                self.abandon();
+                return;
+            }
+            self.collect();
+            self.deliver(false);
+        }
+    }
+
+    /// No more outcomes can come: the audit verifies the rest itself.
+    fn abandon(&mut self) {
+        self.jobs = None;
+        self.deliver(true);
+    }
+
+    /// The walk is over: deliver everything.
+    fn finish(&mut self) {
+        loop {
+            self.collect();
+            self.deliver(false);
+            if self.held.is_empty() {
+                return;
+            }
+            if !self.wait() {
+                self.abandon();
+                return;
+            }
+        }
+    }
+}
+
+impl<'a, 'e, S: Source, V: Verifier<'a>> Visitor<'a> for Ahead<'a, '_, '_, 'e, S, V>
+where
+    'a: 'e,
+{
+    fn item(&mut self, item: Item<'a>) {
+        if self.held.is_empty() {
+            self.visit.item(item);
+        } else {
+            self.held.push_back(Held::Item(item));
+        }
+    }
+
+    fn l2_entry(&mut self, table: &L2Ref, index: u64, at: u64, raw: u64, cluster: Result<Cluster>) {
+        let ticket = if self.jobs.is_some() {
+            self.submit(&cluster, table, index, at)
+        } else {
+            None
+        };
+        if ticket.is_none() && self.held.is_empty() {
+            self.visit.l2_entry(table, index, at, raw, cluster);
+            return;
+        }
+        self.held.push_back(Held::Entry {
+            table: *table,
+            index,
+            at,
+            raw,
+            cluster,
+            ticket,
+        });
+        self.pump();
+    }
+}

@@ -1,0 +1,214 @@
+//! Decompression on several threads gives the single-thread results: the
+//! check's report (findings, their order, what is stored and omitted,
+//! statistics) and the converted disk, on images made by qemu-img and then
+//! damaged (payloads, descriptors and other entries), for zlib and zstd.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use qcow2_guard::convert::{prepare, ConvertOptions, FileSink, Inputs, WriteSink};
+use qcow2_guard::l1l2::Cluster;
+use qcow2_guard::walker::{walk, Item};
+use qcow2_guard::{check, CheckOptions, FileSource, Image, Report};
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `qemu-img convert -c` of 6 MiB of mixed data (text, random, zeros) with
+/// 4 KiB clusters: 384 compressed clusters in three L2 tables.
+fn compressed(dir: &Path, kind: &str) -> PathBuf {
+    let raw = dir.join(format!("{kind}.raw"));
+    write_raw(&raw, 6 << 20, 11);
+    let p = dir.join(format!("{kind}.qcow2"));
+    let opts = format!("cluster_size=4096,compression_type={kind}");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        &opts,
+        s(&raw),
+        s(&p),
+    ]);
+    p
+}
+
+/// Every L2 entry: (file offset, raw word, compressed).
+fn entries(p: &Path) -> Vec<(u64, u64, Option<u64>)> {
+    let image = Image::open(FileSource::open(p).expect("open")).expect("image");
+    let mut out = Vec::new();
+    walk(&image, &mut |item: Item<'_>| {
+        if let Item::L2(e) = item {
+            let host = match e.cluster {
+                Ok(Cluster::Compressed(d)) => Some(d.start()),
+                _ => None,
+            };
+            out.push((e.at, e.raw, host));
+        }
+    });
+    out
+}
+
+/// Damage a copy of `p`: garbage in every 7th compressed payload, an
+/// inflating descriptor on every 23rd, a reserved bit on every 11th data
+/// entry, so payload failures and other findings interleave.
+fn damaged(p: &Path, dir: &Path) -> PathBuf {
+    let q = copy(p, dir, "damaged.qcow2");
+    let mut compressed = 0;
+    let mut data = 0;
+    for (at, raw, host) in entries(&q) {
+        match host {
+            Some(h) => {
+                compressed += 1;
+                if compressed % 7 == 0 {
+                    patch(&q, h + 6, &[0xa5; 24]);
+                } else if compressed % 23 == 0 {
+                    // The count of additional sectors at its maximum.
+                    let shift = 62 - (12 - 8);
+                    patch(&q, at, &(raw | (0xf << shift)).to_be_bytes());
+                }
+            }
+            None if raw != 0 => {
+                data += 1;
+                if data % 11 == 0 {
+                    patch(&q, at, &(raw | 0x2).to_be_bytes());
+                }
+            }
+            None => {}
+        }
+    }
+    assert!(compressed > 300 && data > 20, "{compressed} {data}");
+    q
+}
+
+fn report(p: &Path, opts: &CheckOptions) -> Report {
+    let image = Image::open(FileSource::open(p).expect("open")).expect("image");
+    check(&image, opts)
+}
+
+/// The report of every thread count equals the single-thread one.
+fn same_for_all_threads(p: &Path, base: CheckOptions) -> Report {
+    let one = report(
+        p,
+        &CheckOptions {
+            threads: 1,
+            ..base.clone()
+        },
+    );
+    for threads in [2, 3, 8, 2] {
+        let many = report(
+            p,
+            &CheckOptions {
+                threads,
+                ..base.clone()
+            },
+        );
+        assert_eq!(many, one, "{threads} threads");
+    }
+    one
+}
+
+fn check_kind(kind: &str) {
+    let dir = tmpdir();
+    let clean = compressed(dir.path(), kind);
+    let r = same_for_all_threads(&clean, CheckOptions::default());
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+    assert!(r.stats.decompressed_clusters > 300, "{:?}", r.stats);
+
+    let bad = damaged(&clean, dir.path());
+    let r = same_for_all_threads(&bad, CheckOptions::default());
+    let codes: Vec<_> = r.findings.iter().map(|f| f.code).collect();
+    // Payload failures, inflating descriptors and reserved bits, mixed.
+    for c in ["decompress_failed", "compressed_inflation", "reserved_bits"] {
+        assert!(r.has(c), "{c} missing: {codes:?}");
+    }
+    let first_payload = codes.iter().position(|c| *c == "decompress_failed");
+    let last_other = codes.iter().rposition(|c| *c == "reserved_bits");
+    assert!(first_payload < last_other, "{codes:?}");
+
+    // A small cap: which findings are stored depends on their order.
+    let capped = same_for_all_threads(
+        &bad,
+        CheckOptions {
+            max_findings: 7,
+            ..CheckOptions::default()
+        },
+    );
+    assert_eq!(capped.findings.len(), 7);
+    assert!(capped.omitted > 0);
+    assert_eq!(capped.findings[..], r.findings[..7]);
+
+    // A budget that runs out half-way.
+    let budget = same_for_all_threads(
+        &bad,
+        CheckOptions {
+            max_decompressed_bytes: 200 * 4096,
+            ..CheckOptions::default()
+        },
+    );
+    assert!(budget.has("decompress_budget_exhausted"));
+    assert!(budget.stats.decompressed_clusters < r.stats.decompressed_clusters);
+
+    // The CLI's option gives the same document.
+    let json_of = |threads: &str| {
+        let out = guard(&["check", "--output=json", "--threads", threads, s(&bad)]);
+        assert_eq!(code(&out), 2, "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    assert_eq!(json_of("1"), json_of("4"));
+}
+
+#[test]
+fn zlib_check_is_the_same_on_any_thread_count() {
+    check_kind("zlib");
+}
+
+#[test]
+fn zstd_check_is_the_same_on_any_thread_count() {
+    check_kind("zstd");
+}
+
+/// Convert with 1..=5 workers, into a file and into a stream: the disk
+/// qemu-img writes, every time.
+#[test]
+fn convert_is_the_same_on_any_thread_count() {
+    let dir = tmpdir();
+    for kind in ["zlib", "zstd"] {
+        let p = compressed(dir.path(), kind);
+        let want_path = dir.path().join(format!("{kind}-qemu.raw"));
+        qemu_img(&["convert", "-O", "raw", s(&p), s(&want_path)]);
+        let want = std::fs::read(&want_path).expect("read");
+        for threads in 1..=5 {
+            let opts = ConvertOptions {
+                threads,
+                ..ConvertOptions::default()
+            };
+            let conversion =
+                prepare(Inputs::new(FileSource::open(&p).expect("open")), &opts).expect("prepare");
+            let sink = WriteSink::new(Vec::new());
+            conversion.run(&sink, None).expect("run");
+            assert!(
+                sink.into_inner().expect("sink") == want,
+                "{kind}, {threads} threads, stream"
+            );
+            let out = dir.path().join(format!("{kind}-{threads}.raw"));
+            let file = std::fs::File::create(&out).expect("create");
+            conversion.run(&FileSink::new(&file), None).expect("run");
+            assert!(
+                std::fs::read(&out).expect("read") == want,
+                "{kind}, {threads} threads, file"
+            );
+        }
+        // The CLI: qemu-img's -m.
+        let out = dir.path().join(format!("{kind}-cli.raw"));
+        let o = guard(&["convert", "-q", "-m", "3", s(&p), s(&out)]);
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(std::fs::read(&out).expect("read") == want, "{kind}, -m 3");
+    }
+}
