@@ -128,7 +128,7 @@ fn emit<S: Source>(args: &Args, path: &Path, image: Option<&Image<S>>, rep: &Rep
     } else {
         print_human(path, image, rep);
     }
-    exit_for(rep)
+    Exit::for_report(rep)
 }
 
 /// `check -`: inspect standard input as it arrives ([`Inspector`]), with
@@ -152,22 +152,14 @@ fn run_stream(args: &Args) -> Exit {
         },
         None => Inspector::new(limits, opts),
     };
-    let mut stdin = io::stdin().lock();
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = match stdin.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return report::unreadable(path, &e, args.qemu.json(args.json)),
-        };
-        let chunk = buf.get(..n).unwrap_or(&[]);
-        if let Some(tmp) = &spool {
-            if let Err(e) = tmp.as_file().write_all(chunk) {
-                return report::unreadable(tmp.path(), &e, args.qemu.json(args.json));
-            }
-        }
+    let fed = pump_stdin(spool.as_ref(), |chunk| {
         inspector.feed(chunk);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    match fed {
+        Ok(()) | Err(Pump::Stop(_)) => {}
+        Err(Pump::Read(e)) => return report::unreadable(path, &e, args.qemu.json(args.json)),
+        Err(Pump::Spool(p, e)) => return report::unreadable(&p, &e, args.qemu.json(args.json)),
     }
     let done = inspector.finish();
     if let (Some(tmp), Some(target)) = (spool, args.spool.as_deref()) {
@@ -176,6 +168,42 @@ fn run_stream(args: &Args) -> Exit {
         }
     }
     emit(args, path, done.image.as_ref(), &done.report)
+}
+
+/// Why [`pump_stdin`] stopped early.
+pub(crate) enum Pump<E> {
+    /// Reading standard input failed.
+    Read(io::Error),
+    /// Writing the spool (this file) failed.
+    Spool(PathBuf, io::Error),
+    /// The consumer refused the stream.
+    Stop(E),
+}
+
+/// Read standard input in 64 KiB pieces until its end, copying each to
+/// `spool` first and then handing it to `feed`; an error from `feed`
+/// stops reading at once.
+pub(crate) fn pump_stdin<E>(
+    spool: Option<&tempfile::NamedTempFile>,
+    mut feed: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), Pump<E>> {
+    let mut stdin = io::stdin().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Pump::Read(e)),
+        };
+        let chunk = buf.get(..n).unwrap_or(&[]);
+        if let Some(tmp) = spool {
+            tmp.as_file()
+                .write_all(chunk)
+                .map_err(|e| Pump::Spool(tmp.path().to_path_buf(), e))?;
+        }
+        feed(chunk).map_err(Pump::Stop)?;
+    }
 }
 
 /// A temporary file beside `target` (removed unless persisted).
@@ -196,16 +224,6 @@ pub(crate) fn spool_file(target: &Path) -> Result<tempfile::NamedTempFile, (Path
         .map_err(|e| (dir, e))
 }
 
-pub(crate) fn exit_for(rep: &Report) -> Exit {
-    match rep.exit_code {
-        0 => Exit::Ok,
-        2 => Exit::Corrupt,
-        3 => Exit::Leaks,
-        4 => Exit::Refused,
-        _ => Exit::NotChecked,
-    }
-}
-
 fn report_json<S: Source>(
     path: &Path,
     image: Option<&Image<S>>,
@@ -216,7 +234,7 @@ fn report_json<S: Source>(
     let mut v = qcow2_guard::json::check(&name, image, rep, metadata_only);
     if let Some(obj) = v.as_object_mut() {
         // After "verdict", as the schema lists it.
-        obj.shift_insert(3, "exit-code".into(), json!(exit_for(rep).code()));
+        obj.shift_insert(3, "exit-code".into(), json!(Exit::for_report(rep).code()));
     }
     v
 }

@@ -10,7 +10,7 @@
 //! an existing OUTPUT that is not a regular file (a device, a FIFO) is
 //! written in place.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,8 +23,9 @@ use qcow2_guard::convert::{
 };
 use qcow2_guard::snapshot::SnapshotSelector;
 use qcow2_guard::stream::SpoolFile;
-use qcow2_guard::{FileSource, Severity, Verdict};
+use qcow2_guard::{FileSource, Verdict};
 
+use crate::check::{pump_stdin, spool_file, Pump};
 use crate::exit::Exit;
 use crate::output::NewFile;
 use crate::report;
@@ -181,30 +182,13 @@ pub fn run(args: &Args) -> Exit {
             Exit::Refused
         }
         ConvertError::Audit { input, report } => {
-            let errors: Vec<_> = report
-                .findings
-                .iter()
-                .filter(|f| f.severity == Severity::Error)
-                .collect();
-            errln!(
-                "qcow2-guard: {}: refused: the metadata check says {} ({} error finding(s); run `qcow2-guard check` for all of them)",
-                args.path_of(input).display(),
-                report.verdict.as_str(),
-                errors.len()
-            );
-            for f in errors.iter().take(10) {
-                errln!("  {f}");
-            }
+            let exit = report::audit_refusal(args.path_of(input), &report);
             if report.verdict == Verdict::NeedsRandomAccess {
                 errln!(
                     "  (the layout does not stream: give --spool FILE, or convert the stored file)"
                 );
             }
-            match report.verdict {
-                Verdict::Invalid | Verdict::NeedsRandomAccess => Exit::NotChecked,
-                Verdict::Unsafe => Exit::Refused,
-                _ => Exit::Corrupt,
-            }
+            exit
         }
         ConvertError::Sink(e) => {
             let what = if args.output.as_os_str() == "-" {
@@ -292,12 +276,7 @@ fn convert_stream(args: &Args) -> Result<(), Failure> {
             args.output.display()
         )));
     }
-    let spool = match args
-        .spool
-        .as_deref()
-        .map(crate::check::spool_file)
-        .transpose()
-    {
+    let spool = match args.spool.as_deref().map(spool_file).transpose() {
         Ok(s) => s,
         Err((p, e)) => {
             return Err(Failure::Io(format!(
@@ -324,23 +303,12 @@ fn convert_stream(args: &Args) -> Result<(), Failure> {
         }
         None => StreamConversion::new(&opts, &sink)?,
     };
-    let mut stdin = io::stdin().lock();
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = match stdin.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Failure::Io(format!("-: cannot read: {e}"))),
-        };
-        let chunk = buf.get(..n).unwrap_or(&[]);
-        if let Some(tmp) = &spool {
-            tmp.as_file()
-                .write_all(chunk)
-                .map_err(|e| Failure::Io(format!("{}: {e}", tmp.path().display())))?;
-        }
-        // On a refusal, reading stops here: nothing is named.
-        conversion.feed(chunk)?;
+    // On a refusal, reading stops at once: nothing is named.
+    match pump_stdin(spool.as_ref(), |chunk| conversion.feed(chunk)) {
+        Ok(()) => {}
+        Err(Pump::Stop(e)) => return Err(Failure::Convert(e)),
+        Err(Pump::Read(e)) => return Err(Failure::Io(format!("-: cannot read: {e}"))),
+        Err(Pump::Spool(p, e)) => return Err(Failure::Io(format!("{}: {e}", p.display()))),
     }
     let done = conversion.finish()?;
     warn(args, &done.warnings);

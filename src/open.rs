@@ -5,9 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use qcow2_guard::convert;
 use qcow2_guard::qemu_map::{MapLayer, Qcow2Layer};
 use qcow2_guard::read::RawBacking;
-use qcow2_guard::{check, CheckOptions, FileSource, Image, Limits, Policy, Severity, Source};
+use qcow2_guard::{check, CheckOptions, FileSource, Image, Limits, Policy};
 
 use crate::exit::Exit;
 use crate::report;
@@ -49,9 +50,7 @@ pub fn open_file(path: &Path, json: bool) -> Result<FileSource, Exit> {
 
 /// Whether `src` starts with the qcow2 magic.
 pub fn is_qcow2(src: &FileSource) -> bool {
-    let mut magic = [0u8; 4];
-    src.read_exact_at(0, &mut magic).is_ok()
-        && u32::from_be_bytes(magic) == qcow2_guard::header::MAGIC
+    qcow2_guard::header::has_magic(src)
 }
 
 /// Open a qcow2 image, apply `policy` and the metadata check (as `check
@@ -67,46 +66,26 @@ pub fn open_qcow2(
     let mut image =
         Image::open_with(src, limits.clone()).map_err(|e| report::fatal(path, &e, false))?;
     let rep = check(&image, &CheckOptions::metadata_only(policy.clone()));
-    if rep.blocks_convert() {
-        let errors: Vec<_> = rep
-            .findings
-            .iter()
-            .filter(|f| f.severity == Severity::Error)
-            .collect();
-        errln!(
-            "qcow2-guard: {}: refused: the metadata check says {} ({} error finding(s); run `qcow2-guard check` for all of them)",
-            path.display(),
-            rep.verdict.as_str(),
-            errors.len()
-        );
-        for f in errors.iter().take(10) {
-            errln!("  {f}");
-        }
-        return Err(match crate::check::exit_for(&rep) {
-            Exit::Ok | Exit::Leaks => Exit::Corrupt,
-            e => e,
-        });
+    if !rep.verdict.passes() {
+        return Err(report::audit_refusal(path, &rep));
     }
-    match (image.header().has_data_file(), data_file) {
-        (true, Some(df)) => {
-            let src = open_file(df, false)?;
-            image.set_data_file(Arc::new(src));
-        }
-        (true, None) => {
+    if convert::data_file_rule(image.header(), data_file.is_some()).is_err() {
+        return Err(if data_file.is_none() {
             errln!(
                 "qcow2-guard: {}: guest data lives in an external data file; pass it with --data-file FILE",
                 path.display()
             );
-            return Err(Exit::Refused);
-        }
-        (false, Some(_)) => {
+            Exit::Refused
+        } else {
             errln!(
                 "qcow2-guard: {}: --data-file given but the image has no external data file",
                 path.display()
             );
-            return Err(Exit::NotChecked);
-        }
-        (false, None) => {}
+            Exit::NotChecked
+        });
+    }
+    if let Some(df) = data_file {
+        image.set_data_file(Arc::new(open_file(df, false)?));
     }
     Ok(image)
 }

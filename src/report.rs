@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use qcow2_guard::Error;
+use qcow2_guard::{Error, Report, Severity};
 
 use crate::exit::Exit;
 
@@ -44,6 +44,26 @@ pub fn unreadable(path: &Path, e: &std::io::Error, json: bool) -> Exit {
         errln!("qcow2-guard: {}: cannot open: {e}", path.display());
     }
     Exit::NotChecked
+}
+
+/// Report a refusal by the metadata check on stderr (the verdict and the
+/// first ten error findings); returns the exit status.
+pub fn audit_refusal(path: &Path, rep: &Report) -> Exit {
+    let errors: Vec<_> = rep
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .collect();
+    errln!(
+        "qcow2-guard: {}: refused: the metadata check says {} ({} error finding(s); run `qcow2-guard check` for all of them)",
+        path.display(),
+        rep.verdict.as_str(),
+        errors.len()
+    );
+    for f in errors.iter().take(10) {
+        errln!("  {f}");
+    }
+    Exit::for_report(rep)
 }
 
 /// Pretty-print JSON on stdout, ignoring a closed pipe.

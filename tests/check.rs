@@ -16,10 +16,6 @@ const COMPRESSED: u64 = 1 << 62;
 
 // ---------------------------------------------------------------- helpers
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// Run `qcow2-guard check --json` with extra flags: (exit code, JSON).
 fn guard_check(p: &Path, extra: &[&str]) -> (i32, Value) {
     let mut args = vec!["check", "--json"];
@@ -156,16 +152,7 @@ fn compressed_image(dir: &Path, name: &str) -> (PathBuf, u64) {
         .collect();
     std::fs::write(&raw, text).expect("write raw");
     let p = dir.join(name);
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        s(&raw),
-        s(&p),
-    ]);
+    compress(&raw, &p, "cluster_size=65536");
     let at = l2_entry_at(&p, 0, 0);
     assert_eq!(be64(&p, at) >> 62, 1, "entry 0 is compressed");
     (p, at)
@@ -694,19 +681,12 @@ fn data_file_refused_by_default() {
 #[test]
 fn encryption_refused_by_default() {
     let dir = tmpdir();
-    let p = dir.path().join("luks.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        "secret,id=sec0,data=guard",
-        "-o",
+    let p = create_encrypted(
+        dir.path(),
+        "luks.qcow2",
         "encrypt.format=luks,encrypt.key-secret=sec0",
-        s(&p),
         "4M",
-    ]);
+    );
     let (c, v) = guard_check(&p, &[]);
     assert_eq!(c, 4, "{v:#}");
     assert_has(&v, "policy_encryption");
@@ -815,16 +795,7 @@ fn compressed_offset_above_bit_55() {
     let raw = dir.path().join("t.raw");
     std::fs::write(&raw, b"qcow2-guard ".repeat(400)).unwrap();
     let p = dir.path().join("c512.qcow2");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        s(&raw),
-        s(&p),
-    ]);
+    compress(&raw, &p, "cluster_size=512");
     let at = l2_entry_at(&p, 0, 0);
     assert_eq!(be64(&p, at) >> 62, 1);
     put64(&p, at, be64(&p, at) | 1 << 58);
@@ -1004,7 +975,7 @@ mod library {
             ..CheckOptions::default()
         };
         let r = check(&open(&p, Limits::default()), &opts);
-        assert_eq!((r.verdict, r.exit_code), (Verdict::Invalid, 1));
+        assert_eq!((r.verdict, r.checked), (Verdict::Invalid, false));
         assert!(r.has("too_large_to_check"));
     }
 
@@ -1016,7 +987,7 @@ mod library {
         let (p, at) = compressed_image(dir.path(), "conv.qcow2");
         patch(&p, compressed_host(&p, at), &[0xff; 48]);
         let r = check_metadata(&open(&p, Limits::default()), &Policy::default());
-        assert!(!r.blocks_convert(), "{r:#?}");
+        assert!(r.verdict.passes(), "{r:#?}");
 
         let leak = base(dir.path(), "leak.qcow2");
         let cs = cluster_size(&leak);
@@ -1025,11 +996,11 @@ mod library {
         set_refcount(&leak, end, 1);
         let r = check_metadata(&open(&leak, Limits::default()), &Policy::default());
         assert_eq!(r.verdict, Verdict::Leaks);
-        assert!(!r.blocks_convert());
+        assert!(r.verdict.passes());
 
         let bad = base(dir.path(), "bad.qcow2");
         put64(&bad, l2_entry_at(&bad, 0, 5), l1_offset(&bad) | COPIED);
         let r = check_metadata(&open(&bad, Limits::default()), &Policy::default());
-        assert!(r.blocks_convert());
+        assert!(!r.verdict.passes());
     }
 }

@@ -27,10 +27,6 @@ fn same(args: &[&str]) -> String {
     q
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn img(dir: &Path, name: &str, opts: &str, size: &str, writes: &[&str]) -> PathBuf {
     let p = create(dir, name, opts, size);
     if !writes.is_empty() {

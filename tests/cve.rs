@@ -118,10 +118,6 @@ fn file_name(p: &Path) -> String {
         .map_or(String::new(), |n| n.to_string_lossy().into_owned())
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn mkfifo(path: &Path) {
     let st = Command::new("mkfifo").arg(path).status().unwrap();
     assert!(st.success(), "mkfifo {}", path.display());
@@ -1066,17 +1062,7 @@ fn input_is_never_written() {
     let raw = d.join("src.raw");
     write_raw(&raw, 1 << 20, 7);
     let good = d.join("good.qcow2");
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        s(&raw),
-        s(&good),
-    ]);
+    compress(&raw, &good, "");
     qemu_img(&["snapshot", "-c", "s1", s(&good)]);
     qemu_img(&["bitmap", "--add", s(&good), "b0"]);
     qemu_io(&good, &["write -P 0x11 0 4k"]);

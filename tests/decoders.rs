@@ -36,19 +36,11 @@ fn carrier(dir: &Path, compression: &str) -> (PathBuf, u64, u64) {
     }
     std::fs::write(&raw, &bytes).unwrap();
     let img = dir.join(format!("carrier-{compression}.qcow2"));
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
+    compress(
+        &raw,
+        &img,
         &format!("cluster_size={CLUSTER},compression_type={compression}"),
-        raw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    );
     let l1 = be64(&img, 40);
     let l2 = be64(&img, l1) & 0x00ff_ffff_ffff_fe00;
     let entry = be64(&img, l2);

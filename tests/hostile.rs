@@ -77,21 +77,13 @@ fn build(base: Base, dir: &Path) -> PathBuf {
             )
         }
         Base::Luks => {
-            let i = dir.join(&name);
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "--object",
-                "secret,id=sec0,data=abc",
-                "-o",
+            return create_encrypted(
+                dir,
+                &name,
                 "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,\
                  cluster_size=4k",
-                i.to_str().unwrap(),
                 "1M",
-            ]);
-            return i;
+            );
         }
     };
     if base != Base::Snap {
@@ -608,6 +600,50 @@ fn caller_limits() {
     for p in [&snap, &bitmaps] {
         Image::open_with(FileSource::open(p).unwrap(), Limits::fuzzing()).unwrap();
     }
+}
+
+/// One total beside the per-structure caps (`Limits::max_total_bytes`):
+/// a qemu-img image whose L1 table is patched up to QEMU's cap (4 Mi
+/// entries, 32 MiB, the file grown to hold it) passes every cap and opens
+/// (QEMU opens it too), but a caller whose total is 32 MiB refuses it at
+/// the L1 size field, as a refusal; the same total with the table QEMU
+/// wrote opens.
+#[test]
+fn total_budget() {
+    let dir = tmpdir();
+    let p = create(dir.path(), "wide.qcow2", "cluster_size=65536", "1G");
+    let plain = copy(&p, dir.path(), "plain.qcow2");
+    let l1 = be64(&p, 40);
+    patch(&p, 36, &(4u32 << 20).to_be_bytes());
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(l1 + (32 << 20)).unwrap();
+    drop(f);
+    // Refcount 1 (16-bit entries) for the table's new clusters, so that
+    // qemu-img check finds the image clean.
+    let block = be64(&p, be64(&p, 48));
+    let (first, end) = (l1 / 65536 + 1, (l1 + (32 << 20)) / 65536);
+    let ones: Vec<u8> = (first..end).flat_map(|_| 1u16.to_be_bytes()).collect();
+    patch(&p, block + 2 * first, &ones);
+    let out = qemu_img_status(&["check", p.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let total = |bytes: u64| {
+        let mut l = Limits::default().with_max_cache_bytes(0);
+        l.max_total_bytes = bytes;
+        l
+    };
+    let open = |p: &Path, limits| Image::open_with(FileSource::open(p).unwrap(), limits);
+    let wide = open(&p, Limits::default()).unwrap();
+    assert!(wide.charged_bytes() > 32 << 20);
+    let e = open(&p, total(32 << 20)).unwrap_err();
+    assert_eq!((e.code(), e.offset()), ("total_limit_exceeded", 36));
+    assert!(e.is_refusal(), "{e}");
+    let small = open(&plain, total(32 << 20)).unwrap();
+    assert!(small.charged_bytes() < 1 << 20);
 }
 
 /// A first cluster full of unknown extensions: accepted, and only the first

@@ -558,16 +558,16 @@ matrix! {
         }
     };
     luks => |d| {
-        let image = d.join("a.qcow2");
+        let image = create_encrypted(
+            d,
+            "a.qcow2",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4k",
+            "1M",
+        );
         let p = image.to_str().unwrap();
-        qemu_img(&[
-            "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc",
-            "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4k",
-            p, "1M",
-        ]);
         let opts = format!("driver=qcow2,file.filename={p},encrypt.key-secret=sec0");
         let out = std::process::Command::new("qemu-io")
-            .args(["--object", "secret,id=sec0,data=abc", "--image-opts", &opts])
+            .args(["--object", SECRET, "--image-opts", &opts])
             .args(["-c", "write -P 0xaa 0 64k"])
             .output()
             .unwrap();
@@ -581,12 +581,12 @@ matrix! {
         }
     };
     aes => |d| {
-        let image = d.join("a.qcow2");
-        qemu_img(&[
-            "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc",
-            "-o", "encrypt.format=aes,encrypt.key-secret=sec0",
-            image.to_str().unwrap(), "1M",
-        ]);
+        let image = create_encrypted(
+            d,
+            "a.qcow2",
+            "encrypt.format=aes,encrypt.key-secret=sec0",
+            "1M",
+        );
         Built {
             exit: 4,
             refused: &["policy_encryption"],

@@ -313,34 +313,8 @@ fn valid_images(d: &Path) -> Vec<PathBuf> {
     qemu_io(&snap, &["write -P 6 0 8k"]);
     let raw = d.join("src.raw");
     write_raw(&raw, 1 << 20, 9);
-    let zlib = d.join("zlib.qcow2");
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        raw.to_str().unwrap(),
-        zlib.to_str().unwrap(),
-    ]);
-    let zstd = d.join("zstd.qcow2");
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "compression_type=zstd",
-        raw.to_str().unwrap(),
-        zstd.to_str().unwrap(),
-    ]);
+    let zlib = compress(&raw, &d.join("zlib.qcow2"), "cluster_size=4k");
+    let zstd = compress(&raw, &d.join("zstd.qcow2"), "compression_type=zstd");
     vec![plain, small, ext, v2, snap, zlib, zstd]
 }
 

@@ -69,6 +69,13 @@ impl Layout {
         });
     }
 
+    /// [`Layout::add`] each `(name, at, width, kind)`.
+    fn add_all(&mut self, fields: &[(&str, u64, u64, Kind)]) {
+        for &(name, at, width, kind) in fields {
+            self.add(name, at, width, kind);
+        }
+    }
+
     /// Locate the fields of `b`, a valid image made by qemu-img.
     pub fn of(b: &[u8]) -> Layout {
         let mut l = Layout::default();
@@ -77,7 +84,7 @@ impl Layout {
         let cs = 1u64 << cluster_bits;
         l.cluster_size = cs;
         use Kind::*;
-        for (name, at, w, k) in [
+        l.add_all(&[
             ("header.version", 4, 4, Bits),
             ("header.backing_file_offset", 8, 8, Offset),
             ("header.backing_file_size", 16, 4, Count),
@@ -90,22 +97,18 @@ impl Layout {
             ("header.refcount_table_clusters", 56, 4, Count),
             ("header.nb_snapshots", 60, 4, Count),
             ("header.snapshots_offset", 64, 8, Offset),
-        ] {
-            l.add(name, at, w, k);
-        }
+        ]);
         let mut ext_start = 72;
         let mut incompat = 0;
         if version >= 3 {
-            for (name, at, w, k) in [
+            l.add_all(&[
                 ("header.incompatible_features", 72, 8, Bits),
                 ("header.compatible_features", 80, 8, Bits),
                 ("header.autoclear_features", 88, 8, Bits),
                 ("header.refcount_order", 96, 4, Bits),
                 ("header.header_length", 100, 4, Count),
                 ("header.compression_type", 104, 1, Bits),
-            ] {
-                l.add(name, at, w, k);
-            }
+            ]);
             ext_start = be(b, 100, 4);
             incompat = be(b, 72, 8);
         }

@@ -137,3 +137,65 @@ pub(crate) fn placed(
     }
     span(what, at, offset, len, file_len).map(|_| ())
 }
+
+/// The running total of the bytes an opened image holds, against
+/// [`crate::Limits::max_total_bytes`]: every structure sized from the file
+/// is charged before it is read (after its own cap and the file length
+/// were checked), so a file whose structures each pass their cap but
+/// together exceed the total is refused ([`Error::TotalLimitExceeded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Budget {
+    used: u64,
+    limit: u64,
+}
+
+impl Budget {
+    pub(crate) fn new(limit: u64) -> Budget {
+        Budget { used: 0, limit }
+    }
+
+    /// Charge `bytes` for `what` (its size or location is the field at
+    /// `offset`).
+    pub(crate) fn charge(&mut self, what: What, offset: u64, bytes: u64) -> Result<()> {
+        let total = self.used.saturating_add(bytes);
+        if total > self.limit {
+            return Err(Error::TotalLimitExceeded {
+                what,
+                offset,
+                value: bytes,
+                total,
+                limit: self.limit,
+            });
+        }
+        self.used = total;
+        Ok(())
+    }
+
+    /// Give back `bytes` charged earlier (a table that was replaced).
+    pub(crate) fn release(&mut self, bytes: u64) {
+        self.used = self.used.saturating_sub(bytes);
+    }
+
+    /// Bytes charged so far.
+    pub(crate) fn used(&self) -> u64 {
+        self.used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_charges_up_to_the_limit() {
+        let mut b = Budget::new(100);
+        assert!(b.charge(What::L1Table, 36, 60).is_ok());
+        assert!(b.charge(What::RefcountTable, 56, 40).is_ok());
+        let e = b.charge(What::SnapshotTable, 64, 1).unwrap_err();
+        assert_eq!((e.code(), e.offset()), ("total_limit_exceeded", 64));
+        assert!(e.is_refusal());
+        assert_eq!(b.used(), 100);
+        b.release(40);
+        assert!(b.charge(What::SnapshotTable, 64, 40).is_ok());
+    }
+}

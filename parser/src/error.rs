@@ -153,6 +153,24 @@ pub enum Error {
         /// The caller's maximum for it.
         limit: u64,
     },
+    /// The bytes an opened image holds would exceed the caller's total
+    /// [`crate::Limits::max_total_bytes`], although `what` is within its
+    /// own limit.
+    #[error(
+        "{what} at {offset:#x}: {value} more bytes would bring the image's allocations to {total}, over the configured total of {limit}"
+    )]
+    TotalLimitExceeded {
+        /// The structure whose allocation tipped the total over.
+        what: What,
+        /// File offset of the field holding its size or location.
+        offset: u64,
+        /// Bytes it needs.
+        value: u64,
+        /// The total with it.
+        total: u64,
+        /// The caller's total ([`crate::Limits::max_total_bytes`]).
+        limit: u64,
+    },
     /// An offset + length computation overflows 64 bits.
     #[error("{what} at {offset:#x}: offset/size arithmetic overflows")]
     Overflow {
@@ -503,6 +521,7 @@ impl Error {
             Error::PastEof { .. } => "past_eof",
             Error::TooLarge { .. } => "too_large",
             Error::LimitExceeded { .. } => "limit_exceeded",
+            Error::TotalLimitExceeded { .. } => "total_limit_exceeded",
             Error::Overflow { .. } => "offset_overflow",
             Error::Unaligned { .. } => "unaligned",
             Error::ReservedBits { .. } => "reserved_bits",
@@ -553,6 +572,7 @@ impl Error {
             | Error::PastEof { offset, .. }
             | Error::TooLarge { offset, .. }
             | Error::LimitExceeded { offset, .. }
+            | Error::TotalLimitExceeded { offset, .. }
             | Error::Overflow { offset, .. }
             | Error::Unaligned { offset, .. }
             | Error::ReservedBits { offset, .. }
@@ -594,7 +614,8 @@ impl Error {
     }
 
     /// Whether this error means "not a qcow2 image at all" rather than a
-    /// malformed one (the CLI maps it to exit code 1, not 2).
+    /// malformed one: the image was not judged ([`crate::Report::checked`]
+    /// is false).
     pub fn is_not_qcow2(&self) -> bool {
         matches!(self, Error::BadMagic { .. } | Error::FileTooShort { .. })
     }
@@ -603,12 +624,12 @@ impl Error {
     /// malformed: it exceeds the caller's [`crate::Limits`], or reading it
     /// needs something the caller did not hand in (the external data file,
     /// a key for encrypted data), or it uses incompatible features this
-    /// reader cannot interpret. The CLI maps it to exit code 4, like the
-    /// safety policy.
+    /// reader cannot interpret. Verdict `unsafe`, like the safety policy.
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
             Error::LimitExceeded { .. }
+                | Error::TotalLimitExceeded { .. }
                 | Error::DataFileRequired { .. }
                 | Error::Encrypted { .. }
                 | Error::UnknownIncompatibleFeatures { .. }

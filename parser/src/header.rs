@@ -14,6 +14,13 @@ use crate::source::span;
 
 /// `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
+
+/// Whether `src` starts with [`MAGIC`]: how a file handed in as a backing
+/// image (or compared) is told apart from a raw one.
+pub fn has_magic<S: crate::Source + ?Sized>(src: &S) -> bool {
+    let mut magic = [0u8; 4];
+    src.read_exact_at(0, &mut magic).is_ok() && u32::from_be_bytes(magic) == MAGIC
+}
 /// Length of a version 2 header.
 pub const V2_HEADER_LENGTH: u32 = 72;
 /// Minimum length of a version 3 header.

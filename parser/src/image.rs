@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::bitmap::{self, Bitmap};
-use crate::bounds::placed;
+use crate::bounds::{placed, Budget};
 use crate::compressed::{self, Descriptor};
 use crate::error::{Error, Result, What};
 use crate::extensions::{Extensions, StoredString};
@@ -18,12 +18,50 @@ use crate::finding::Finding;
 use crate::header::{field, CompressionType, Geometry, Header, AUTOCLEAR_BITMAPS};
 use crate::l1l2::{Cluster, L1Entry, L2Table};
 use crate::limits::Limits;
-use crate::metadata::MetadataMap;
+use crate::metadata::{MetadataMap, Range};
 use crate::policy::Policy;
 use crate::refcount;
 use crate::snapshot::{self, Snapshot};
 use crate::source::{be_u64s, read_into, read_vec, span, Source};
 use crate::walker;
+
+/// Bytes a metadata map region costs: the range and its running maximum.
+const REGION_BYTES: u64 = (std::mem::size_of::<Range>() + std::mem::size_of::<u64>()) as u64;
+
+/// The most regions [`Image::metadata`] can hold for these tables: the
+/// fixed structures, one per refcount block, snapshot L1 table and bitmap
+/// table, one per distinct L2 table (at most one per L1 entry, active or
+/// snapshot, and one per host cluster) and one per bitmap data cluster
+/// (at most one per bitmap table entry and one per host cluster).
+fn metadata_regions(
+    file_len: u64,
+    cs: u64,
+    l1: &[u64],
+    refcount_table: &[u64],
+    snapshots: &[Snapshot],
+    bitmaps: &[Bitmap],
+) -> u64 {
+    let n = |len: usize| u64::try_from(len).unwrap_or(u64::MAX);
+    let clusters = file_len.div_ceil(cs);
+    let snapshot_l1 = snapshots
+        .iter()
+        .map(|s| u64::from(s.l1_size))
+        .fold(0, u64::saturating_add);
+    let bitmap_entries = bitmaps
+        .iter()
+        .map(|b| u64::from(b.table_size))
+        .fold(0, u64::saturating_add);
+    [
+        8,
+        n(refcount_table.len()),
+        n(snapshots.len()),
+        n(bitmaps.len()),
+        clusters.min(n(l1.len()).saturating_add(snapshot_l1)),
+        clusters.min(bitmap_entries),
+    ]
+    .into_iter()
+    .fold(0, u64::saturating_add)
+}
 
 /// Bytes read up front to decode the fixed header (the longest v3 header
 /// field ends at byte 105).
@@ -42,6 +80,8 @@ pub struct Image<S> {
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<Bitmap>,
     limits: Limits,
+    /// What the image holds, against [`Limits::max_total_bytes`].
+    budget: Budget,
     data_file: Option<Arc<dyn Source>>,
     /// Guest data behind unallocated clusters, supplied by the caller
     /// (see [`Image::set_backing`]); read by [`crate::read`].
@@ -92,6 +132,11 @@ impl<S: Source> Image<S> {
             });
         }
         let geometry = header.validate(file_len, &limits)?;
+        let cs = geometry.cluster_size;
+        // Sizes were checked against QEMU's caps, the limits and the file
+        // by Header::validate; the total is charged before each read.
+        let mut budget = Budget::new(limits.max_total_bytes);
+        budget.charge(What::Header, field::CLUSTER_BITS, file_len.min(cs))?;
         let first = read_vec(
             &src,
             What::Header,
@@ -103,6 +148,11 @@ impl<S: Source> Image<S> {
         let extensions = Extensions::decode(&header, &first)?;
 
         let backing_file = if header.has_backing_file() {
+            budget.charge(
+                What::BackingFileName,
+                field::BACKING_FILE_SIZE,
+                u64::from(header.backing_file_size),
+            )?;
             let bytes = read_vec(
                 &src,
                 What::BackingFileName,
@@ -131,22 +181,28 @@ impl<S: Source> Image<S> {
             )?;
         }
 
-        // Sizes were checked against QEMU's caps, the limits and the file
-        // by Header::validate.
+        let l1_bytes = u64::from(header.l1_size).saturating_mul(8);
+        budget.charge(What::L1Table, field::L1_SIZE, l1_bytes)?;
         let l1 = be_u64s(&read_vec(
             &src,
             What::L1Table,
             field::L1_TABLE_OFFSET,
             header.l1_table_offset,
-            u64::from(header.l1_size).saturating_mul(8),
+            l1_bytes,
             limits.max_l1_entries.saturating_mul(8),
         )?);
+        let rt_bytes = u64::from(header.refcount_table_clusters).saturating_mul(cs);
+        budget.charge(
+            What::RefcountTable,
+            field::REFCOUNT_TABLE_CLUSTERS,
+            rt_bytes,
+        )?;
         let refcount_table = be_u64s(&read_vec(
             &src,
             What::RefcountTable,
             field::REFCOUNT_TABLE_OFFSET,
             header.refcount_table_offset,
-            u64::from(header.refcount_table_clusters).saturating_mul(geometry.cluster_size),
+            rt_bytes,
             limits.max_refcount_table_bytes,
         )?);
         let snapshots = snapshot::read_table(
@@ -157,15 +213,39 @@ impl<S: Source> Image<S> {
             &geometry,
             &limits,
         )?;
+        // Read entry by entry under its own cap, then charged.
+        budget.charge(
+            What::SnapshotTable,
+            field::NB_SNAPSHOTS,
+            snapshots
+                .iter()
+                .map(|s| s.entry_len)
+                .fold(0, u64::saturating_add),
+        )?;
         // Like QEMU, a bitmaps extension without autoclear bit 0 is stale
         // and ignored (a program without bitmap support wrote the image).
         let bitmaps = match &extensions.bitmaps {
             Some(ext) if header.autoclear_features & AUTOCLEAR_BITMAPS != 0 => {
-                bitmap::read_directory(&src, ext, header.size, &geometry, &limits)?
+                let dir = bitmap::read_directory(&src, ext, header.size, &geometry, &limits)?;
+                budget.charge(What::BitmapDirectory, ext.offset, ext.directory_size)?;
+                dir
             }
             _ => Vec::new(),
         };
-        let cache = L2Cache::new(limits.max_cache_bytes, geometry.cluster_size);
+        let cache = L2Cache::new(limits.max_cache_bytes, cs);
+        budget.charge(
+            What::L2Table,
+            field::CLUSTER_BITS,
+            u64::try_from(cache.capacity)
+                .unwrap_or(u64::MAX)
+                .saturating_mul(cs),
+        )?;
+        budget.charge(
+            What::L2Table,
+            field::L1_SIZE,
+            metadata_regions(file_len, cs, &l1, &refcount_table, &snapshots, &bitmaps)
+                .saturating_mul(REGION_BYTES),
+        )?;
         Ok(Image {
             src,
             file_len,
@@ -178,6 +258,7 @@ impl<S: Source> Image<S> {
             snapshots,
             bitmaps,
             limits,
+            budget,
             data_file: None,
             backing: None,
             l2_cache: Mutex::new(cache),
@@ -237,6 +318,13 @@ impl<S: Source> Image<S> {
     /// The limits the image was opened with.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Bytes charged against [`Limits::max_total_bytes`]: what the open
+    /// image holds (tables, names, cache capacity, the metadata map's
+    /// bound).
+    pub fn charged_bytes(&self) -> u64 {
+        self.budget.used()
     }
 
     /// The underlying source.
@@ -321,15 +409,24 @@ impl<S: Source> Image<S> {
                 offset: self.header.snapshots_offset,
                 reason: "no such snapshot",
             })?;
-        let l1 = be_u64s(&read_vec(
+        let bytes = u64::from(snap.l1_size).saturating_mul(8);
+        let raw = read_vec(
             &self.src,
             What::SnapshotL1Table,
             snap.entry_offset,
             snap.l1_table_offset,
-            u64::from(snap.l1_size).saturating_mul(8),
+            bytes,
             self.limits.max_l1_entries.saturating_mul(8),
-        )?);
-        self.l1 = l1;
+        )?;
+        self.budget.charge(
+            What::SnapshotL1Table,
+            snap.entry_offset.saturating_add(8),
+            bytes,
+        )?;
+        let l1 = be_u64s(&raw);
+        let old = std::mem::replace(&mut self.l1, l1);
+        self.budget
+            .release(u64::try_from(old.len()).unwrap_or(0).saturating_mul(8));
         self.header.l1_table_offset = snap.l1_table_offset;
         self.header.l1_size = snap.l1_size;
         Ok(self)
@@ -561,10 +658,7 @@ impl<S: Source> Image<S> {
 
     /// Decode refcount table entry `index`: the block's offset, if any.
     pub fn refcount_block_offset(&self, index: u64) -> Result<Option<u64>> {
-        let at = self
-            .header
-            .refcount_table_offset
-            .saturating_add(index.saturating_mul(8));
+        let at = self.refcount_entry_offset(index);
         let raw = usize::try_from(index)
             .ok()
             .and_then(|i| self.refcount_table.get(i))
@@ -573,15 +667,19 @@ impl<S: Source> Image<S> {
         refcount::table_entry(raw, at, &self.geometry)
     }
 
+    /// File offset of refcount table entry `index`.
+    fn refcount_entry_offset(&self, index: u64) -> u64 {
+        self.header
+            .refcount_table_offset
+            .saturating_add(index.saturating_mul(8))
+    }
+
     /// Read the refcount block for refcount table entry `index`.
     pub fn refcount_block(&self, index: u64) -> Result<Option<Vec<u8>>> {
         let Some(off) = self.refcount_block_offset(index)? else {
             return Ok(None);
         };
-        let at = self
-            .header
-            .refcount_table_offset
-            .saturating_add(index.saturating_mul(8));
+        let at = self.refcount_entry_offset(index);
         let cs = self.geometry.cluster_size;
         read_vec(&self.src, What::RefcountBlock, at, off, cs, cs).map(Some)
     }

@@ -60,6 +60,21 @@ pub struct Limits {
     pub max_backing_file_name: u64,
     /// Byte budget for metadata caches (L2 tables, refcount blocks).
     pub max_cache_bytes: u64,
+    /// Total bytes an opened [`crate::Image`] may hold, beside the caps
+    /// above (image-png's single budget): the first cluster, the backing
+    /// file name, the L1, refcount and snapshot tables, the bitmap
+    /// directory, the L2 cache's capacity and the metadata map's upper
+    /// bound (32 bytes per region it may hold), each charged as the image
+    /// opens (a snapshot's L1 table replaces the active one's charge in
+    /// [`crate::Image::into_snapshot`]). An image whose structures each
+    /// pass their cap but together exceed it is refused
+    /// (`total_limit_exceeded`, a refusal). Default 256 MiB: real images
+    /// charge 16 to 50 MiB ([`crate::Image::charged_bytes`]; 50 MiB for
+    /// an L1 table at QEMU's 32 MiB cap, `qemu-img create -f qcow2 -o
+    /// cluster_size=512 x.qcow2 128G`), and the largest qemu-img can make
+    /// (the same with `preallocation=metadata`) about 216 MiB, scaled
+    /// from a measured 4 GiB one (SECURITY.md, "Limits").
+    pub max_total_bytes: u64,
     /// Bytes a streamed inspection ([`crate::stream`]) may keep in memory:
     /// the tables, refcount blocks and compressed payloads it still needs,
     /// and its bookkeeping. Past it, what is needed is read back from the
@@ -82,6 +97,7 @@ impl Default for Limits {
             max_bitmap_directory_bytes: 65535 * KIB,
             max_backing_file_name: 1023,
             max_cache_bytes: 16 * MIB,
+            max_total_bytes: 256 * MIB,
             max_retained_bytes: 256 * MIB,
         }
     }
@@ -106,6 +122,7 @@ impl Limits {
             max_bitmap_directory_bytes: MIB,
             max_backing_file_name: 1023,
             max_cache_bytes: 4 * MIB,
+            max_total_bytes: 16 * MIB,
             max_retained_bytes: 16 * MIB,
         }
     }

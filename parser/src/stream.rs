@@ -679,7 +679,7 @@ impl Inspector {
             // conversion that maps it here too, if it can still be read.
             if tap.wants(key) {
                 if let Some(buf) = self.view(chunk).read(start, len) {
-                    self.redo(key, &buf, tap);
+                    self.decompress(key, &buf, tap);
                 }
             }
             return;
@@ -715,34 +715,34 @@ impl Inspector {
     /// end of the stream) and remember the outcome (or keep its bytes
     /// when the decompression budget is spent); `tap` gets the cluster.
     fn verify(&mut self, key: (u64, u64), buf: Vec<u8>, tap: &mut dyn Tap) {
-        let Some(f) = &self.format else { return };
-        let cs = f.geometry.cluster_size;
-        let kind = f.header.compression().unwrap_or(CompressionType::Deflate);
+        let cs = self.format.as_ref().map_or(0, |f| f.geometry.cluster_size);
         if self.decompressed.saturating_add(cs) > self.opts.max_decompressed_bytes {
             self.store.insert(key.0, &buf);
             return;
         }
         self.decompressed = self.decompressed.saturating_add(cs);
-        self.out_buf
-            .resize(usize::try_from(cs).unwrap_or(usize::MAX), 0);
-        let outcome = compressed::decompress(kind, &buf, &mut self.out_buf);
+        if let Some(outcome) = self.decompress(key, &buf, tap) {
+            self.memo.record((key.0, len64(&buf)), outcome);
+        }
+    }
+
+    /// Decompress payload `key` (`buf`) into one cluster, which `tap`
+    /// gets when it decompressed; `None` before the header has passed.
+    fn decompress(
+        &mut self,
+        key: (u64, u64),
+        buf: &[u8],
+        tap: &mut dyn Tap,
+    ) -> Option<std::result::Result<(), String>> {
+        let f = self.format.as_ref()?;
+        let kind = f.header.compression().unwrap_or(CompressionType::Deflate);
+        let cs = usize::try_from(f.geometry.cluster_size).unwrap_or(usize::MAX);
+        self.out_buf.resize(cs, 0);
+        let outcome = compressed::decompress(kind, buf, &mut self.out_buf);
         if outcome.is_ok() {
             tap.payload(key, &self.out_buf);
         }
-        self.memo.record((key.0, len64(&buf)), outcome);
-    }
-
-    /// Decompress a payload whose outcome is known again, for `tap`.
-    fn redo(&mut self, key: (u64, u64), buf: &[u8], tap: &mut dyn Tap) {
-        let Some(f) = &self.format else { return };
-        let kind = f.header.compression().unwrap_or(CompressionType::Deflate);
-        self.out_buf.resize(
-            usize::try_from(f.geometry.cluster_size).unwrap_or(usize::MAX),
-            0,
-        );
-        if compressed::decompress(kind, buf, &mut self.out_buf).is_ok() {
-            tap.payload(key, &self.out_buf);
-        }
+        Some(outcome)
     }
 
     fn view<'a>(&'a self, chunk: Chunk<'a>) -> View<'a> {
@@ -756,11 +756,22 @@ impl Inspector {
         }
     }
 
-    /// Keep what a decoder read from the chunk in hand through `view`.
-    fn keep_read(&mut self, read: Vec<(u64, u64)>, chunk: Chunk<'_>) {
+    /// Run a library decoder over the view; keep what it read from the
+    /// chunk in hand (the check will read it too). Also returns the first
+    /// read of bytes still to come: what to wait for.
+    fn decode<T>(
+        &mut self,
+        chunk: Chunk<'_>,
+        decoder: impl FnOnce(&View<'_>, &Limits) -> T,
+    ) -> (T, Option<(u64, u64)>) {
+        let view = self.view(chunk);
+        let got = decoder(&view, &self.limits);
+        let missing = view.missing();
+        let read = view.read_from_chunk();
         for (s, e) in read {
             self.keep(s, e, chunk);
         }
+        (got, missing)
     }
 
     /// Remember why `start .. end` was not kept (the first
@@ -958,11 +969,9 @@ impl Inspector {
         };
         // One entry at a time through the table reader itself; what it
         // could not read yet is what to wait for.
-        let view = self.view(chunk);
-        let got = snapshot::read_table(&view, pos, 1, h.version, &g, &self.limits);
-        let missing = view.missing();
-        let read = view.read_from_chunk();
-        self.keep_read(read, chunk);
+        let (got, missing) = self.decode(chunk, |view, limits| {
+            snapshot::read_table(view, pos, 1, h.version, &g, limits)
+        });
         let snap = match got {
             Ok(v) => v.into_iter().next(),
             Err(e) => {
@@ -1001,11 +1010,9 @@ impl Inspector {
             return;
         };
         let Some(b) = ext.bitmaps else { return };
-        let view = self.view(chunk);
-        let got = bitmap::read_directory(&view, &b, f.header.size, &f.geometry, &self.limits);
-        let missing = view.missing();
-        let read = view.read_from_chunk();
-        self.keep_read(read, chunk);
+        let (got, missing) = self.decode(chunk, |view, limits| {
+            bitmap::read_directory(view, &b, f.header.size, &f.geometry, limits)
+        });
         let bitmaps = match got {
             Ok(list) => list,
             Err(e) => {
@@ -1170,7 +1177,7 @@ impl Inspector {
         let stored = len64_count(findings.len());
         Report {
             verdict: Verdict::NeedsRandomAccess,
-            exit_code: 1,
+            checked: false,
             findings,
             counts: [(code::NEEDS_RANDOM_ACCESS, total)].into_iter().collect(),
             omitted: total.saturating_sub(stored),
@@ -1269,14 +1276,8 @@ impl Source for View<'_> {
             // Passed: the spool.
             if p < self.chunk.start {
                 let q = e.min(self.chunk.start);
-                let Some(spool) = self.spool else {
-                    return Err(not_kept());
-                };
-                let dst = slice_of(buf, offset, p, q).ok_or_else(not_kept)?;
-                spool.read_exact_at(p, dst)?;
-                if let Ok(mut log) = self.read_back.lock() {
-                    log.insert((p, q));
-                }
+                let spool = self.spool.ok_or_else(not_kept)?;
+                read_back(spool, self.read_back, (buf, offset), p, q)?;
                 p = q;
             }
             // In hand: the chunk.
@@ -1310,6 +1311,23 @@ fn slice_of(buf: &mut [u8], base: u64, p: u64, q: u64) -> Option<&mut [u8]> {
     let from = usize::try_from(p.checked_sub(base)?).ok()?;
     let to = usize::try_from(q.checked_sub(base)?).ok()?;
     buf.get_mut(from..to)
+}
+
+/// Read file bytes `p .. q` from the spool into their part of `buf`
+/// (which holds the bytes from `base`), and log the range.
+fn read_back(
+    spool: &dyn Source,
+    log: &Mutex<BTreeSet<(u64, u64)>>,
+    (buf, base): (&mut [u8], u64),
+    p: u64,
+    q: u64,
+) -> io::Result<()> {
+    let dst = slice_of(buf, base, p, q).ok_or_else(not_kept)?;
+    spool.read_exact_at(p, dst)?;
+    if let Ok(mut l) = log.lock() {
+        l.insert((p, q));
+    }
+    Ok(())
 }
 
 fn not_kept() -> io::Error {
@@ -1356,14 +1374,14 @@ impl Source for Retained {
         let mut gaps = Vec::new();
         self.store.fill(offset, buf, &mut gaps);
         for (s, e) in gaps {
-            if let Ok(mut log) = self.read_back.lock() {
-                log.insert((s, e));
-            }
-            let Some(spool) = &self.spool else {
+            let Some(spool) = self.spool.as_deref() else {
+                // Logged all the same: why the report needs random access.
+                if let Ok(mut log) = self.read_back.lock() {
+                    log.insert((s, e));
+                }
                 return Err(not_kept());
             };
-            let dst = slice_of(buf, offset, s, e).ok_or_else(not_kept)?;
-            spool.read_exact_at(s, dst)?;
+            read_back(spool, &self.read_back, (buf, offset), s, e)?;
         }
         Ok(())
     }
@@ -1484,7 +1502,7 @@ mod tests {
         let want = whole(&bytes, &CheckOptions::default());
         let got = streamed(&bytes, 4096, false, Limits::default());
         assert_eq!(got.report.verdict, Verdict::NeedsRandomAccess);
-        assert_eq!(got.report.exit_code, 1);
+        assert!(!got.report.checked);
         // Both L2 tables of the L1 table at 0x28000 (the snapshot's L1
         // table at 0x39000 is within two clusters of the snapshot table
         // at 0x3a000 that points at it: still in hand).
@@ -1496,7 +1514,7 @@ mod tests {
             (code::NEEDS_RANDOM_ACCESS, 0x3000)
         );
         assert!(f[0].message.contains("comes later in the file"), "{}", f[0]);
-        assert!(got.report.blocks_convert());
+        assert!(!got.report.verdict.passes());
         // With a spool: read back (the tables, then the compressed
         // payloads they map, which had passed too), the same report.
         let got = streamed(&bytes, 4096, true, Limits::default());

@@ -72,7 +72,10 @@ class Finding:
 class Report:
     """The result of :func:`check`: the content of ``qcow2-guard check
     --json`` (without the process exit status, which belongs to the
-    command-line tool).
+    command-line tool: the package carries the verdict and the findings;
+    an ``invalid`` report whose findings are ``bad_magic``,
+    ``file_too_short``, ``io_error`` or ``too_large_to_check`` was not
+    judged, any other is a malformed qcow2).
 
     ``verdict``, ``findings`` (in walk order, capped), ``finding_counts``
     (every finding, per code), ``findings_omitted``, ``image`` (facts:
@@ -217,10 +220,7 @@ def check(
     doc = _native.check_image(
         src,
         filename,
-        allow_backing,
-        allow_data_file,
-        allow_encryption,
-        max_virtual_size,
+        _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
         metadata_only,
     )
     return Report(doc)
@@ -250,11 +250,23 @@ def info(
         src,
         filename,
         used,
-        allow_backing,
-        allow_data_file,
-        allow_encryption,
-        max_virtual_size,
+        _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
     )
+
+
+def _policy(
+    allow_backing: bool,
+    allow_data_file: bool,
+    allow_encryption: bool,
+    max_virtual_size: Optional[int],
+) -> Dict[str, Any]:
+    """The policy options as the native module takes them (one dict)."""
+    return {
+        "allow_backing": allow_backing,
+        "allow_data_file": allow_data_file,
+        "allow_encryption": allow_encryption,
+        "max_virtual_size": max_virtual_size,
+    }
 
 
 def _same_file(a: Any, b: Any) -> bool:
@@ -314,10 +326,7 @@ def convert(
         out,
         back,
         data,
-        allow_backing,
-        allow_data_file,
-        allow_encryption,
-        max_virtual_size,
+        _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
         progress,
     )
     return [Finding(**f) for f in warnings]
@@ -385,10 +394,7 @@ class StreamInspector:
     ) -> None:
         self._native = _native.StreamInspector(
             filename,
-            allow_backing,
-            allow_data_file,
-            allow_encryption,
-            max_virtual_size,
+            _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
             metadata_only,
             _spool_source(spool),
         )

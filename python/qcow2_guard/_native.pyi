@@ -3,24 +3,21 @@
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 _Source = Union[str, bytes, Tuple[int, Callable[[int, int], bytes]]]
+# allow_backing, allow_data_file, allow_encryption (bool), max_virtual_size
+# (Optional[int]): built by _api._policy.
+_Policy = Dict[str, Any]
 
 def check_image(
     source: _Source,
     filename: str,
-    allow_backing: bool,
-    allow_data_file: bool,
-    allow_encryption: bool,
-    max_virtual_size: Optional[int],
+    options: _Policy,
     metadata_only: bool,
 ) -> Dict[str, Any]: ...
 def info_image(
     source: _Source,
     filename: str,
     actual_size: Optional[int],
-    allow_backing: bool,
-    allow_data_file: bool,
-    allow_encryption: bool,
-    max_virtual_size: Optional[int],
+    options: _Policy,
 ) -> Dict[str, Any]: ...
 def probe_header(prefix: bytes) -> Optional[Tuple[bool, Optional[int]]]: ...
 def convert_image(
@@ -29,10 +26,7 @@ def convert_image(
     dst: Any,
     backing: Optional[_Source],
     data_file: Optional[_Source],
-    allow_backing: bool,
-    allow_data_file: bool,
-    allow_encryption: bool,
-    max_virtual_size: Optional[int],
+    options: _Policy,
     progress: Optional[Callable[[int, int], Any]],
 ) -> List[Dict[str, Any]]: ...
 
@@ -40,10 +34,7 @@ class StreamInspector:
     def __init__(
         self,
         filename: str,
-        allow_backing: bool,
-        allow_data_file: bool,
-        allow_encryption: bool,
-        max_virtual_size: Optional[int],
+        options: _Policy,
         metadata_only: bool,
         spool: Optional[Union[_Source, Tuple[Callable[[], int], Callable[[int, int], bytes]]]],
     ) -> None: ...

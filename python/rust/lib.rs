@@ -163,23 +163,31 @@ impl Input {
     }
 }
 
-/// The caller's policy options.
-fn policy_and_limits(
+/// The caller's policy options, which every function takes: one dict
+/// from the Python side (`_api._policy`).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct PolicyOptions {
     allow_backing: bool,
     allow_data_file: bool,
     allow_encryption: bool,
     max_virtual_size: Option<u64>,
-) -> (Policy, Limits) {
-    let mut policy = Policy {
-        allow_backing,
-        allow_data_file,
-        allow_encryption,
-        ..Policy::default()
-    };
-    if let Some(max) = max_virtual_size {
-        policy.max_virtual_size = max;
+}
+
+impl PolicyOptions {
+    /// The library's policy for these options, and the default limits.
+    fn policy_and_limits(self) -> (Policy, Limits) {
+        let mut policy = Policy {
+            allow_backing: self.allow_backing,
+            allow_data_file: self.allow_data_file,
+            allow_encryption: self.allow_encryption,
+            ..Policy::default()
+        };
+        if let Some(max) = self.max_virtual_size {
+            policy.max_virtual_size = max;
+        }
+        (policy, Limits::default())
     }
-    (policy, Limits::default())
 }
 
 /// A JSON value as the equivalent Python object (dicts keep key order).
@@ -270,25 +278,16 @@ fn raise_as(
 /// Never fails on the image's content (problems are findings); fails with
 /// `OSError` when the source cannot be opened.
 #[pyfunction]
-#[pyo3(signature = (source, filename, allow_backing, allow_data_file, allow_encryption, max_virtual_size, metadata_only))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (source, filename, options, metadata_only))]
 fn check_image(
     py: Python<'_>,
     source: &Bound<'_, PyAny>,
     filename: &str,
-    allow_backing: bool,
-    allow_data_file: bool,
-    allow_encryption: bool,
-    max_virtual_size: Option<u64>,
+    options: PolicyOptions,
     metadata_only: bool,
 ) -> PyResult<Py<PyAny>> {
     let input = Input::extract(source)?;
-    let (policy, limits) = policy_and_limits(
-        allow_backing,
-        allow_data_file,
-        allow_encryption,
-        max_virtual_size,
-    );
+    let (policy, limits) = options.policy_and_limits();
     let doc = py.detach(move || -> io::Result<Value> {
         let src = input.open()?;
         let opts = CheckOptions {
@@ -316,25 +315,16 @@ fn check_image(
 /// policy findings), without `exit-code`. Fails with the package's
 /// exception when the image cannot be opened.
 #[pyfunction]
-#[pyo3(signature = (source, filename, actual_size, allow_backing, allow_data_file, allow_encryption, max_virtual_size))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (source, filename, actual_size, options))]
 fn info_image(
     py: Python<'_>,
     source: &Bound<'_, PyAny>,
     filename: &str,
     actual_size: Option<u64>,
-    allow_backing: bool,
-    allow_data_file: bool,
-    allow_encryption: bool,
-    max_virtual_size: Option<u64>,
+    options: PolicyOptions,
 ) -> PyResult<Py<PyAny>> {
     let input = Input::extract(source)?;
-    let (policy, limits) = policy_and_limits(
-        allow_backing,
-        allow_data_file,
-        allow_encryption,
-        max_virtual_size,
-    );
+    let (policy, limits) = options.policy_and_limits();
     let path = PathBuf::from(filename);
     let doc = py.detach(move || -> io::Result<Result<Value, Error>> {
         let src = input.open()?;
@@ -452,7 +442,7 @@ impl Write for PyWriter {
 /// Backing and data files are read only when handed in. `progress` is
 /// called with (bytes done, total). Returns the warnings as finding dicts.
 #[pyfunction]
-#[pyo3(signature = (source, filename, dst, backing, data_file, allow_backing, allow_data_file, allow_encryption, max_virtual_size, progress))]
+#[pyo3(signature = (source, filename, dst, backing, data_file, options, progress))]
 #[allow(clippy::too_many_arguments)]
 fn convert_image(
     py: Python<'_>,
@@ -461,10 +451,7 @@ fn convert_image(
     dst: &Bound<'_, PyAny>,
     backing: Option<&Bound<'_, PyAny>>,
     data_file: Option<&Bound<'_, PyAny>>,
-    allow_backing: bool,
-    allow_data_file: bool,
-    allow_encryption: bool,
-    max_virtual_size: Option<u64>,
+    options: PolicyOptions,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let image = Input::extract(source)?;
@@ -475,12 +462,7 @@ fn convert_image(
     } else {
         Output::Writer(PyWriter(dst.clone().unbind()))
     };
-    let (policy, limits) = policy_and_limits(
-        allow_backing,
-        allow_data_file,
-        allow_encryption,
-        max_virtual_size,
-    );
+    let (policy, limits) = options.policy_and_limits();
     let callback_error: Mutex<Option<PyErr>> = Mutex::new(None);
     let result = py.detach(|| -> Result<Vec<Finding>, Failure> {
         let mut inputs = Inputs::new(image.open().map_err(Failure::Open)?);
@@ -586,23 +568,14 @@ struct StreamInspector {
 #[pymethods]
 impl StreamInspector {
     #[new]
-    #[pyo3(signature = (filename, allow_backing, allow_data_file, allow_encryption, max_virtual_size, metadata_only, spool))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (filename, options, metadata_only, spool))]
     fn new(
         filename: String,
-        allow_backing: bool,
-        allow_data_file: bool,
-        allow_encryption: bool,
-        max_virtual_size: Option<u64>,
+        options: PolicyOptions,
         metadata_only: bool,
         spool: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<StreamInspector> {
-        let (policy, limits) = policy_and_limits(
-            allow_backing,
-            allow_data_file,
-            allow_encryption,
-            max_virtual_size,
-        );
+        let (policy, limits) = options.policy_and_limits();
         let opts = CheckOptions {
             policy,
             decompress: !metadata_only,

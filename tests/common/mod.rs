@@ -73,6 +73,46 @@ pub fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     path
 }
 
+/// `qemu-img convert -q -c -f raw -O qcow2 [-o OPTS] RAW PATH`: every
+/// cluster of `raw` compressed; returns PATH.
+pub fn compress(raw: &Path, path: &Path, opts: &str) -> PathBuf {
+    let mut args = vec!["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([s(raw), s(path)]);
+    qemu_img(&args);
+    path.to_path_buf()
+}
+
+/// The path as a `&str` (test paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The `--object` of the secret [`create_encrypted`] encrypts with
+/// (`encrypt.key-secret=sec0`).
+pub const SECRET: &str = "secret,id=sec0,data=abc";
+
+/// `qemu-img create -q -f qcow2 --object SECRET -o OPTS PATH SIZE` (OPTS
+/// name `encrypt.format` and `encrypt.key-secret=sec0`); returns PATH.
+pub fn create_encrypted(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
+    let path = dir.join(name);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        SECRET,
+        "-o",
+        opts,
+        s(&path),
+        size,
+    ]);
+    path
+}
+
 /// Write a raw file of `len` bytes from a deterministic pattern generator.
 pub fn write_raw(path: &Path, len: usize, seed: u64) {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

@@ -18,7 +18,7 @@
 //! host cluster of the *file* (`file length / cluster size`, rounded up),
 //! never a count the header claims; an image that would need more than
 //! [`CheckOptions::max_tracked_clusters`] is refused (`too_large_to_check`,
-//! verdict `invalid`, exit 1). Each distinct L1, L2, bitmap and refcount
+//! verdict `invalid`, not [`Report::checked`]). Each distinct L1, L2, bitmap and refcount
 //! table is read once, one cluster at a time, so time is linear in the
 //! metadata plus the compressed data. Findings are capped
 //! ([`CheckOptions::max_findings`]); past the cap only per-code counts grow.
@@ -26,8 +26,8 @@
 //! Dirty images (incompatible bit 0, lazy refcounts): their refcounts are
 //! stale by design and QEMU rebuilds them on the next read-write open, so
 //! refcount mismatches and copied-flag mismatches in a dirty image are
-//! reported as `warning`s that count towards the `leaks` verdict (exit 3,
-//! "repairable with `qemu-img check -r all`") rather than `corrupt`.
+//! reported as `warning`s that count towards the `leaks` verdict
+//! ("repairable with `qemu-img check -r all`") rather than `corrupt`.
 //! Structural problems (overlaps, bad entries, bad payloads) stay errors.
 
 use std::collections::BTreeMap;
@@ -130,27 +130,33 @@ impl CheckOptions {
 /// The overall outcome, worst first: `invalid` > `corrupt` > `unsafe` >
 /// `leaks` > `ok`.
 ///
-/// A corrupt image that is also refused by the policy is `corrupt` (exit
-/// 2), with both kinds of findings listed: corruption is a property of the
-/// bytes that no `--allow-*` flag can relax, so an import service must not
-/// be invited to retry with a relaxed policy.
+/// A corrupt image that is also refused by the policy is `corrupt`, with
+/// both kinds of findings listed: corruption is a property of the bytes
+/// that no `--allow-*` flag can relax, so an import service must not be
+/// invited to retry with a relaxed policy.
+///
+/// The verdict and [`Report::checked`] are the library's whole answer;
+/// the command-line tool maps them to its exit status in one function
+/// (`src/exit.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Verdict {
-    /// Consistent (warnings allowed). Exit 0.
+    /// Consistent (warnings allowed).
     Ok,
-    /// Only leaked clusters (or stale refcounts of a dirty image). Exit 3.
+    /// Only leaked clusters (or stale refcounts of a dirty image).
     Leaks,
-    /// Well formed but refused by the safety policy. Exit 4.
+    /// Well formed but refused by the safety policy (or over the
+    /// caller's [`crate::Limits`]).
     Unsafe,
-    /// Corrupt. Exit 2.
+    /// Corrupt.
     Corrupt,
-    /// Could not be opened or checked at all. Exit 2 for a malformed
-    /// qcow2 header, 1 when not a qcow2 image, unreadable, or too large to
-    /// check.
+    /// Could not be opened or checked at all: a qcow2 image too malformed
+    /// to open ([`Report::checked`]), or a file that is not a qcow2
+    /// image, could not be read, or is too large to check (not
+    /// [`Report::checked`]).
     Invalid,
     /// A streamed inspection without a spool could not finish: the check
     /// needed bytes the stream had already passed ([`crate::stream`]).
-    /// Exit 1 (not checked); the findings name the byte ranges.
+    /// Never [`Report::checked`]; the findings name the byte ranges.
     NeedsRandomAccess,
 }
 
@@ -165,6 +171,13 @@ impl Verdict {
             Verdict::Invalid => "invalid",
             Verdict::NeedsRandomAccess => "needs_random_access",
         }
+    }
+
+    /// Whether the image may be read and converted: `ok` or `leaks`
+    /// (leaked clusters waste space but harm no data). Every other
+    /// verdict refuses the conversion.
+    pub fn passes(self) -> bool {
+        matches!(self, Verdict::Ok | Verdict::Leaks)
     }
 }
 
@@ -200,9 +213,13 @@ pub struct Stats {
 pub struct Report {
     /// The overall outcome, decided by the worst finding.
     pub verdict: Verdict,
-    /// The process exit status for this verdict (shared table: 0 ok,
-    /// 1 not checked, 2 corrupt, 3 leaks, 4 unsafe).
-    pub exit_code: u8,
+    /// Whether the bytes were judged. `false` when the file is not a
+    /// qcow2 image, could not be read, is too large to check, or (a
+    /// stream) needed random access: verdict `invalid` or
+    /// `needs_random_access` then says nothing about the image's
+    /// contents. `true` for every other report, including `invalid` for a
+    /// qcow2 image too malformed to open.
+    pub checked: bool,
     /// The first [`CheckOptions::max_findings`] findings, in walk order.
     pub findings: Vec<Finding>,
     /// Number of findings per code, including those not stored.
@@ -227,25 +244,17 @@ impl Report {
                 err.offset(),
                 err.to_string(),
             ));
-            return f.into_report(Stats::default(), None);
+            return f.into_report(Stats::default(), false);
         }
         f.push(Finding::corruption(err));
-        let not_checked = err.is_not_qcow2() || err.is_io();
-        f.into_report(Stats::default(), Some(if not_checked { 1 } else { 2 }))
+        let mut r = f.into_report(Stats::default(), true);
+        r.checked = !(err.is_not_qcow2() || err.is_io());
+        r
     }
 
     /// Whether any finding has `code`.
     pub fn has(&self, code: &str) -> bool {
         self.counts.contains_key(code)
-    }
-
-    /// Whether `convert` must refuse the image: error findings (corrupt,
-    /// invalid) or policy violations. Leaks and warnings do not block it.
-    pub fn blocks_convert(&self) -> bool {
-        matches!(
-            self.verdict,
-            Verdict::Corrupt | Verdict::Unsafe | Verdict::Invalid | Verdict::NeedsRandomAccess
-        )
     }
 }
 
@@ -313,23 +322,22 @@ impl Findings {
         self.list.len() < self.cap
     }
 
-    fn into_report(self, stats: Stats, invalid_exit: Option<u8>) -> Report {
-        let (verdict, exit_code) = if let Some(code) = invalid_exit {
-            (Verdict::Invalid, code)
-        } else if self.not_checked {
-            (Verdict::Invalid, 1)
+    /// The report; `invalid` says the image could not be opened.
+    fn into_report(self, stats: Stats, invalid: bool) -> Report {
+        let verdict = if invalid || self.not_checked {
+            Verdict::Invalid
         } else if self.corrupt {
-            (Verdict::Corrupt, 2)
+            Verdict::Corrupt
         } else if self.unsafe_ {
-            (Verdict::Unsafe, 4)
+            Verdict::Unsafe
         } else if self.leaks {
-            (Verdict::Leaks, 3)
+            Verdict::Leaks
         } else {
-            (Verdict::Ok, 0)
+            Verdict::Ok
         };
         Report {
             verdict,
-            exit_code,
+            checked: !self.not_checked,
             findings: self.list,
             counts: self.counts,
             omitted: self.omitted,
@@ -355,7 +363,7 @@ impl Findings {
 /// }
 /// .build()?;
 /// let report = check(&Image::open(built.bytes.as_slice())?, &CheckOptions::default());
-/// assert_eq!((report.verdict, report.exit_code), (Verdict::Ok, 0));
+/// assert_eq!((report.verdict, report.checked), (Verdict::Ok, true));
 /// assert_eq!(report.stats.decompressed_clusters, 1);
 ///
 /// // Point guest cluster 0 at the L1 table: a reader trusting it would
@@ -367,7 +375,7 @@ impl Findings {
 /// bytes[at..at + 8].copy_from_slice(&l1_offset.to_be_bytes());
 ///
 /// let report = check(&Image::open(bytes)?, &CheckOptions::default());
-/// assert_eq!((report.verdict, report.exit_code), (Verdict::Corrupt, 2));
+/// assert_eq!((report.verdict, report.checked), (Verdict::Corrupt, true));
 /// assert_eq!(
 ///     report.findings[0].to_string(),
 ///     "error [data_overlaps_metadata] at 0x4000: data cluster at 0x1000 \
@@ -378,8 +386,19 @@ impl Findings {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn check<S: Source>(image: &Image<S>, opts: &CheckOptions) -> Report {
+    check_judged(image, opts, image.policy_findings(&opts.policy))
+}
+
+/// [`check`], with `policy` the findings of [`CheckOptions::policy`] on
+/// `image`, already evaluated by the caller (convert judges the policy
+/// before its audit).
+pub(crate) fn check_judged<S: Source>(
+    image: &Image<S>,
+    opts: &CheckOptions,
+    policy: Vec<Finding>,
+) -> Report {
     let mut findings = Findings::new(opts.max_findings);
-    for f in image.policy_findings(&opts.policy) {
+    for f in policy {
         findings.push(f);
     }
     let g = image.geometry();
@@ -402,16 +421,16 @@ pub fn check<S: Source>(image: &Image<S>, opts: &CheckOptions) -> Report {
                     opts.max_tracked_clusters
                 ),
             ));
-            return findings.into_report(stats, None);
+            return findings.into_report(stats, false);
         }
     };
     let (findings, stats) = walk::run(image, opts, findings, stats, tracked);
-    findings.into_report(stats, None)
+    findings.into_report(stats, false)
 }
 
 /// The metadata-only check `convert` runs before writing: everything
-/// [`check`] does except decompressing payloads. Refuse the image when
-/// [`Report::blocks_convert`] is true.
+/// [`check`] does except decompressing payloads. Refuse the image unless
+/// its verdict [`passes`](Verdict::passes).
 pub fn check_metadata<S: Source>(image: &Image<S>, policy: &Policy) -> Report {
     check(image, &CheckOptions::metadata_only(policy.clone()))
 }
@@ -424,13 +443,13 @@ mod tests {
         Finding::new(code, severity, category, 0, "")
     }
 
-    fn verdict(list: &[Finding]) -> (Verdict, u8) {
+    fn verdict(list: &[Finding]) -> (Verdict, bool) {
         let mut all = Findings::new(2);
         for x in list {
             all.push(x.clone());
         }
-        let r = all.into_report(Stats::default(), None);
-        (r.verdict, r.exit_code)
+        let r = all.into_report(Stats::default(), false);
+        (r.verdict, r.checked)
     }
 
     #[test]
@@ -439,16 +458,16 @@ mod tests {
         let unsafe_ = f("policy_backing_file", Severity::Error, Category::Policy);
         let leak = f("leaked_cluster", Severity::Warning, Category::Leak);
         let warn = f("dirty_bit", Severity::Warning, Category::Other);
-        assert_eq!(verdict(&[]), (Verdict::Ok, 0));
-        assert_eq!(verdict(std::slice::from_ref(&warn)), (Verdict::Ok, 0));
-        assert_eq!(verdict(&[leak.clone(), warn]), (Verdict::Leaks, 3));
+        assert_eq!(verdict(&[]), (Verdict::Ok, true));
+        assert_eq!(verdict(std::slice::from_ref(&warn)), (Verdict::Ok, true));
+        assert_eq!(verdict(&[leak.clone(), warn]), (Verdict::Leaks, true));
         assert_eq!(
             verdict(&[leak.clone(), unsafe_.clone()]),
-            (Verdict::Unsafe, 4)
+            (Verdict::Unsafe, true)
         );
-        assert_eq!(verdict(&[unsafe_, corrupt, leak]), (Verdict::Corrupt, 2));
+        assert_eq!(verdict(&[unsafe_, corrupt, leak]), (Verdict::Corrupt, true));
         let io = f("io_error", Severity::Error, Category::Other);
-        assert_eq!(verdict(&[io]), (Verdict::Invalid, 1));
+        assert_eq!(verdict(&[io]), (Verdict::Invalid, false));
     }
 
     #[test]
@@ -457,7 +476,7 @@ mod tests {
         for _ in 0..5 {
             all.push(f("reserved_bits", Severity::Error, Category::Corruption));
         }
-        let r = all.into_report(Stats::default(), None);
+        let r = all.into_report(Stats::default(), false);
         assert_eq!(r.findings.len(), 2);
         assert_eq!(r.omitted, 3);
         assert_eq!(r.counts.get("reserved_bits"), Some(&5));
@@ -466,9 +485,9 @@ mod tests {
     #[test]
     fn open_errors() {
         let r = Report::from_open_error(&Error::BadMagic { found: 0 });
-        assert_eq!((r.verdict, r.exit_code), (Verdict::Invalid, 1));
+        assert_eq!((r.verdict, r.checked), (Verdict::Invalid, false));
         let r = Report::from_open_error(&Error::MissingRefcountTable { offset: 56 });
-        assert_eq!((r.verdict, r.exit_code), (Verdict::Invalid, 2));
-        assert!(r.blocks_convert());
+        assert_eq!((r.verdict, r.checked), (Verdict::Invalid, true));
+        assert!(!r.verdict.passes());
     }
 }

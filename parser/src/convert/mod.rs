@@ -50,7 +50,8 @@ mod streaming;
 
 pub use pipeline::Progress;
 pub use prepare::{
-    prepare, Conversion, ConvertOptions, Inputs, AUDIT_TRACKED_CLUSTERS, DEFAULT_MAX_AMPLIFICATION,
+    data_file_rule, prepare, Conversion, ConvertOptions, Inputs, AUDIT_TRACKED_CLUSTERS,
+    DEFAULT_MAX_AMPLIFICATION,
 };
 pub use sink::{FileSink, Sink, WriteSink};
 pub use streaming::{StreamConversion, Streamed};

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{code, ConvertError, Input};
-use crate::check::{check, CheckOptions, Report, Verdict};
+use crate::check::{check_judged, CheckOptions, Report};
 use crate::finding::{Category, Finding, Severity};
-use crate::header::{self, field, Geometry};
+use crate::header::{self, field, Geometry, Header};
 use crate::l1l2::{Cluster, L1Entry, L2Table};
 use crate::read::RawBacking;
 use crate::snapshot::SnapshotSelector;
@@ -195,32 +195,40 @@ fn refusal(code: &'static str, offset: u64, message: String) -> Finding {
     Finding::new(code, Severity::Error, Category::Policy, offset, message)
 }
 
-/// The policy's error findings for `image`, as a refusal of `input`.
+/// The policy's findings on `image` (evaluated once: the audit reuses
+/// them); its error findings refuse `input`, the others are warnings.
 fn refuse_on_policy<T: Source>(
     input: Input,
     image: &Image<T>,
     policy: &Policy,
     warnings: &mut Vec<Finding>,
-) -> Result<(), ConvertError> {
-    let (errors, others): (Vec<_>, Vec<_>) = image
-        .policy_findings(policy)
-        .into_iter()
-        .partition(|f| f.severity == Severity::Error);
+) -> Result<Vec<Finding>, ConvertError> {
+    let findings = image.policy_findings(policy);
+    let errors: Vec<_> = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .cloned()
+        .collect();
     if !errors.is_empty() {
         return Err(ConvertError::Refused {
             input,
             findings: errors,
         });
     }
-    warnings.extend(others);
-    Ok(())
+    warnings.extend(findings.iter().cloned());
+    Ok(findings)
 }
 
 /// The metadata check `check` runs, without decompression, before
 /// anything is written: error findings and policy violations refuse the
 /// image; leaks and warnings do not. A file with more host clusters than
 /// the audit may track is refused: no conversion without the audit.
-fn audit<T: Source>(image: &Image<T>, opts: &ConvertOptions) -> Result<Report, ConvertError> {
+/// `policy` is [`refuse_on_policy`]'s findings on `image`.
+fn audit<T: Source>(
+    image: &Image<T>,
+    opts: &ConvertOptions,
+    policy: Vec<Finding>,
+) -> Result<Report, ConvertError> {
     let g = image.geometry();
     let clusters = image.file_len().div_ceil(g.cluster_size);
     if clusters > opts.max_audit_clusters {
@@ -241,13 +249,14 @@ fn audit<T: Source>(image: &Image<T>, opts: &ConvertOptions) -> Result<Report, C
         max_tracked_clusters: opts.max_audit_clusters,
         ..CheckOptions::metadata_only(opts.policy.clone())
     };
-    let report = check(image, &check_opts);
-    match report.verdict {
-        Verdict::Ok | Verdict::Leaks => Ok(report),
-        _ => Err(ConvertError::Audit {
+    let report = check_judged(image, &check_opts, policy);
+    if report.verdict.passes() {
+        Ok(report)
+    } else {
+        Err(ConvertError::Audit {
             input: Input::Image,
             report: Box::new(report),
-        }),
+        })
     }
 }
 
@@ -350,6 +359,36 @@ fn bound_output<T: Source>(
     Ok(())
 }
 
+/// The rule for the caller's external data file: an image whose guest data
+/// lives in one needs it handed in ([`code::DATA_FILE_MISSING`]), and one
+/// handed in for an image without one is refused
+/// ([`code::DATA_FILE_UNEXPECTED`], input [`Input::DataFile`]). `given`:
+/// whether the caller has one. Paths named inside the image are never
+/// opened.
+pub fn data_file_rule(h: &Header, given: bool) -> Result<(), ConvertError> {
+    let (code, input, message) = match (h.has_data_file(), given) {
+        (true, true) | (false, false) => return Ok(()),
+        (true, false) => (
+            code::DATA_FILE_MISSING,
+            Input::Image,
+            "guest data lives in an external data file that was not handed in",
+        ),
+        (false, true) => (
+            code::DATA_FILE_UNEXPECTED,
+            Input::DataFile,
+            "a data file was handed in but the image has no external data file",
+        ),
+    };
+    Err(ConvertError::Refused {
+        input,
+        findings: vec![refusal(
+            code,
+            field::INCOMPATIBLE_FEATURES,
+            message.to_owned(),
+        )],
+    })
+}
+
 /// Open `inputs.image`, apply the policy and the conversion rules, attach
 /// the backing image and data file, and audit the metadata. Nothing is
 /// written; an `Err` means the conversion must not run.
@@ -361,9 +400,9 @@ pub fn prepare<S: Source>(
     let policy = &opts.policy;
     let mut warnings = Vec::new();
     let mut image = Image::open_with(inputs.image, limits.clone()).map_err(ConvertError::image)?;
-    refuse_on_policy(Input::Image, &image, policy, &mut warnings)?;
+    let judged = refuse_on_policy(Input::Image, &image, policy, &mut warnings)?;
     bound_output(&image, opts, inputs.backing.is_some())?;
-    let report = audit(&image, opts)?;
+    let report = audit(&image, opts, judged)?;
     if let Some(sel) = &inputs.snapshot {
         let Some(index) = sel.find(image.snapshots()) else {
             return Err(ConvertError::Refused {
@@ -378,38 +417,14 @@ pub fn prepare<S: Source>(
         image = image.into_snapshot(index).map_err(ConvertError::image)?;
     }
 
-    let needs_data_file = image.header().has_data_file();
-    match inputs.data_file {
-        Some(df) if needs_data_file => image.set_data_file(df),
-        None if needs_data_file => {
-            return Err(ConvertError::Refused {
-                input: Input::Image,
-                findings: vec![refusal(
-                    code::DATA_FILE_MISSING,
-                    field::INCOMPATIBLE_FEATURES,
-                    "guest data lives in an external data file that was not handed in".to_owned(),
-                )],
-            })
-        }
-        Some(_) => {
-            return Err(ConvertError::Refused {
-                input: Input::DataFile,
-                findings: vec![refusal(
-                    code::DATA_FILE_UNEXPECTED,
-                    field::INCOMPATIBLE_FEATURES,
-                    "a data file was handed in but the image has no external data file".to_owned(),
-                )],
-            })
-        }
-        None => {}
+    data_file_rule(image.header(), inputs.data_file.is_some())?;
+    if let Some(df) = inputs.data_file {
+        image.set_data_file(df);
     }
 
     match inputs.backing {
         Some(src) => {
-            let mut magic = [0u8; 4];
-            let is_qcow2 = src.read_exact_at(0, &mut magic).is_ok()
-                && u32::from_be_bytes(magic) == header::MAGIC;
-            if is_qcow2 {
+            if header::has_magic(&*src) {
                 let backing =
                     Image::open_with(src, limits).map_err(|error| ConvertError::Image {
                         input: Input::Backing,

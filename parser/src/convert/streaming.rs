@@ -590,3 +590,113 @@ fn unwritten(
     }
     Ok(missing)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::{GuestCluster, ImageModel};
+    use crate::convert::{FileSink, WriteSink};
+    use crate::Limits;
+
+    fn unnamed() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!(
+            "qcow2-guard-streaming-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    fn run(
+        bytes: &[u8],
+        opts: &ConvertOptions,
+        spool: bool,
+    ) -> Result<(Vec<u8>, Streamed), ConvertError> {
+        let out = unnamed();
+        let sink = FileSink::new(&out);
+        let mut c = if spool {
+            StreamConversion::with_spool(opts, &sink, Arc::new(bytes.to_vec()))?
+        } else {
+            StreamConversion::new(opts, &sink)?
+        };
+        for piece in bytes.chunks(1000) {
+            c.feed(piece)?;
+        }
+        let done = c.finish()?;
+        let mut disk = Vec::new();
+        std::io::Read::read_to_end(&mut &out, &mut disk).unwrap();
+        Ok((disk, done))
+    }
+
+    fn model() -> crate::build::BuiltImage {
+        ImageModel {
+            cluster_bits: 12,
+            clusters: (0..24)
+                .map(|i| match i % 4 {
+                    0 => GuestCluster::Data(i),
+                    1 => GuestCluster::Compressed(i),
+                    2 => GuestCluster::Zero,
+                    _ => GuestCluster::Unallocated,
+                })
+                .collect(),
+            ..ImageModel::default()
+        }
+        .build()
+        .unwrap()
+    }
+
+    #[test]
+    fn written_as_it_passes() {
+        let built = model();
+        let (disk, done) = run(&built.bytes, &ConvertOptions::default(), false).unwrap();
+        assert_eq!(disk, built.guest);
+        assert!(!done.respooled && done.read_back.is_empty());
+    }
+
+    #[test]
+    fn over_the_budget_respools_or_refuses() {
+        let built = model();
+        let opts = ConvertOptions {
+            limits: Limits {
+                max_retained_bytes: 1,
+                ..Limits::default()
+            },
+            ..ConvertOptions::default()
+        };
+        // With a spool: written again from it at the end (what was
+        // written while streaming is cleared first).
+        let (disk, done) = run(&built.bytes, &opts, true).unwrap();
+        assert_eq!(disk, built.guest);
+        assert!(done.respooled);
+        // Without: refused, the budget named.
+        match run(&built.bytes, &opts, false) {
+            Err(ConvertError::Audit { report, .. }) => {
+                assert!(report.has(crate::check::code::NEEDS_RANDOM_ACCESS));
+                assert!(
+                    report.findings[0]
+                        .message
+                        .contains("retention budget of 1 bytes"),
+                    "{}",
+                    report.findings[0]
+                );
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sequential_sinks_are_refused() {
+        let sink = WriteSink::new(Vec::new());
+        assert!(matches!(
+            StreamConversion::new(&ConvertOptions::default(), &sink),
+            Err(ConvertError::Sink(_))
+        ));
+    }
+}
