@@ -13,30 +13,13 @@ use qcow2_guard::l1l2::Cluster;
 use qcow2_guard::walker::{walk, Item};
 use qcow2_guard::{check, CheckOptions, FileSource, Image, Report};
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// `qemu-img convert -c` of 6 MiB of mixed data (text, random, zeros) with
 /// 4 KiB clusters: 384 compressed clusters in three L2 tables.
 fn compressed(dir: &Path, kind: &str) -> PathBuf {
     let raw = dir.join(format!("{kind}.raw"));
     write_raw(&raw, 6 << 20, 11);
-    let p = dir.join(format!("{kind}.qcow2"));
     let opts = format!("cluster_size=4096,compression_type={kind}");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        &opts,
-        s(&raw),
-        s(&p),
-    ]);
-    p
+    compress(&raw, &dir.join(format!("{kind}.qcow2")), &opts)
 }
 
 /// Every L2 entry: (file offset, raw word, compressed).
@@ -211,4 +194,120 @@ fn convert_is_the_same_on_any_thread_count() {
         assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
         assert!(std::fs::read(&out).expect("read") == want, "{kind}, -m 3");
     }
+}
+
+/// Hostile variations of built images (random bytes overwritten anywhere,
+/// tables included): the report never depends on the thread count.
+#[test]
+fn mutated_images_report_the_same_on_any_thread_count() {
+    use qcow2_guard::build::{GuestCluster, ImageModel, SnapshotModel};
+    use qcow2_guard::CompressionType;
+
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut payload_failures = 0;
+    for (i, compression) in [CompressionType::Deflate, CompressionType::Zstd]
+        .into_iter()
+        .cycle()
+        .take(8)
+        .enumerate()
+    {
+        let clusters = (0..120u32)
+            .map(|c| match c % 5 {
+                0 => GuestCluster::Data(c as u8),
+                1 => GuestCluster::Zero,
+                _ => GuestCluster::Compressed(c as u8),
+            })
+            .collect();
+        let built = ImageModel {
+            cluster_bits: 9 + (i as u32 % 4),
+            compression,
+            clusters,
+            snapshots: if i % 3 == 0 {
+                vec![SnapshotModel { name: "s".into() }]
+            } else {
+                Vec::new()
+            },
+            ..ImageModel::default()
+        }
+        .build()
+        .expect("build");
+        for round in 0..25 {
+            let mut bytes = built.bytes.clone();
+            for _ in 0..1 + round % 8 {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] = next() as u8;
+            }
+            let Ok(image) = Image::open(bytes.as_slice()) else {
+                continue;
+            };
+            let base = CheckOptions {
+                max_findings: 1 + round % 20,
+                ..CheckOptions::default()
+            };
+            let one = check(
+                &image,
+                &CheckOptions {
+                    threads: 1,
+                    ..base.clone()
+                },
+            );
+            let three = check(&image, &CheckOptions { threads: 3, ..base });
+            assert_eq!(one, three, "model {i}, round {round}");
+            payload_failures += usize::from(one.has("decompress_failed"));
+        }
+    }
+    // The mutations do reach payloads.
+    assert!(payload_failures > 5, "{payload_failures}");
+}
+
+/// Peak RSS (KiB) of `qcow2-guard ARGS`, through python's `wait4`.
+fn peak_rss_kib(args: &[&str]) -> u64 {
+    let script = "import os, sys\n\
+        pid = os.fork()\n\
+        if pid == 0:\n    \
+            fd = os.open(os.devnull, os.O_WRONLY); os.dup2(fd, 1)\n    \
+            os.execv(sys.argv[1], sys.argv[1:])\n\
+        _, st, ru = os.wait4(pid, 0)\n\
+        assert os.waitstatus_to_exitcode(st) == 0, st\n\
+        print(ru.ru_maxrss)\n";
+    let out = std::process::Command::new("python3")
+        .args(["-S", "-c", script, bin()])
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("rss")
+}
+
+/// 2 MiB clusters (the largest QEMU allows) and 64 threads asked for:
+/// the workers' buffers stay within `parallel::WORKER_MEMORY` (without
+/// the cut, 32 workers of 8 MiB each).
+#[test]
+fn large_clusters_start_fewer_workers() {
+    let dir = tmpdir();
+    let raw = dir.path().join("big.raw");
+    write_raw(&raw, 64 << 20, 5);
+    let p = compress(
+        &raw,
+        &dir.path().join("big.qcow2"),
+        "cluster_size=2M,compression_type=zstd",
+    );
+    let convert = peak_rss_kib(&["convert", "-q", "-m", "64", s(&p), "-"]);
+    let check = peak_rss_kib(&["check", "--threads", "64", s(&p)]);
+    // Measured: 27 and 30 MiB; without the cut 101 and 75 MiB.
+    assert!(convert < 40 << 10, "convert: {convert} KiB");
+    assert!(check < 40 << 10, "check: {check} KiB");
 }

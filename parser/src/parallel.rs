@@ -35,7 +35,32 @@ pub fn default_threads() -> usize {
     })
 }
 
+/// What the workers of one check or conversion may hold together, at
+/// most: their buffers scale with the cluster size, which the image
+/// chooses (up to 2 MiB), so the worker count is cut to fit.
+pub const WORKER_MEMORY: u64 = 16 << 20;
+
 /// A `threads` option as used: at least 1, at most [`MAX_THREADS`].
 pub fn clamp(threads: usize) -> usize {
     threads.clamp(1, MAX_THREADS)
+}
+
+/// Workers to start for a `threads` option when each worker holds
+/// `per_worker` bytes: [`clamp`]`(threads)`, cut so that all of them hold
+/// at most [`WORKER_MEMORY`] (never below 1).
+///
+/// ```
+/// use qcow2_guard::parallel::workers;
+/// // 64 KiB clusters: buffers of a few hundred KiB, no cut.
+/// assert_eq!(workers(4, 512 << 10), 4);
+/// // 2 MiB clusters, 8 MiB per worker: two.
+/// assert_eq!(workers(4, 8 << 20), 2);
+/// assert_eq!(workers(0, 64 << 20), 1);
+/// ```
+pub fn workers(threads: usize, per_worker: u64) -> usize {
+    let fit = WORKER_MEMORY
+        .checked_div(per_worker)
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(MAX_THREADS);
+    clamp(threads).min(fit.max(1))
 }

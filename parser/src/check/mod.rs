@@ -97,8 +97,10 @@ pub struct CheckOptions {
     /// payloads are no longer verified and a finding says so.
     pub max_decompressed_bytes: u64,
     /// Threads verifying compressed payloads (default
-    /// [`crate::parallel::default_threads`]; 1: the calling thread alone).
-    /// The report is the same for any value.
+    /// [`crate::parallel::default_threads`]; 1: the calling thread alone;
+    /// fewer with clusters so large that their buffers would pass
+    /// [`crate::parallel::WORKER_MEMORY`]). The report is the same for any
+    /// value.
     pub threads: usize,
 }
 

@@ -16,7 +16,9 @@
 //! Memory stays bounded: at most [`IN_FLIGHT_PER_THREAD`] payloads per
 //! thread are being decoded or waiting, at most [`MAX_HELD`] entries are
 //! held back, and each worker owns one cluster of input and one of output
-//! (plus its decoder context). Workers are started as payloads arrive,
+//! (plus its decoder context), and fewer workers start when the clusters
+//! are so large that their buffers would pass
+//! [`crate::parallel::WORKER_MEMORY`]. Workers are started as payloads arrive,
 //! so an image without compressed clusters starts none.
 
 use std::collections::{HashMap, VecDeque};
@@ -85,7 +87,10 @@ pub(super) fn walk_l2<'a, S: Source, V: Verifier<'a>>(
     budget: Budget,
     threads: usize,
 ) {
-    let threads = crate::parallel::clamp(threads);
+    let g = *image.geometry();
+    // A worker holds one cluster of input (plus a sector) and one of output.
+    let per_worker = g.cluster_size.saturating_mul(2);
+    let threads = crate::parallel::workers(threads, per_worker);
     if !verify || threads < 2 {
         walker::walk_l2(image, tables, visit);
         return;
@@ -93,7 +98,6 @@ pub(super) fn walk_l2<'a, S: Source, V: Verifier<'a>>(
     let (job_tx, job_rx) = mpsc::channel::<Job>();
     let job_rx = Mutex::new(job_rx);
     let (done_tx, done_rx) = mpsc::channel::<Done>();
-    let g = *image.geometry();
     std::thread::scope(|scope| {
         let mut ahead = Ahead {
             visit,

@@ -96,9 +96,14 @@ pub(super) struct Chunks<'a, S> {
 pub(super) fn chunks<S: Source>(image: &Image<S>) -> Chunks<'_, S> {
     Chunks {
         image,
-        chunk: CHUNK.max(image.geometry().cluster_size),
+        chunk: chunk_size(image),
         pos: 0,
     }
+}
+
+/// Guest bytes of a (non-hole) chunk: [`CHUNK`], or one cluster if larger.
+pub(super) fn chunk_size<S: Source>(image: &Image<S>) -> u64 {
+    CHUNK.max(image.geometry().cluster_size)
 }
 
 impl<S: Source> Iterator for Chunks<'_, S> {

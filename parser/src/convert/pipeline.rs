@@ -1,16 +1,18 @@
 //! [`Conversion::run`]: workers fill chunks, the sink takes them.
 //!
 //! [`ConvertOptions::threads`](super::ConvertOptions::threads) workers
-//! take chunks in turn (worker `w` of `n` takes chunks `w, w + n, ...`),
-//! each reading, decompressing and zero-scanning its own. Into a positional sink each worker writes its own chunks, so
-//! there are no hand-offs and many small hole chunks cost nothing; into a
+//! (fewer when their buffers would pass
+//! [`crate::parallel::WORKER_MEMORY`]) take chunks in turn (worker `w` of
+//! `n` takes chunks `w, w + n, ...`), each reading, decompressing and
+//! zero-scanning its own. Into a positional sink each worker writes its
+//! own chunks, so there are no hand-offs and many small hole chunks cost nothing; into a
 //! sequential sink the calling thread writes the chunks in order. At most
 //! a few chunks are in flight, so memory does not grow with the image.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
-use super::chunks::{chunks, fill, Chunk, Piece, Worker};
+use super::chunks::{chunk_size, chunks, fill, Chunk, Piece, Worker};
 use super::{Conversion, ConvertError, Sink};
 use crate::source::Source;
 use crate::Image;
@@ -29,7 +31,14 @@ impl<S: Source> Conversion<S> {
     /// discards it.
     pub fn run(&self, sink: &dyn Sink, progress: Progress<'_>) -> Result<(), ConvertError> {
         let image = &self.image;
-        let workers = crate::parallel::clamp(self.threads);
+        // A worker holds its chunk buffers (BUFFERS of them for a
+        // sequential sink, one for a positional one) and one compressed
+        // stream; with 2 MiB clusters fewer workers start.
+        let buffers = if sink.sequential() { BUFFERS } else { 1 };
+        let per_worker = chunk_size(image)
+            .saturating_mul(u64::try_from(buffers).unwrap_or(u64::MAX))
+            .saturating_add(image.geometry().cluster_size);
+        let workers = crate::parallel::workers(self.threads, per_worker);
         if sink.sequential() {
             to_sequential(image, sink, progress, workers)?;
         } else {

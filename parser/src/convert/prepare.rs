@@ -57,8 +57,9 @@ pub struct ConvertOptions {
     /// converted without the audit.
     pub max_audit_clusters: u64,
     /// Workers reading and decompressing chunks (default
-    /// [`crate::parallel::default_threads`]); the output is the same for
-    /// any value.
+    /// [`crate::parallel::default_threads`]; fewer with clusters so large
+    /// that their buffers would pass [`crate::parallel::WORKER_MEMORY`]);
+    /// the output is the same for any value.
     pub threads: usize,
 }
 
