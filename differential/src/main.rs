@@ -12,6 +12,12 @@
 //! - P4: whenever both convert (the disk, or a snapshot), the outputs
 //!   are identical.
 //!
+//! Where `convert -O raw` does not cover the disk (one side cannot convert
+//! it, or the outputs were not compared), random guest ranges (unaligned,
+//! up to three clusters) are read by `qemu-io -r` and by our read API
+//! (`Image::read_at`, in process): when both read a range the bytes must
+//! be equal (P4); ranges only one side reads are counted and sampled.
+//!
 //! Seeded and reproducible: mutant `i` of seed `s` is the same on every
 //! machine for the same seed list. Each failure prints its mutations and
 //! keeps the mutant image with a text file saying how to replay it.
@@ -190,6 +196,8 @@ struct Verdicts {
     ours_text: String,
     /// The code of the first error our `check` printed (`error [code] ...`).
     ours_code: Option<String>,
+    /// Random ranges, where convert did not compare the disk.
+    ranges: Ranges,
 }
 
 /// The arguments our commands take for mutants of one seed, and the
@@ -303,7 +311,93 @@ fn judge(a: &Args, dir: &Path, img: &Path, sa: &SeedArgs) -> Verdicts {
         snapshots,
         ours_code: first_error_code(&ours_text),
         ours_text: format!("{ours_text}{conv_text}"),
+        ranges: Ranges::default(),
     }
+}
+
+/// Random guest ranges read by `qemu-io -r` and by our `Image::read_at`.
+#[derive(Default)]
+struct Ranges {
+    /// Both read the range: (offset, length, identical).
+    both: Vec<(u64, u64, bool)>,
+    /// Only qemu-io read it (we return an error).
+    only_qemu: Vec<(u64, u64, String)>,
+    /// Only we read it (qemu-io: read failed).
+    only_ours: Vec<(u64, u64)>,
+}
+
+/// The reads of one `qemu-io -c 'read -v O L'...` run, in order: the
+/// bytes, or `None` for "read failed".
+fn parse_qemu_io(text: &str) -> Vec<Option<Vec<u8>>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("read failed") {
+            out.push(None);
+            cur.clear();
+        } else if line.starts_with("read ") && line.contains(" bytes at offset ") {
+            out.push(Some(std::mem::take(&mut cur)));
+        } else if let Some((addr, rest)) = line.split_once(":  ") {
+            if addr.len() == 8 && addr.bytes().all(|c| c.is_ascii_hexdigit()) {
+                // Up to 16 "xx " groups, then the characters.
+                for tok in rest.split(' ').take(16) {
+                    match u8::from_str_radix(tok, 16) {
+                        Ok(b) if tok.len() == 2 => cur.push(b),
+                        _ => break,
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Read `count` random ranges of `img` with qemu-io and with our library.
+fn read_ranges(a: &Args, img: &Path, r: &mut Rng, count: u64) -> Ranges {
+    use qcow2_guard::{FileSource, Image};
+    let mut out = Ranges::default();
+    let Ok(src) = FileSource::open(img) else {
+        return out;
+    };
+    let Ok(image) = Image::open(src) else {
+        return out;
+    };
+    let (size, cs) = (image.virtual_size(), image.geometry().cluster_size);
+    if size == 0 {
+        return out;
+    }
+    let ranges: Vec<(u64, u64)> = (0..count)
+        .map(|_| {
+            let off = r.below(size);
+            let len = 1 + r.below((3 * cs).min(256 << 10).min(size - off));
+            (off, len)
+        })
+        .collect();
+    let mut args = vec!["-r".to_string(), "-f".into(), "qcow2".into()];
+    for (off, len) in &ranges {
+        args.push("-c".into());
+        args.push(format!("read -v {off} {len}"));
+    }
+    args.push(img.display().to_string());
+    let (end, text) = run(a, false, Path::new("qemu-io"), &strs(&args));
+    if end != End::Exit(0) {
+        return out;
+    }
+    let qemu = parse_qemu_io(&text);
+    if qemu.len() != ranges.len() {
+        return out;
+    }
+    for ((off, len), q) in ranges.into_iter().zip(qemu) {
+        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        let ours = image.read_at(off, &mut buf);
+        match (q, ours) {
+            (Some(q), Ok(())) => out.both.push((off, len, q == buf)),
+            (Some(_), Err(e)) => out.only_qemu.push((off, len, e.code().to_string())),
+            (None, Ok(())) => out.only_ours.push((off, len)),
+            (None, Err(_)) => {}
+        }
+    }
+    out
 }
 
 /// The properties a mutant breaks.
@@ -345,6 +439,9 @@ fn failures(v: &Verdicts) -> Vec<&'static str> {
     }
     if v.snapshots.iter().any(|s| s.3 == Some(false)) {
         f.push("P4: both convert a snapshot (-l), outputs differ");
+    }
+    if v.ranges.both.iter().any(|r| !r.2) {
+        f.push("P4: qemu-io and our read_at read a range differently");
     }
     f
 }
@@ -407,6 +504,10 @@ struct Stats {
     info_matrix: std::collections::BTreeMap<String, u64>,
     /// Snapshot conversions compared (both read them, identically).
     snapshots_identical: u64,
+    /// Random ranges: both read identically; only qemu-io; only we.
+    ranges_identical: u64,
+    ranges_only_qemu: std::collections::BTreeMap<String, (u64, Vec<u64>)>,
+    ranges_only_ours: (u64, Vec<u64>),
     /// Mutants of the soft disagreements, for `--breakdown`.
     soft: Vec<Soft>,
 }
@@ -617,7 +718,17 @@ fn main() {
                         eprintln!("cannot write {}", img.display());
                         break;
                     }
-                    let v = judge(a, &dir, &img, &seeds[s].args(&bytes));
+                    let mut v = judge(a, &dir, &img, &seeds[s].args(&bytes));
+                    // Ranges where convert did not compare the disk (seeds
+                    // needing no other file: the library is given none).
+                    if v.identical.is_none()
+                        && seeds[s].policy.is_empty()
+                        && v.qemu_info == End::Exit(0)
+                    {
+                        let mut r =
+                            Rng::new(a.seed ^ index.wrapping_mul(0xd6e8_feb8_6659_fd93) ^ 0x5eed);
+                        v.ranges = read_ranges(a, &img, &mut r, 4);
+                    }
                     let broken = failures(&v);
                     let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
                     st.done += 1;
@@ -640,6 +751,20 @@ fn main() {
                     *st.info_matrix.entry(key).or_default() += 1;
                     st.snapshots_identical +=
                         v.snapshots.iter().filter(|s| s.3 == Some(true)).count() as u64;
+                    st.ranges_identical += v.ranges.both.iter().filter(|r| r.2).count() as u64;
+                    for (_, _, code) in &v.ranges.only_qemu {
+                        let e = st.ranges_only_qemu.entry(code.clone()).or_default();
+                        e.0 += 1;
+                        if e.1.len() < 3 && !e.1.contains(&index) {
+                            e.1.push(index);
+                        }
+                    }
+                    if !v.ranges.only_ours.is_empty() {
+                        st.ranges_only_ours.0 += v.ranges.only_ours.len() as u64;
+                        if st.ranges_only_ours.1.len() < 5 {
+                            st.ranges_only_ours.1.push(index);
+                        }
+                    }
                     match (v.ours_check, v.qemu_check) {
                         (End::Exit(0), End::Exit(0)) => st.both_accept += 1,
                         (End::Exit(0), End::Exit(3)) => st.leak_disagreements += 1,
@@ -702,6 +827,13 @@ fn main() {
         "  snapshots converted identically (convert -l): {}",
         st.snapshots_identical
     );
+    println!(
+        "  random ranges (qemu-io -r vs read_at, where convert did not compare): {} read identically; {} read only by us (sample --index {:?})",
+        st.ranges_identical, st.ranges_only_ours.0, st.ranges_only_ours.1
+    );
+    for (code, (n, samples)) in &st.ranges_only_qemu {
+        println!("  {n:>6}  ranges read only by qemu-io; our read_at: {code} (sample --index {samples:?})");
+    }
     if a.breakdown {
         print_breakdown(&mut st.soft);
     }
@@ -730,6 +862,23 @@ fn report(
         "  ours: check {}, info {}, convert {}; qemu-img: check {}, info {}, convert {}; outputs identical: {:?}\n",
         v.ours_check, v.ours_info, v.ours_convert, v.qemu_check, v.qemu_info, v.qemu_convert, v.identical
     ));
+    for (off, len, same) in &v.ranges.both {
+        if !same {
+            text.push_str(&format!(
+                "  range {off:#x}+{len:#x}: qemu-io and read_at differ\n"
+            ));
+        }
+    }
+    for (off, len, code) in &v.ranges.only_qemu {
+        text.push_str(&format!(
+            "  range {off:#x}+{len:#x}: qemu-io reads; read_at: {code}\n"
+        ));
+    }
+    for (off, len) in &v.ranges.only_ours {
+        text.push_str(&format!(
+            "  range {off:#x}+{len:#x}: read_at reads; qemu-io: read failed\n"
+        ));
+    }
     for (id, o, q, same) in &v.snapshots {
         text.push_str(&format!(
             "  snapshot {id}: ours convert -l {o}; qemu-img convert -l {q}; identical: {same:?}\n"
