@@ -106,7 +106,8 @@ while IFS='|' read -r name file old new targets; do
         line="$name: NOT APPLIED ($(cat "$work/apply.log"))"
         broken=$((broken + 1))
     elif ! (cd "$src/fuzz" && for t in $targets; do
-        cargo fuzz build -s none -O "$t" || exit 1
+        # Incremental: one changed line rebuilds in a fraction of the time.
+        CARGO_PROFILE_RELEASE_INCREMENTAL=true cargo fuzz build -s none -O "$t" || exit 1
     done >"$work/build.log" 2>&1); then
         line="$name: DOES NOT BUILD (see $work/build.log)"
         broken=$((broken + 1))
