@@ -75,8 +75,68 @@ fn assert_converts(img: &Path, extra: &[&str]) -> Vec<u8> {
     fs::remove_file(&out).unwrap();
     if extra.is_empty() {
         check_reads(img, &expect, 0x5eed ^ expect.len() as u64);
+        // From a pipe: the same disk with a spool; without one the same
+        // disk, or a needs_random_access refusal that writes nothing.
+        let (c, err, got) = convert_streamed(img, true);
+        assert!(
+            c == 0 && got.as_ref() == Some(&expect),
+            "{}: convert --spool -: {err}",
+            img.display()
+        );
+        let (c, err, got) = convert_streamed(img, false);
+        if c == 0 {
+            assert!(
+                got.as_ref() == Some(&expect),
+                "{}: convert -",
+                img.display()
+            );
+        } else {
+            assert!(
+                c == 1 && err.contains("needs_random_access") && got.is_none(),
+                "{}: {err}",
+                img.display()
+            );
+        }
     }
     expect
+}
+
+/// `cat IMG | qcow2-guard convert -q [--spool S] - OUT`: exit code,
+/// stderr, and OUT's bytes if it was written (the spool must then be a
+/// copy of IMG).
+fn convert_streamed(img: &Path, spool: bool) -> (i32, String, Option<Vec<u8>>) {
+    let dir = tmpdir();
+    let out = dir.path().join("out.raw");
+    let sp = dir.path().join("spool.qcow2");
+    let flag = if spool {
+        format!("--spool '{}'", sp.display())
+    } else {
+        String::new()
+    };
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cat '{}' | '{}' convert -q {flag} - '{}'",
+            img.display(),
+            bin(),
+            out.display()
+        ))
+        .output()
+        .unwrap();
+    let got = fs::read(&out).ok();
+    if got.is_some() && spool {
+        assert!(
+            fs::read(&sp).unwrap() == fs::read(img).unwrap(),
+            "the spool is a copy"
+        );
+    }
+    let left = leftovers(dir.path(), &[&out, &sp]);
+    assert!(left.is_empty(), "left behind: {left:?}");
+    (
+        code(&o),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+        got,
+    )
 }
 
 /// Property: for random guest ranges `read_at` and the `Read + Seek`
@@ -221,6 +281,21 @@ fn assert_refused(img: &Path, want: i32, code_str: &str, extra: &[&str]) {
     assert!(stderr.contains(code_str), "expected {code_str}: {stderr}");
     assert!(!out.exists(), "output left behind");
     assert_eq!(leftovers(dir, &[]), before, "temporary file left behind");
+    if extra.is_empty() {
+        // From a pipe, with a spool: refused the same way, nothing written.
+        let (c, err, got) = convert_streamed(img, true);
+        assert!(
+            got.is_none(),
+            "{}: convert --spool - wrote a refused image",
+            img.display()
+        );
+        assert_eq!(
+            (c, err.contains(code_str)),
+            (want, true),
+            "{}: convert --spool -: {err}",
+            img.display()
+        );
+    }
     if Path::new("/usr/bin/time").exists() {
         let t = std::process::Command::new("/usr/bin/time")
             .args(["-f", "%M", bin(), "convert", "-q"])
