@@ -47,7 +47,7 @@ use std::collections::HashMap;
 use crate::bitmap::{self, Bitmap};
 use crate::error::{Error, Result, What};
 use crate::header::{field, Geometry};
-use crate::l1l2::{Cluster, L1Entry, L2Table};
+use crate::l1l2::{Cluster, L1Entry};
 use crate::metadata::MetadataMap;
 use crate::snapshot::Snapshot;
 use crate::source::{be_u64s, read_into, span, Source};
@@ -138,6 +138,46 @@ pub trait Visitor<'a> {
             cluster,
         }));
     }
+
+    /// All entries of one L2 table, `words` being its big-endian words
+    /// (two per entry with extended L2): unless overridden, each entry is
+    /// decoded and handed to [`Visitor::l2_entry`] in order
+    /// ([`decode_entries`]). A visitor may judge the common entries of a
+    /// whole table in one tight loop, as long as it sees what
+    /// [`decode_entries`] would have shown it.
+    fn l2_entries(&mut self, table: &L2Ref, words: &[u64], g: &Geometry, data_file: bool) {
+        decode_entries(self, table, words, g, data_file);
+    }
+}
+
+/// Decode every entry of an L2 table (`words`, as [`Visitor::l2_entries`]
+/// receives them) and hand each to `visit`'s [`Visitor::l2_entry`].
+pub fn decode_entries<'a, V: Visitor<'a> + ?Sized>(
+    visit: &mut V,
+    table: &L2Ref,
+    words: &[u64],
+    g: &Geometry,
+    data_file: bool,
+) {
+    let per = if g.extended_l2 { 2 } else { 1 };
+    let step = 8u64.saturating_mul(u64::try_from(per).unwrap_or(1));
+    let mut at = table.offset;
+    for (index, w) in (0u64..).zip(words.chunks_exact(per)) {
+        let raw = w.first().copied().unwrap_or(0);
+        let bitmap = if g.extended_l2 {
+            w.get(1).copied()
+        } else {
+            None
+        };
+        let cluster = Cluster::decode(raw, bitmap, at, g, data_file).and_then(|c| {
+            if data_file {
+                c.check_data_file_host(table.guest_offset(index, g), at)?;
+            }
+            Ok(c)
+        });
+        visit.l2_entry(table, index, at, raw, cluster);
+        at = at.saturating_add(step);
+    }
 }
 
 impl<'a, F: FnMut(Item<'a>)> Visitor<'a> for F {
@@ -224,31 +264,56 @@ pub fn walk_tables<'a, S: Source>(image: &'a Image<S>, visit: &mut impl Visitor<
         .collect()
 }
 
-/// The entries of the L2 tables `tables` (from [`walk_tables`]).
+/// Most bytes of L2 tables read with one positional read: tables that
+/// follow each other in the file (as QEMU allocates them when it writes
+/// sequentially) are read as a run.
+const RUN_BYTES: u64 = 1 << 20;
+
+/// The entries of the L2 tables `tables` (from [`walk_tables`]), table by
+/// table in that order; runs of tables adjacent in the file are read with
+/// one read. Buffers are reused: nothing is allocated per table or entry.
 pub fn walk_l2<'a, S: Source>(image: &'a Image<S>, tables: &[L2Ref], visit: &mut impl Visitor<'a>) {
     let g = *image.geometry();
     let data_file = image.header().has_data_file();
-    let mut bytes = vec![0u8; usize::try_from(g.cluster_size).unwrap_or(0)];
-    for &t in tables {
-        visit.item(Item::L2Table(t));
-        if let Err(e) = read_into(image.source(), t.offset, &mut bytes) {
-            visit.item(Item::Error(e));
-            continue;
+    let cs = g.cluster_size;
+    let Ok(cs_bytes) = usize::try_from(cs) else {
+        return;
+    };
+    let per_run = usize::try_from(RUN_BYTES.checked_div(cs).unwrap_or(1))
+        .unwrap_or(1)
+        .max(1);
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut words: Vec<u64> = Vec::with_capacity(cs_bytes / 8);
+    let mut rest = tables;
+    while let Some(first) = rest.first() {
+        // How many of the next tables follow each other in the file.
+        let mut n = 1usize;
+        let mut next = first.offset.saturating_add(cs);
+        while n < per_run && rest.get(n).is_some_and(|t| t.offset == next) {
+            n = n.saturating_add(1);
+            next = next.saturating_add(cs);
         }
-        let table = L2Table::new(t.offset, &bytes, &g);
-        for (index, (raw, bitmap, at)) in (0u64..).zip(table.entries()) {
-            visit.l2_entry(
-                &t,
-                index,
-                at,
-                raw,
-                Cluster::decode(raw, bitmap, at, &g, data_file).and_then(|c| {
-                    if data_file {
-                        c.check_data_file_host(t.guest_offset(index, &g), at)?;
-                    }
-                    Ok(c)
-                }),
-            );
+        let (run, tail) = rest.split_at(n.min(rest.len()));
+        rest = tail;
+        bytes.resize(cs_bytes.saturating_mul(run.len()), 0);
+        // One read for the run; table by table (each with its own error)
+        // only when that fails.
+        let whole = read_into(image.source(), first.offset, &mut bytes).is_ok();
+        for (t, chunk) in run.iter().zip(bytes.chunks_exact_mut(cs_bytes)) {
+            visit.item(Item::L2Table(*t));
+            if !whole {
+                if let Err(e) = read_into(image.source(), t.offset, chunk) {
+                    visit.item(Item::Error(e));
+                    continue;
+                }
+            }
+            words.clear();
+            words.extend(chunk.chunks_exact(8).map(|c| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                u64::from_be_bytes(w)
+            }));
+            visit.l2_entries(t, &words, &g, data_file);
         }
     }
 }

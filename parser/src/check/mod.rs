@@ -41,6 +41,8 @@ use crate::Image;
 mod payloads;
 mod walk;
 
+pub(crate) use walk::TableUses;
+
 /// Finding codes of the check (decode errors keep their [`Error::code`],
 /// policy findings their [`crate::policy::code`]).
 pub mod code {
@@ -388,17 +390,19 @@ impl Findings {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn check<S: Source>(image: &Image<S>, opts: &CheckOptions) -> Report {
-    check_judged(image, opts, image.policy_findings(&opts.policy))
+    check_judged(image, opts, image.policy_findings(&opts.policy)).0
 }
 
 /// [`check`], with `policy` the findings of [`CheckOptions::policy`] on
 /// `image`, already evaluated by the caller (convert judges the policy
-/// before its audit).
+/// before its audit); and what each walked L2 table of the active layer
+/// maps (for a conversion, which then needs no pass of its own over the
+/// tables; empty when the walk did not run).
 pub(crate) fn check_judged<S: Source>(
     image: &Image<S>,
     opts: &CheckOptions,
     policy: Vec<Finding>,
-) -> Report {
+) -> (Report, TableUses) {
     let mut findings = Findings::new(opts.max_findings);
     for f in policy {
         findings.push(f);
@@ -423,11 +427,11 @@ pub(crate) fn check_judged<S: Source>(
                     opts.max_tracked_clusters
                 ),
             ));
-            return findings.into_report(stats, false);
+            return (findings.into_report(stats, false), TableUses::new());
         }
     };
-    let (findings, stats) = walk::run(image, opts, findings, stats, tracked);
-    findings.into_report(stats, false)
+    let (findings, stats, uses) = walk::run(image, opts, findings, stats, tracked);
+    (findings.into_report(stats, false), uses)
 }
 
 /// The metadata-only check `convert` runs before writing: everything

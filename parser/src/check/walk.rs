@@ -10,10 +10,11 @@ use super::payloads::{self, Budget, Verifier};
 use super::{code, CheckOptions, Findings, Stats};
 use crate::bitmap::{self, Bitmap};
 use crate::compressed::Descriptor;
+use crate::compressed::OFLAG_COPIED;
 use crate::error::{Result, What};
 use crate::finding::{Category, Finding, Severity};
 use crate::header::Geometry;
-use crate::l1l2::Cluster;
+use crate::l1l2::{Cluster, OFFSET_MASK, OFLAG_ZERO};
 use crate::metadata::MetadataMap;
 use crate::refcount;
 use crate::snapshot::Snapshot;
@@ -29,7 +30,7 @@ pub(super) fn run<S: Source>(
     findings: Findings,
     stats: Stats,
     tracked: usize,
-) -> (Findings, Stats) {
+) -> (Findings, Stats, TableUses) {
     let g = *image.geometry();
     let per = g.refcount_block_entries;
     let mut walk = Walk {
@@ -59,6 +60,8 @@ pub(super) fn run<S: Source>(
         in_buf: Vec::new(),
         out_buf: Vec::new(),
         next_contiguous: None,
+        uses: TableUses::new(),
+        cur: TableUse::default(),
     };
     let tables = walker::walk_tables(image, &mut walk);
     // Every metadata structure is known: overlaps between them.
@@ -66,47 +69,222 @@ pub(super) fn run<S: Source>(
     let (verify, budget) = (walk.decompress, walk.budget);
     payloads::walk_l2(image, &tables, &mut walk, verify, budget, opts.threads);
     walk.compare_refcounts();
-    (walk.f, walk.stats)
+    (walk.f, walk.stats, walk.uses)
 }
 
-/// References per host cluster, saturating at `u32::MAX`: two bytes a
-/// cluster until some count passes `u16::MAX`, then four (1 TiB of 64 KiB
-/// clusters: 32 MiB instead of 64).
-enum Counts {
-    Narrow(Vec<u16>),
-    Wide(Vec<u32>),
+/// What one L2 table of the active layer maps, gathered by the audit's
+/// walk for a conversion (which then needs no pass of its own over the
+/// tables): keyed by table offset, for tables whose entries were walked.
+pub(crate) type TableUses = HashMap<u64, TableUse>;
+
+/// See [`TableUses`]. Entries that fail to decode count nothing (the
+/// audit reports them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct TableUse {
+    /// Guest bytes mapped to host data: data and compressed clusters, and
+    /// allocated subclusters.
+    pub mapped: u64,
+    /// Lowest start and highest end of the host bytes its uncompressed
+    /// data is read from (`None`: no such data).
+    pub data: Option<(u64, u64)>,
+    /// Whether an entry is compressed.
+    pub compressed: bool,
+    /// Whether a cluster or subcluster is unallocated (read from a backing
+    /// image, when there is one).
+    pub unallocated: bool,
+}
+
+impl TableUse {
+    /// Uncompressed data read from `host .. host + len`.
+    #[inline]
+    fn data(&mut self, host: u64, len: u64) {
+        let end = host.saturating_add(len);
+        self.data = Some(match self.data {
+            Some((lo, hi)) => (lo.min(host), hi.max(end)),
+            None => (host, end),
+        });
+    }
+
+    fn note(&mut self, c: &Cluster, g: &Geometry) {
+        match *c {
+            Cluster::Data { .. } => self.mapped = self.mapped.saturating_add(g.cluster_size),
+            Cluster::Compressed(_) => {
+                self.mapped = self.mapped.saturating_add(g.cluster_size);
+                self.compressed = true;
+            }
+            Cluster::Subclusters { alloc, zero, .. } => {
+                self.mapped = self.mapped.saturating_add(
+                    u64::from(alloc.count_ones()).saturating_mul(g.subcluster_size),
+                );
+                let count = u32::try_from(g.subclusters).unwrap_or(32);
+                if (alloc | zero).count_ones() < count {
+                    self.unallocated = true;
+                }
+            }
+            Cluster::Unallocated => self.unallocated = true,
+            Cluster::Zero { .. } => {}
+        }
+        if let Some((host, len)) = c.data_extent(g) {
+            self.data(host, len);
+        }
+    }
+}
+
+/// Host clusters per page of [`Counts`].
+const PAGE_BITS: u32 = 16;
+const PAGE: usize = 1 << PAGE_BITS;
+
+/// References per host cluster, saturating at `u32::MAX`, in pages of
+/// 64 Ki clusters allocated when first referenced (a sparse file costs
+/// only what its tables reference). A page holds one byte a cluster until
+/// one of its counts passes `u8::MAX`, then two, then four: 1 TiB of
+/// 64 KiB clusters referenced once each is 16 MiB.
+struct Counts {
+    pages: Vec<Page>,
+    n: usize,
+}
+
+enum Page {
+    Empty,
+    Narrow(Box<[u8]>),
+    Mid(Box<[u16]>),
+    Wide(Box<[u32]>),
 }
 
 impl Counts {
     fn new(n: usize) -> Counts {
-        Counts::Narrow(vec![0; n])
+        let mut pages = Vec::new();
+        pages.resize_with(n.div_ceil(PAGE), || Page::Empty);
+        Counts { pages, n }
     }
 
+    /// Clusters in page `p`.
+    fn page_len(&self, p: usize) -> usize {
+        self.n.saturating_sub(p.saturating_mul(PAGE)).min(PAGE)
+    }
+
+    #[cfg(test)]
     fn get(&self, i: usize) -> u32 {
-        match self {
-            Counts::Narrow(v) => v.get(i).copied().map_or(0, u32::from),
-            Counts::Wide(v) => v.get(i).copied().unwrap_or(0),
+        let o = i & (PAGE - 1);
+        match self.pages.get(i >> PAGE_BITS) {
+            Some(Page::Narrow(v)) => v.get(o).copied().map_or(0, u32::from),
+            Some(Page::Mid(v)) => v.get(o).copied().map_or(0, u32::from),
+            Some(Page::Wide(v)) => v.get(o).copied().unwrap_or(0),
+            Some(Page::Empty) | None => 0,
         }
     }
 
     /// Add `refs` to count `i` (ignored past the end).
+    #[inline]
     fn add(&mut self, i: usize, refs: u32) {
-        if let Counts::Narrow(v) = self {
-            let Some(n) = v.get_mut(i) else { return };
-            match u16::try_from(u32::from(*n).saturating_add(refs)) {
-                Ok(sum) => {
-                    *n = sum;
+        let p = i >> PAGE_BITS;
+        let o = i & (PAGE - 1);
+        if let Some(Page::Narrow(v)) = self.pages.get_mut(p) {
+            if let Some(x) = v.get_mut(o) {
+                if let Ok(sum) = u8::try_from(u32::from(*x).saturating_add(refs)) {
+                    *x = sum;
                     return;
                 }
-                Err(_) => *self = Counts::Wide(v.iter().map(|&x| u32::from(x)).collect()),
             }
         }
-        if let Counts::Wide(v) = self {
-            if let Some(n) = v.get_mut(i) {
-                *n = n.saturating_add(refs);
+        self.add_slow(p, o, refs);
+    }
+
+    fn add_slow(&mut self, p: usize, o: usize, refs: u32) {
+        let len = self.page_len(p);
+        let Some(page) = self.pages.get_mut(p) else {
+            return;
+        };
+        if o >= len {
+            return;
+        }
+        loop {
+            match page {
+                Page::Empty => *page = Page::Narrow(vec![0u8; len].into_boxed_slice()),
+                Page::Narrow(v) => match v.get_mut(o) {
+                    Some(x) => match u8::try_from(u32::from(*x).saturating_add(refs)) {
+                        Ok(sum) => {
+                            *x = sum;
+                            return;
+                        }
+                        Err(_) => *page = Page::Mid(v.iter().map(|&x| u16::from(x)).collect()),
+                    },
+                    None => return,
+                },
+                Page::Mid(v) => match v.get_mut(o) {
+                    Some(x) => match u16::try_from(u32::from(*x).saturating_add(refs)) {
+                        Ok(sum) => {
+                            *x = sum;
+                            return;
+                        }
+                        Err(_) => *page = Page::Wide(v.iter().map(|&x| u32::from(x)).collect()),
+                    },
+                    None => return,
+                },
+                Page::Wide(v) => {
+                    if let Some(x) = v.get_mut(o) {
+                        *x = x.saturating_add(refs);
+                    }
+                    return;
+                }
             }
         }
     }
+
+    /// Whether no cluster of `start .. start + len` has a reference (cheap
+    /// where the pages were never touched).
+    fn none_in(&self, start: usize, len: usize) -> bool {
+        let end = start.saturating_add(len).min(self.n);
+        let mut i = start;
+        while i < end {
+            let p = i >> PAGE_BITS;
+            let page_end = p.saturating_add(1).saturating_mul(PAGE).min(end);
+            let (a, b) = (
+                i & (PAGE - 1),
+                (page_end.saturating_sub(1) & (PAGE - 1)).saturating_add(1),
+            );
+            let zero = match self.pages.get(p) {
+                Some(Page::Narrow(v)) => v.get(a..b).is_none_or(|s| s.iter().all(|&x| x == 0)),
+                Some(Page::Mid(v)) => v.get(a..b).is_none_or(|s| s.iter().all(|&x| x == 0)),
+                Some(Page::Wide(v)) => v.get(a..b).is_none_or(|s| s.iter().all(|&x| x == 0)),
+                Some(Page::Empty) | None => true,
+            };
+            if !zero {
+                return false;
+            }
+            i = page_end;
+        }
+        true
+    }
+
+    /// The counts of `start .. start + len` into `out` (zeros past the end).
+    fn segment(&self, start: usize, len: usize, out: &mut Vec<u32>) {
+        out.clear();
+        let end = start.saturating_add(len);
+        let mut i = start;
+        while i < end {
+            let p = i >> PAGE_BITS;
+            let page_end = p.saturating_add(1).saturating_mul(PAGE).min(end);
+            let a = i & (PAGE - 1);
+            let b = a.saturating_add(page_end.saturating_sub(i));
+            let before = out.len();
+            match self.pages.get(p) {
+                Some(Page::Narrow(v)) => {
+                    out.extend(part(v, a, b).iter().map(|&x| u32::from(x)));
+                }
+                Some(Page::Mid(v)) => out.extend(part(v, a, b).iter().map(|&x| u32::from(x))),
+                Some(Page::Wide(v)) => out.extend_from_slice(part(v, a, b)),
+                Some(Page::Empty) | None => {}
+            }
+            out.resize(before.saturating_add(page_end.saturating_sub(i)), 0);
+            i = page_end;
+        }
+    }
+}
+
+/// `v[a..b]`, clipped to `v`.
+fn part<T>(v: &[T], a: usize, b: usize) -> &[T] {
+    v.get(a.min(v.len())..b.min(v.len())).unwrap_or(&[])
 }
 
 struct Bits(Vec<u64>);
@@ -120,6 +298,7 @@ impl Bits {
             *w |= 1u64 << (i % 64);
         }
     }
+    #[inline]
     fn get(&self, i: u64) -> bool {
         usize::try_from(i / 64)
             .ok()
@@ -174,6 +353,10 @@ struct Walk<'a, S> {
     in_buf: Vec<u8>,
     out_buf: Vec<u8>,
     next_contiguous: Option<u64>,
+    /// What the active tables map (for a conversion), and the table being
+    /// walked.
+    uses: TableUses,
+    cur: TableUse,
 }
 
 fn idx(i: u64) -> usize {
@@ -237,8 +420,30 @@ impl<'a, S: Source> Visitor<'a> for Walk<'a, S> {
     #[inline]
     fn l2_entry(&mut self, table: &L2Ref, index: u64, at: u64, raw: u64, cluster: Result<Cluster>) {
         match cluster {
-            Ok(c) => self.l2_entry_ok(table, index, at, raw, c),
+            Ok(c) => {
+                if table.active > 0 {
+                    self.cur.note(&c, &self.g);
+                }
+                self.l2_entry_ok(table, index, at, raw, c)
+            }
             Err(e) => self.f.error(&e),
+        }
+    }
+
+    /// The common entries of standard tables (unallocated, v3 zero
+    /// without a host cluster, and data clusters that pass every rule with
+    /// nothing to report) in one tight loop, with exactly the effects
+    /// [`Visitor::l2_entry`] would have; every other entry goes through
+    /// it.
+    fn l2_entries(&mut self, t: &L2Ref, words: &[u64], g: &Geometry, data_file: bool) {
+        self.cur = TableUse::default();
+        if g.extended_l2 || data_file {
+            walker::decode_entries(self, t, words, g, data_file);
+        } else {
+            self.standard_entries(t, words, g);
+        }
+        if t.active > 0 {
+            self.uses.insert(t.offset, self.cur);
         }
     }
 }
@@ -533,6 +738,52 @@ impl<'a, S: Source> Walk<'a, S> {
         }
     }
 
+    fn standard_entries(&mut self, t: &L2Ref, words: &[u64], g: &Geometry) {
+        let cs = g.cluster_size;
+        let in_cluster = cs.saturating_sub(1);
+        let active = t.active > 0;
+        // A data cluster at `host <= last` lies in the file.
+        let last = self.file_len.checked_sub(cs);
+        let zero_ok = !self.v2;
+        let mut at = t.offset;
+        for (index, &raw) in (0u64..).zip(words) {
+            let here = at;
+            at = at.saturating_add(8);
+            if raw == 0 || (raw == OFLAG_ZERO && zero_ok) {
+                if raw == 0 && active {
+                    self.cur.unallocated = true;
+                }
+                continue;
+            }
+            let host = raw & OFFSET_MASK;
+            if raw & !(OFFSET_MASK | OFLAG_COPIED) == 0
+                && host & in_cluster == 0
+                && host != 0
+                && last.is_some_and(|l| host <= l)
+            {
+                let c = g.cluster_index(host);
+                let copied = raw & OFLAG_COPIED != 0;
+                if !self.meta_bits.get(c) && (!active || copied == self.stored_one.get(c)) {
+                    if active {
+                        self.stats.allocated_clusters =
+                            self.stats.allocated_clusters.saturating_add(1);
+                        if self.next_contiguous.is_some_and(|n| n != host) {
+                            self.stats.fragmented_clusters =
+                                self.stats.fragmented_clusters.saturating_add(1);
+                        }
+                        self.next_contiguous = Some(host.saturating_add(cs));
+                        self.cur.mapped = self.cur.mapped.saturating_add(cs);
+                        self.cur.data(host, cs);
+                    }
+                    self.computed.add(idx(c), t.refs);
+                    continue;
+                }
+            }
+            let cluster = Cluster::decode(raw, None, here, g, false);
+            self.l2_entry(t, index, here, raw, cluster);
+        }
+    }
+
     #[inline]
     fn l2_entry_ok(&mut self, r: &L2Ref, index: u64, at: u64, raw: u64, cluster: Cluster) {
         let g = self.g;
@@ -674,67 +925,89 @@ impl<'a, S: Source> Walk<'a, S> {
         }
     }
 
+    /// Rebuilt against stored refcounts, one refcount block at a time
+    /// (equal blocks cost a comparison of two slices; blocks nothing
+    /// references and the file does not store are skipped).
     fn compare_refcounts(&mut self) {
-        let per = self.g.refcount_block_entries;
+        let per = self.g.refcount_block_entries.max(1);
         let table_len = u64::try_from(self.img.refcount_table().len()).unwrap_or(u64::MAX);
         let cs = self.g.cluster_size;
         let mut highest: Option<u64> = None;
         let mut block = vec![0u8; idx(cs)];
-        let mut values = Vec::new();
-        let mut known = false;
-        for c in 0..self.nb {
-            let need = self.computed.get(idx(c));
-            let j = c.checked_rem(per).unwrap_or(0);
-            if j == 0 {
-                let t = c.checked_div(per).unwrap_or(0);
-                let left = self.nb.saturating_sub(c);
-                known = self.stored_block(t, left, &mut block, &mut values);
-            }
-            let have = if known {
-                values.get(idx(j)).copied()
-            } else {
-                None
-            };
-            let Some(have) = have else {
-                if need > 0 {
-                    highest = Some(c);
-                }
+        let (mut values, mut needs) = (Vec::new(), Vec::new());
+        let mut first = 0u64;
+        while first < self.nb {
+            let t = first.checked_div(per).unwrap_or(0);
+            let count = per.min(self.nb.saturating_sub(first));
+            let next = first.saturating_add(count);
+            let stored_here = self.block_offsets.get(idx(t)).copied().flatten().is_some()
+                || self.unknown_blocks.contains(&t);
+            if !stored_here && self.computed.none_in(idx(first), idx(count)) {
+                first = next;
                 continue;
-            };
-            if need > 0 || have > 0 {
-                highest = Some(c);
             }
-            let offset = c.saturating_mul(cs);
-            if need > have && have < u32::MAX {
-                self.stats.corruptions = self.stats.corruptions.saturating_add(1);
-                let beyond = c.checked_div(per).is_none_or(|t| t >= table_len);
-                let (code, msg) = if beyond {
-                    (
-                        code::REFCOUNT_BEYOND_TABLE,
-                        format!("cluster at {offset:#x} is referenced {need} times but the refcount table does not cover it"),
-                    )
-                } else {
-                    (
-                        code::REFCOUNT_TOO_LOW,
-                        format!("cluster at {offset:#x}: refcount {have}, referenced {need} times"),
-                    )
-                };
-                let f = self.downgradable(code, offset, msg);
-                self.f.push(f);
-            } else if have > need && need < u32::MAX {
-                self.stats.leaks = self.stats.leaks.saturating_add(1);
-                self.f.push(Finding::new(
-                    code::LEAKED_CLUSTER,
-                    Severity::Warning,
-                    Category::Leak,
-                    offset,
-                    format!(
-                        "cluster at {offset:#x}: refcount {have}, referenced {need} times (leaked)"
-                    ),
-                ));
+            let known = self.stored_block(t, count, &mut block, &mut values);
+            self.computed.segment(idx(first), idx(count), &mut needs);
+            let at = |j: usize| first.saturating_add(u64::try_from(j).unwrap_or(u64::MAX));
+            if !known {
+                if let Some(j) = needs.iter().rposition(|&n| n > 0) {
+                    highest = Some(at(j));
+                }
+                first = next;
+                continue;
             }
+            if let Some(j) = needs
+                .iter()
+                .zip(&values)
+                .rposition(|(&n, &h)| n > 0 || h > 0)
+            {
+                highest = Some(at(j));
+            }
+            if needs != values {
+                for (j, (&need, &have)) in needs.iter().zip(&values).enumerate() {
+                    if need != have {
+                        self.mismatch(at(j), need, have, table_len);
+                    }
+                }
+            }
+            first = next;
         }
         self.stats.image_end_offset = highest.map_or(0, |c| c.saturating_add(1).saturating_mul(cs));
+    }
+
+    /// Host cluster `c` is referenced `need` times; its stored refcount
+    /// is `have`.
+    fn mismatch(&mut self, c: u64, need: u32, have: u32, table_len: u64) {
+        let per = self.g.refcount_block_entries;
+        let offset = c.saturating_mul(self.g.cluster_size);
+        if need > have && have < u32::MAX {
+            self.stats.corruptions = self.stats.corruptions.saturating_add(1);
+            let beyond = c.checked_div(per).is_none_or(|t| t >= table_len);
+            let (code, msg) = if beyond {
+                (
+                    code::REFCOUNT_BEYOND_TABLE,
+                    format!("cluster at {offset:#x} is referenced {need} times but the refcount table does not cover it"),
+                )
+            } else {
+                (
+                    code::REFCOUNT_TOO_LOW,
+                    format!("cluster at {offset:#x}: refcount {have}, referenced {need} times"),
+                )
+            };
+            let f = self.downgradable(code, offset, msg);
+            self.f.push(f);
+        } else if have > need && need < u32::MAX {
+            self.stats.leaks = self.stats.leaks.saturating_add(1);
+            self.f.push(Finding::new(
+                code::LEAKED_CLUSTER,
+                Severity::Warning,
+                Category::Leak,
+                offset,
+                format!(
+                    "cluster at {offset:#x}: refcount {have}, referenced {need} times (leaked)"
+                ),
+            ));
+        }
     }
 }
 
@@ -743,20 +1016,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_widen_past_u16_and_saturate() {
-        let mut c = Counts::new(3);
+    fn counts_widen_per_page_and_saturate() {
+        let mut c = Counts::new(PAGE + 3);
+        assert!(matches!(c.pages[..], [Page::Empty, Page::Empty]));
+        c.add(1, 250);
+        c.add(1, 5);
+        assert!(matches!(c.pages[..], [Page::Narrow(_), Page::Empty]));
+        assert_eq!(c.get(1), 255);
+        c.add(PAGE + 2, 7);
         c.add(1, 65_000);
-        assert!(matches!(c, Counts::Narrow(_)));
-        c.add(1, 535);
-        assert!(matches!(c, Counts::Narrow(_)));
-        assert_eq!(c.get(1), 65_535);
-        c.add(2, 7);
-        c.add(1, 1);
-        assert!(matches!(c, Counts::Wide(_)));
-        assert_eq!((c.get(0), c.get(1), c.get(2)), (0, 65_536, 7));
+        assert!(matches!(c.pages[..], [Page::Mid(_), Page::Narrow(_)]));
+        assert_eq!((c.get(0), c.get(1), c.get(PAGE + 2)), (0, 65_255, 7));
+        c.add(1, 281);
+        assert!(matches!(c.pages[..], [Page::Wide(_), Page::Narrow(_)]));
+        assert_eq!(c.get(1), 65_536);
         c.add(1, u32::MAX);
-        c.add(5, 1);
-        assert_eq!((c.get(1), c.get(5)), (u32::MAX, 0));
+        c.add(PAGE + 3, 1);
+        c.add(usize::MAX, 1);
+        assert_eq!((c.get(1), c.get(PAGE + 3)), (u32::MAX, 0));
+        // The last page holds only the clusters the file has.
+        assert!(matches!(&c.pages[1], Page::Narrow(v) if v.len() == 3));
+        let mut seg = vec![9];
+        c.segment(PAGE - 1, 5, &mut seg);
+        assert_eq!(seg, [0, 0, 0, 7, 0]);
+        assert!(c.none_in(2, PAGE - 2) && !c.none_in(0, 2) && !c.none_in(PAGE, 3));
     }
 
     #[test]

@@ -83,19 +83,24 @@ impl Chunk {
 }
 
 /// The guest chunks of an image, in order: `(start, end, hole)`. A run of
-/// unallocated L1 entries (without a backing image) is one hole chunk of
-/// any length; everything else is cut at multiples of the chunk size.
-/// Derived from the L1 table alone, so every worker can walk the same
+/// unallocated L1 entries (without a backing image) or of entries whose
+/// span is a hole is one hole chunk of any length; everything else is cut at multiples of the chunk size.
+/// Derived from the L1 table and the hole spans alone, so every worker can walk the same
 /// sequence and take its share.
 pub(super) struct Chunks<'a, S> {
     image: &'a Image<S>,
+    /// Per L1 entry: its span reads as zeros with nothing to read
+    /// (`Conversion::holes`, from the audit's walk), like an unallocated
+    /// entry without a backing image.
+    holes: &'a [bool],
     chunk: u64,
     pos: u64,
 }
 
-pub(super) fn chunks<S: Source>(image: &Image<S>) -> Chunks<'_, S> {
+pub(super) fn chunks<'a, S: Source>(image: &'a Image<S>, holes: &'a [bool]) -> Chunks<'a, S> {
     Chunks {
         image,
+        holes,
         chunk: chunk_size(image),
         pos: 0,
     }
@@ -117,7 +122,16 @@ impl<S: Source> Iterator for Chunks<'_, S> {
         }
         let bits = image.geometry().l2_span_bits();
         let span = image.geometry().l2_span();
-        let unallocated = |i: u64| matches!(image.l1_entry(i), Ok(e) if e.l2_offset.is_none());
+        let backing = image.backing().is_some();
+        let holes = self.holes;
+        let unallocated = |i: u64| {
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| holes.get(i))
+                .copied()
+                .unwrap_or(false)
+                || (!backing && matches!(image.l1_entry(i), Ok(e) if e.l2_offset.is_none()))
+        };
         // End of the L2 span of L1 entry `i`, clipped to the disk.
         let span_end = |i: u64| {
             i.checked_add(1)
@@ -125,7 +139,7 @@ impl<S: Source> Iterator for Chunks<'_, S> {
                 .map_or(size, |e| e.min(size))
         };
         let mut l1 = pos >> bits;
-        let (end, hole) = if image.backing().is_none() && unallocated(l1) {
+        let (end, hole) = if unallocated(l1) {
             let mut end = span_end(l1);
             while end < size && unallocated(l1.saturating_add(1)) {
                 l1 = l1.saturating_add(1);

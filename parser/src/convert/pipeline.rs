@@ -40,9 +40,9 @@ impl<S: Source> Conversion<S> {
             .saturating_add(image.geometry().cluster_size);
         let workers = crate::parallel::workers(self.threads, per_worker);
         if sink.sequential() {
-            to_sequential(image, sink, progress, workers)?;
+            to_sequential(image, &self.holes, sink, progress, workers)?;
         } else {
-            to_positional(image, sink, progress, workers)?;
+            to_positional(image, &self.holes, sink, progress, workers)?;
         }
         sink.finish(image.virtual_size())
             .map_err(ConvertError::Sink)
@@ -77,6 +77,7 @@ fn worker_died() -> ConvertError {
 
 fn to_positional<S: Source>(
     image: &Image<S>,
+    holes: &[bool],
     sink: &dyn Sink,
     progress: Progress<'_>,
     workers: usize,
@@ -89,7 +90,7 @@ fn to_positional<S: Source>(
                 s.spawn(move || -> Result<(), ConvertError> {
                     let mut buf = Vec::new();
                     let mut worker = Worker::default();
-                    for (start, end, hole) in chunks(image).skip(w).step_by(workers) {
+                    for (start, end, hole) in chunks(image, holes).skip(w).step_by(workers) {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
@@ -126,6 +127,7 @@ fn to_positional<S: Source>(
 
 fn to_sequential<S: Source>(
     image: &Image<S>,
+    holes: &[bool],
     sink: &dyn Sink,
     progress: Progress<'_>,
     workers: usize,
@@ -141,7 +143,7 @@ fn to_sequential<S: Source>(
             s.spawn(move || {
                 let mut buffers = 0usize;
                 let mut worker = Worker::default();
-                for (start, end, hole) in chunks(image).skip(w).step_by(workers) {
+                for (start, end, hole) in chunks(image, holes).skip(w).step_by(workers) {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }

@@ -1,14 +1,13 @@
 //! [`prepare`]: open, judge and audit the inputs before anything is
 //! written.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{code, ConvertError, Input};
-use crate::check::{check_judged, CheckOptions, Report};
+use crate::check::{check_judged, CheckOptions, Report, TableUses};
 use crate::finding::{Category, Finding, Severity};
-use crate::header::{self, field, Geometry, Header};
-use crate::l1l2::{Cluster, L1Entry, L2Table};
+use crate::header::{self, field, Header};
+use crate::l1l2::L1Entry;
 use crate::read::RawBacking;
 use crate::snapshot::SnapshotSelector;
 use crate::source::Source;
@@ -156,6 +155,9 @@ pub struct Conversion<S> {
     pub(super) image: Image<S>,
     audit: Report,
     warnings: Vec<Finding>,
+    /// Per active L1 entry: its span reads as zeros with nothing to read
+    /// (see `hole_spans`).
+    pub(super) holes: Vec<bool>,
     pub(super) threads: usize,
 }
 
@@ -229,7 +231,7 @@ fn audit<T: Source>(
     image: &Image<T>,
     opts: &ConvertOptions,
     policy: Vec<Finding>,
-) -> Result<Report, ConvertError> {
+) -> Result<(Report, TableUses), ConvertError> {
     let g = image.geometry();
     let clusters = image.file_len().div_ceil(g.cluster_size);
     if clusters > opts.max_audit_clusters {
@@ -250,7 +252,11 @@ fn audit<T: Source>(
         max_tracked_clusters: opts.max_audit_clusters,
         ..CheckOptions::metadata_only(opts.policy.clone())
     };
-    let report = check_judged(image, &check_opts, policy);
+    Ok(check_judged(image, &check_opts, policy))
+}
+
+/// Refuse an image whose audit found errors.
+fn audit_passed(report: Report) -> Result<Report, ConvertError> {
     if report.verdict.passes() {
         Ok(report)
     } else {
@@ -262,15 +268,14 @@ fn audit<T: Source>(
 }
 
 /// Guest bytes the active layer maps to host data (data and compressed
-/// clusters, allocated subclusters), counting each L2 table once however
-/// often the L1 table references it; stops as soon as the sum passes
-/// `stop_above`. Entries that fail to decode count nothing (the audit
+/// clusters, allocated subclusters), from what the audit's walk found in
+/// each table (`uses`), counting a table once per L1 entry naming it;
+/// stops as soon as the sum passes `stop_above`. Entries that fail to
+/// decode, and tables that could not be walked, count nothing (the audit
 /// reports them).
-fn mapped_bytes<T: Source>(image: &Image<T>, stop_above: u64) -> u64 {
+fn mapped_bytes<T: Source>(image: &Image<T>, uses: &TableUses, stop_above: u64) -> u64 {
     let g = *image.geometry();
     let size = image.virtual_size();
-    let data_file = image.header().has_data_file();
-    let mut per_table: HashMap<u64, u64> = HashMap::new();
     let mut total = 0u64;
     for i in 0..g.l1_entries_for(size) {
         let Ok(L1Entry {
@@ -280,16 +285,7 @@ fn mapped_bytes<T: Source>(image: &Image<T>, stop_above: u64) -> u64 {
         else {
             continue;
         };
-        let mapped = match per_table.get(&l2) {
-            Some(&m) => m,
-            None => {
-                let m = image
-                    .l2_table(l2, image.l1_entry_offset(i))
-                    .map_or(0, |t| table_mapped(&t, &g, data_file));
-                per_table.insert(l2, m);
-                m
-            }
-        };
+        let mapped = uses.get(&l2).map_or(0, |u| u.mapped);
         // The last table may map past the end of the disk.
         let covered = size.saturating_sub(i.saturating_mul(g.l2_span()));
         total = total.saturating_add(mapped.min(covered));
@@ -300,17 +296,48 @@ fn mapped_bytes<T: Source>(image: &Image<T>, stop_above: u64) -> u64 {
     total
 }
 
-fn table_mapped(t: &L2Table, g: &Geometry, data_file: bool) -> u64 {
-    (0..t.len())
-        .filter_map(|j| t.entry(j, g, data_file)?.ok())
-        .map(|c| match c {
-            Cluster::Data { .. } | Cluster::Compressed(_) => g.cluster_size,
-            Cluster::Subclusters { alloc, .. } => {
-                u64::from(alloc.count_ones()).saturating_mul(g.subcluster_size)
+/// Per active L1 entry, whether its whole guest span reads as zeros and
+/// holds nothing to read: every entry of its table is zero, unallocated
+/// (without a backing image) or uncompressed data lying in a hole of the
+/// host file (checked once per table, over the host range its data
+/// spans). The conversion writes such spans as one hole, without mapping
+/// them cluster by cluster.
+fn hole_spans<T: Source>(image: &Image<T>, uses: &TableUses) -> Vec<bool> {
+    let backing = image.backing().is_some();
+    // A host range known to be a hole, from the last look-up.
+    let mut known = (0u64, 0u64);
+    let mut in_hole = |lo: u64, hi: u64| -> bool {
+        if known.0 <= lo && hi <= known.1 {
+            return true;
+        }
+        match image.host_data_run(lo) {
+            Ok(None) => {
+                known = (lo, u64::MAX);
+                true
             }
-            Cluster::Zero { .. } | Cluster::Unallocated => 0,
+            Ok(Some((s, _))) if s > lo => {
+                known = (lo, s);
+                hi <= s
+            }
+            _ => false,
+        }
+    };
+    (0u64..)
+        .zip(image.l1_table())
+        .map(|(i, _)| {
+            let Ok(L1Entry {
+                l2_offset: Some(l2),
+                ..
+            }) = image.l1_entry(i)
+            else {
+                return false;
+            };
+            uses.get(&l2).is_some_and(|u| {
+                let must_read = u.compressed || (backing && u.unallocated);
+                !must_read && u.data.is_none_or(|(lo, hi)| in_hole(lo, hi))
+            })
         })
-        .fold(0u64, u64::saturating_add)
+        .collect()
 }
 
 /// Refuse an image that maps far more guest data than its file holds
@@ -319,13 +346,14 @@ fn table_mapped(t: &L2Table, g: &Geometry, data_file: bool) -> u64 {
 /// anything is written.
 fn bound_output<T: Source>(
     image: &Image<T>,
+    uses: &TableUses,
     opts: &ConvertOptions,
     backing: bool,
 ) -> Result<(), ConvertError> {
     let file_len = image.file_len();
     let allowed = file_len.saturating_mul(opts.max_amplification);
     let quota = opts.max_output.unwrap_or(u64::MAX);
-    let mapped = mapped_bytes(image, allowed.min(quota));
+    let mapped = mapped_bytes(image, uses, allowed.min(quota));
     if mapped > allowed {
         return Err(ConvertError::Refused {
             input: Input::Image,
@@ -402,8 +430,11 @@ pub fn prepare<S: Source>(
     let mut warnings = Vec::new();
     let mut image = Image::open_with(inputs.image, limits.clone()).map_err(ConvertError::image)?;
     let judged = refuse_on_policy(Input::Image, &image, policy, &mut warnings)?;
-    bound_output(&image, opts, inputs.backing.is_some())?;
-    let report = audit(&image, opts, judged)?;
+    // One walk of the tables: the audit, and what each table maps (for
+    // the bounds and for skipping holes). The bounds are judged first.
+    let (report, uses) = audit(&image, opts, judged)?;
+    bound_output(&image, &uses, opts, inputs.backing.is_some())?;
+    let report = audit_passed(report)?;
     if let Some(sel) = &inputs.snapshot {
         let Some(index) = sel.find(image.snapshots()) else {
             return Err(ConvertError::Refused {
@@ -459,10 +490,18 @@ pub fn prepare<S: Source>(
         )),
         None => {}
     }
+    // The walk saw the active tables: a snapshot is converted without
+    // skipping.
+    let holes = if inputs.snapshot.is_none() {
+        hole_spans(&image, &uses)
+    } else {
+        Vec::new()
+    };
     Ok(Conversion {
         image,
         audit: report,
         warnings,
+        holes,
         threads: opts.threads,
     })
 }
