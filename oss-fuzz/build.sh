@@ -11,8 +11,32 @@
 
 cd "${QCOW2_GUARD_SRC:-$SRC/qcow2-guard}"
 
+# libzstd (the C library QEMU links; the parser decodes zstd with it) is
+# linked statically, so the runner image needs no libzstd.so.1. zstd-sys
+# asks pkg-config (ZSTD_SYS_USE_PKG_CONFIG, .cargo/config.toml) for a
+# static library, and the pkg-config crate links one statically only from
+# outside /usr: give it a private copy of the builder's libzstd.a.
+zstd_dir=$WORK/libzstd-static
+mkdir -p "$zstd_dir/lib"
+# (The compiler finds it in the multiarch folder; pkg-config's libdir may
+# not name that folder.)
+cp "$(${CC:-cc} -print-file-name=libzstd.a)" "$zstd_dir/lib/"
+cat >"$zstd_dir/libzstd.pc" <<PC
+libdir=$zstd_dir/lib
+includedir=$(pkg-config --variable=includedir libzstd)
+Name: zstd
+Description: static copy of the builder's libzstd
+Version: $(pkg-config --modversion libzstd)
+Libs: -L\${libdir} -lzstd
+Libs.private: -pthread
+Cflags: -I\${includedir}
+PC
+export PKG_CONFIG_PATH=$zstd_dir${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+
+# With SANITIZER=coverage, OSS-Fuzz's cargo wrapper turns this into a
+# plain `cargo build --bins` in fuzz/ and copies the binaries here.
 cargo fuzz build -O
-bin=fuzz/target/x86_64-unknown-linux-gnu/release
+bin=${CARGO_TARGET_DIR:-fuzz/target}/x86_64-unknown-linux-gnu/release
 
 for target in $(cargo fuzz list); do
     cp "$bin/$target" "$OUT/"

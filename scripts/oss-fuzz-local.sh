@@ -3,7 +3,15 @@
 # docker: SRC, OUT and WORK are fresh temporary folders (SRC/qcow2-guard
 # is this checkout), then check what landed in OUT: every target binary
 # (and that it runs over its seed corpus), its seed corpus zip, dictionary
-# and .options file.
+# and .options file, and that no binary needs libzstd.so (the runner image
+# does not promise it: build.sh links libzstd statically).
+#
+#   SANITIZER=address (default): the ASan libFuzzer build.
+#   SANITIZER=coverage: the coverage build, as OSS-Fuzz's cargo wrapper
+#     makes it (`cargo fuzz build` becomes a plain `cargo build --bins` in
+#     fuzz/ with -C instrument-coverage, copied to the release folder;
+#     reproduced here by a `cargo` shim), in target/oss-fuzz-coverage/;
+#     each binary must also write a profile over its seed corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -12,11 +20,32 @@ trap 'rm -rf "$tmp"' EXIT
 export SRC=$tmp/src OUT=$tmp/out WORK=$tmp/work
 mkdir -p "$SRC" "$OUT" "$WORK"
 ln -s "$root" "$SRC/qcow2-guard"
-# What the base builder sets for an ASan libFuzzer build.
-export SANITIZER=address FUZZING_ENGINE=libfuzzer ARCHITECTURE=x86_64
+# What the base builder sets for a libFuzzer build.
+export SANITIZER=${SANITIZER:-address} FUZZING_ENGINE=libfuzzer ARCHITECTURE=x86_64
 export FUZZING_LANGUAGE=rust LIB_FUZZING_ENGINE=-fsanitize=fuzzer
 # Stable Rust here: let it accept cargo-fuzz's nightly flags.
 export RUSTC_BOOTSTRAP=1
+
+if [ "$SANITIZER" = coverage ]; then
+    export CARGO_TARGET_DIR=$root/target/oss-fuzz-coverage
+    export RUSTFLAGS="--cfg fuzzing -C instrument-coverage -C debug-assertions=no"
+    real_cargo=$(command -v cargo)
+    mkdir -p "$tmp/bin"
+    cat >"$tmp/bin/cargo" <<SHIM
+#!/usr/bin/env bash
+set -euo pipefail
+if [ "\${1:-}" = fuzz ] && [ "\${2:-}" = build ]; then
+    cd fuzz
+    "$real_cargo" build --bins
+    mkdir -p "\$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release"
+    cp -r "\$CARGO_TARGET_DIR"/debug/* "\$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/"
+    exit 0
+fi
+exec "$real_cargo" "\$@"
+SHIM
+    chmod +x "$tmp/bin/cargo"
+    export PATH=$tmp/bin:$PATH
+fi
 
 bash oss-fuzz/build.sh
 
@@ -36,10 +65,19 @@ for t in $targets; do
     n=$(unzip -Z1 "$OUT/${t}_seed_corpus.zip" | wc -l)
     mkdir -p "$WORK/$t"
     unzip -q -o "$OUT/${t}_seed_corpus.zip" -d "$WORK/$t"
+    if ldd "$OUT/$t" | grep -q libzstd; then
+        echo "$t links libzstd dynamically: $(ldd "$OUT/$t" | grep libzstd)"
+        fail=1
+    fi
+    export LLVM_PROFILE_FILE=$WORK/$t.profraw
     if ! (cd "$OUT" && "./$t" -runs=0 -rss_limit_mb=512 -malloc_limit_mb=256 \
         -dict="$t.dict" "$WORK/$t" >"$WORK/$t.log" 2>&1); then
         echo "target $t fails on its seed corpus:"
         tail -n 30 "$WORK/$t.log"
+        fail=1
+    fi
+    if [ "$SANITIZER" = coverage ] && [ ! -s "$WORK/$t.profraw" ]; then
+        echo "$t wrote no coverage profile"
         fail=1
     fi
     echo "$t: binary $(du -h "$OUT/$t" | cut -f1), seed corpus $n files, runs clean"

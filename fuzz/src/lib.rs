@@ -9,6 +9,8 @@
 //! - [`oracles`]: what must hold of any opened image; [`qemu_decompress`]:
 //!   QEMU's decompression on the C libraries; [`mutate`]: the model-driven
 //!   `mutate` target and its known mutations.
+//! - [`reference`]: a second, table-driven statement of the acceptance
+//!   rules for header fields and entry bits (`header`, `tables`).
 //! - [`model`]: the structured model the `structured` and `mutate`
 //!   targets draw.
 //! - [`replay`]: the corpus replay.
@@ -25,6 +27,7 @@ pub mod model;
 pub mod mutate;
 pub mod oracles;
 pub mod qemu_decompress;
+pub mod reference;
 pub mod replay;
 pub mod targets;
 

@@ -42,6 +42,11 @@ pub enum Edit {
     Byte { at: u32, value: u8 },
     /// Cut the file at `at % len`.
     Truncate { at: u32 },
+    /// Add a small signed `delta` to header field `field % header fields`
+    /// (the fields named `header.*`): values next to the valid ones
+    /// (refcount_order 4 + 3, l1_size - 1) are where off-by-one rules
+    /// break, and a random 64-bit value almost never lands there.
+    Nudge { field: u8, delta: i8 },
 }
 
 /// The structured target's input: an image model plus edits.
@@ -153,6 +158,15 @@ pub fn apply(bytes: &mut Vec<u8>, fields: &[Field], edit: &Edit) {
             if !bytes.is_empty() {
                 let i = at as usize % bytes.len();
                 bytes[i] = value;
+            }
+        }
+        Edit::Nudge { field, delta } => {
+            let header: Vec<usize> = (0..fields.len())
+                .filter(|&i| fields[i].name.starts_with("header."))
+                .collect();
+            if let Some(&i) = header.get(usize::from(field) % header.len().max(1)) {
+                let add = i64::from(delta) as u64;
+                update(bytes, i as u16, &|v| v.wrapping_add(add));
             }
         }
         Edit::Truncate { at } => {

@@ -51,6 +51,13 @@ pub enum Known {
     /// Move a compressed stream past the end of the file:
     /// `compressed_past_eof`.
     CompressedPastEof { guest: u16, sectors: u8 },
+    /// Move a host offset off its cluster boundary by a multiple of 512
+    /// (bits 9..cluster_bits-1; clusters over 512 bytes): an allocated L2
+    /// table's offset in the L1 table (`l1`: open fails or the check has
+    /// `unaligned`, its guest clusters fail with it), else a standard data
+    /// entry's host offset (`corrupt` with `unaligned`, that cluster fails
+    /// with it).
+    Unaligned { l1: bool, index: u16, by: u16 },
 }
 
 /// The target's input.
@@ -429,6 +436,37 @@ pub fn mutate(data: &[u8]) {
                 verdict = Verdicts::Exactly(Verdict::Corrupt, &["compressed_past_eof"]);
             }
         }
+        Known::Unaligned { l1, index, by } if lay.cluster_size > 512 => {
+            let sectors = lay.cluster_size / 512;
+            let delta = 512 * (1 + u64::from(by) % (sectors - 1));
+            if l1 {
+                let j = u64::from(index) % lay.l1_size.max(1);
+                let at = lay.l1_offset + 8 * j;
+                let raw = be(&bytes, at, 8);
+                if j < lay.l1_size && raw & OFFSET_MASK != 0 {
+                    put_be(&mut bytes, at, 8, raw + delta);
+                    let per_table = (lay.cluster_size / lay.entry_bytes()) as usize;
+                    for e in expect
+                        .iter_mut()
+                        .skip(j as usize * per_table)
+                        .take(per_table)
+                    {
+                        *e = Expect::Fails("unaligned");
+                    }
+                    verdict = Verdicts::OpenOrCheck("unaligned");
+                }
+            } else {
+                let i = pick(index, n_guest);
+                if let Some((at, raw)) = entry(&bytes, i as u64)
+                    .filter(|(_, raw)| raw & COMPRESSED == 0 && raw & OFFSET_MASK != 0)
+                {
+                    put_be(&mut bytes, at, 8, raw + delta);
+                    expect[i] = Expect::Fails("unaligned");
+                    verdict = Verdicts::Exactly(Verdict::Corrupt, &["unaligned"]);
+                }
+            }
+        }
+        Known::Unaligned { .. } => {}
     }
 
     let ctx = || format!("{:?}\n{model:?}", input.known);

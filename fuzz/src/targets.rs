@@ -17,7 +17,7 @@ use crate::model::{apply, FuzzImage};
 use crate::oracles::{
     checked_reads, clean_without_backing, compare_reads, conversions_agree, refusal_is_typed, walk,
 };
-use crate::{check_options, consume, qemu_decompress, MAX_INPUT};
+use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
 
 /// `header`: the fixed header and the extensions, from raw bytes.
 ///
@@ -27,6 +27,7 @@ pub fn header(data: &[u8]) {
     if data.len() > MAX_INPUT {
         return;
     }
+    reference::header_agrees(data);
     let h = match Header::decode(data) {
         Ok(h) => h,
         Err(e) => return consume(&e),
@@ -70,6 +71,7 @@ pub fn tables(data: &[u8]) {
     }
     match Image::open_with(data, Limits::fuzzing()) {
         Ok(img) => {
+            reference::entries_agree(&img, data);
             walk(&img);
         }
         Err(e) => consume(&e),
@@ -311,8 +313,10 @@ pub fn decompress(data: &[u8]) {
 /// guest cluster maps without error, every host cluster is referenced, the
 /// full check is clean (verdict `ok`, exit 0), and `read_at` over the whole
 /// disk and the `GuestReader` give [`qcow2_guard::build::BuiltImage::guest`]
-/// byte for byte. With edits: the [`checked_reads`] oracle, no panic, and
-/// the bounded memory every target has.
+/// byte for byte. With edits: the acceptance reference agrees with the
+/// parser on the header and every table entry ([`crate::reference`]), the
+/// [`checked_reads`] oracle, no panic, and the bounded memory every target
+/// has.
 pub fn structured(data: &[u8]) {
     if data.len() > MAX_INPUT {
         return;
@@ -357,8 +361,10 @@ pub fn structured(data: &[u8]) {
         if let Err(e) = img.read_at(0, &mut guest) {
             panic!("a built image does not read: {e}\n{model:?}");
         }
-        if let Some(i) = (0..guest.len()).find(|&i| guest[i] != built.guest[i]) {
-            panic!("guest byte {i:#x} of a built image differs\n{model:?}");
+        // Compare whole (memcmp) first; find the byte only on a failure.
+        if guest != built.guest {
+            let i = (0..guest.len()).find(|&i| guest[i] != built.guest[i]);
+            panic!("guest byte {i:#x?} of a built image differs\n{model:?}");
         }
         let mut via = Vec::new();
         img.reader()
@@ -371,8 +377,10 @@ pub fn structured(data: &[u8]) {
     for edit in input.edits.iter().take(16) {
         apply(&mut bytes, &built.fields, edit);
     }
+    reference::header_agrees(&bytes);
     match Image::open_with(&bytes[..], Limits::fuzzing()) {
         Ok(img) => {
+            reference::entries_agree(&img, &bytes);
             walk(&img);
             checked_reads(&img);
         }

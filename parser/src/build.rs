@@ -18,7 +18,15 @@
 //! leaves an image): each one adds a reference to every L2 table and data
 //! cluster, and copies the L1 table.
 
+use std::cell::RefCell;
+
+use miniz_oxide::deflate::core::{
+    compress as deflate_step, create_comp_flags_from_zip_params, CompressorOxide, TDEFLFlush,
+    TDEFLStatus,
+};
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::compressed::Descriptor;
 use crate::extensions::{qemu_feature_names, Extensions};
@@ -225,12 +233,96 @@ impl Alloc {
     }
 }
 
+/// Most streams [`ImageModel::build`] keeps memoised per thread (a few
+/// MiB at most: streams are under one cluster, and patterns compress well).
+const MEMO_STREAMS: usize = 4096;
+
+/// Key: (zstd, seed, guest index, cluster size).
+type StreamKey = (bool, u8, usize, u64);
+
+thread_local! {
+    static STREAMS: RefCell<HashMap<StreamKey, Arc<[u8]>>> = RefCell::new(HashMap::new());
+}
+
+/// Compress one cluster's content.
+fn compress(kind: CompressionType, data: &[u8]) -> Vec<u8> {
+    match kind {
+        // Level 1 keeps every match at the most recent occurrence, so a
+        // pattern with a period under 4 KiB never needs a distance QEMU's
+        // 4 KiB window (windowBits -12) cannot reach.
+        CompressionType::Deflate => deflate(data),
+        CompressionType::Zstd => {
+            // Level 1 with the thread's context, into a buffer of the
+            // worst-case size; a failure leaves an empty stream (the
+            // image then fails to read back, as any broken builder
+            // output would).
+            let mut buf = Vec::with_capacity(zstd_safe::compress_bound(data.len()));
+            let done = ZSTD.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                slot.get_or_insert_with(zstd_safe::CCtx::create)
+                    .compress(&mut buf, data, 1)
+            });
+            match done {
+                Ok(_) => buf,
+                Err(_) => Vec::new(),
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// One raw-deflate compressor (level 1) per thread, reset for each
+    /// stream: a new one allocates and zeroes its ~300 KiB of hash tables,
+    /// which was most of the cost of compressing a small cluster.
+    static DEFLATE: RefCell<Option<Box<CompressorOxide>>> = const { RefCell::new(None) };
+    /// One zstd compression context per thread (a one-shot
+    /// `ZSTD_compress` creates and frees one for each stream).
+    static ZSTD: RefCell<Option<zstd_safe::CCtx<'static>>> = const { RefCell::new(None) };
+}
+
+/// Raw deflate at level 1 with the thread's compressor; the same bytes as
+/// `miniz_oxide::deflate::compress_to_vec(data, 1)` (a unit test checks).
+fn deflate(data: &[u8]) -> Vec<u8> {
+    DEFLATE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let c = slot.get_or_insert_with(|| {
+            // Window bits 0: no zlib wrapper.
+            Box::new(CompressorOxide::new(create_comp_flags_from_zip_params(
+                1, 0, 0,
+            )))
+        });
+        c.reset();
+        let mut out = vec![0u8; data.len().div_ceil(2).max(64)];
+        let (mut input, mut done) = (data, 0usize);
+        loop {
+            let Some(room) = out.get_mut(done..) else {
+                return Vec::new();
+            };
+            let (status, used, wrote) = deflate_step(c, input, room, TDEFLFlush::Finish);
+            done = done.saturating_add(wrote);
+            input = input.get(used..).unwrap_or(&[]);
+            match status {
+                TDEFLStatus::Done => {
+                    out.truncate(done);
+                    return out;
+                }
+                TDEFLStatus::Okay => {
+                    let grown = out.len().saturating_mul(2);
+                    out.resize(grown, 0);
+                }
+                // A failure leaves an empty stream, as for zstd.
+                _ => return Vec::new(),
+            }
+        }
+    })
+}
+
 /// One compressed stream placed in the compressed area.
 struct Stream {
     guest_index: usize,
     /// Offset from the start of the area.
     rel: u64,
-    data: Vec<u8>,
+    data: Arc<[u8]>,
 }
 
 impl ImageModel {
@@ -296,23 +388,33 @@ impl ImageModel {
         Ok(pattern(seed, idx, cs))
     }
 
-    fn compress(&self, data: &[u8]) -> Vec<u8> {
-        match self.compression {
-            // Level 1 keeps every match at the most recent occurrence, so a
-            // pattern with a period under 4 KiB never needs a distance QEMU's
-            // 4 KiB window (windowBits -12) cannot reach.
-            CompressionType::Deflate => miniz_oxide::deflate::compress_to_vec(data, 1),
-            CompressionType::Zstd => {
-                // zstd_safe::compress into a buffer of the worst-case size;
-                // a failure leaves an empty stream (the image then fails
-                // to read back, as any broken builder output would).
-                let mut buf = Vec::with_capacity(zstd_safe::compress_bound(data.len()));
-                match zstd_safe::compress(&mut buf, data, 1) {
-                    Ok(_) => buf,
-                    Err(_) => Vec::new(),
-                }
-            }
+    /// Guest cluster `index`'s compressed stream, memoised per thread:
+    /// the stream depends only on the compression, the seed, the index and
+    /// the cluster size, and fuzzing builds the same few thousand streams
+    /// over and over (compressing was half of a build's time).
+    fn compressed(&self, index: usize, g: &Geometry) -> Result<Arc<[u8]>, InvalidModel> {
+        let seed = match self.clusters.get(index) {
+            Some(GuestCluster::Compressed(s)) => *s,
+            _ => return Err(bad("not a compressed cluster")),
+        };
+        let key = (
+            self.compression == CompressionType::Zstd,
+            seed,
+            index,
+            g.cluster_size,
+        );
+        if let Some(hit) = STREAMS.with(|m| m.borrow().get(&key).cloned()) {
+            return Ok(hit);
         }
+        let stream: Arc<[u8]> = compress(self.compression, &self.content(index, g)?).into();
+        STREAMS.with(|m| {
+            let mut m = m.borrow_mut();
+            if m.len() >= MEMO_STREAMS {
+                m.clear();
+            }
+            m.insert(key, Arc::clone(&stream));
+        });
+        Ok(stream)
     }
 
     /// Pack the compressed streams: back to back, but never letting a host
@@ -330,7 +432,7 @@ impl ImageModel {
             if !matches!(c, GuestCluster::Compressed(_)) {
                 continue;
             }
-            let data = self.compress(&self.content(i, g)?);
+            let data = self.compressed(i, g)?;
             let len = u64::try_from(data.len()).map_err(|_| bad("image too large"))?;
             if len >= g.cluster_size {
                 continue; // stored as a data cluster
@@ -890,6 +992,33 @@ mod tests {
             ..ImageModel::default()
         };
         assert!(m.build().is_err());
+    }
+
+    #[test]
+    fn reused_compressors_write_what_fresh_ones_write() {
+        for (seed, len) in [(0u8, 512usize), (7, 4096), (200, 65536), (3, 1), (9, 0)] {
+            let data = pattern(seed, u64::from(seed), len);
+            // Twice: the second call runs on the reset compressor.
+            for _ in 0..2 {
+                assert_eq!(
+                    deflate(&data),
+                    miniz_oxide::deflate::compress_to_vec(&data, 1)
+                );
+            }
+        }
+        let data = pattern(5, 5, 4096);
+        for _ in 0..2 {
+            let mut fresh = Vec::with_capacity(zstd_safe::compress_bound(data.len()));
+            zstd_safe::compress(&mut fresh, &data, 1).expect("zstd");
+            assert_eq!(compress(CompressionType::Zstd, &data), fresh);
+        }
+        let noise: Vec<u8> = (0..70_000u32)
+            .map(|i| i.wrapping_mul(2_654_435_761).to_be_bytes()[1])
+            .collect();
+        assert_eq!(
+            deflate(&noise),
+            miniz_oxide::deflate::compress_to_vec(&noise, 1)
+        );
     }
 
     #[test]

@@ -176,6 +176,33 @@ pub fn decompress(
     }
 }
 
+/// Decoder states alive in any thread (one per kind per thread that
+/// decoded); for the test that every worker's state is freed before a
+/// check or conversion returns.
+static LIVE_STATES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A per-thread decoder state, counted in [`LIVE_STATES`].
+struct Counted<T>(T);
+
+impl<T> Counted<T> {
+    fn new(state: T) -> Counted<T> {
+        LIVE_STATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Counted(state)
+    }
+}
+
+impl<T> Drop for Counted<T> {
+    fn drop(&mut self) {
+        LIVE_STATES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How many per-thread decoder states are alive in the process.
+#[doc(hidden)]
+pub fn live_decoder_states() -> usize {
+    LIVE_STATES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
     use miniz_oxide::inflate::TINFLStatus;
@@ -184,7 +211,7 @@ fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     // thread and reset per stream: `init` restarts the state machine,
     // which rebuilds every table from each block header before use.
     thread_local! {
-        static STATE: std::cell::RefCell<Option<Box<DecompressorOxide>>> =
+        static STATE: std::cell::RefCell<Option<Counted<Box<DecompressorOxide>>>> =
             const { std::cell::RefCell::new(None) };
     }
     // Raw deflate (no zlib header), all input present, `out` is the whole
@@ -192,7 +219,7 @@ fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
     let (status, written) = STATE.with(|cell| match cell.try_borrow_mut() {
         Ok(mut slot) => {
-            let state = slot.get_or_insert_with(Box::default);
+            let state = &mut slot.get_or_insert_with(|| Counted::new(Box::default())).0;
             state.init();
             let (status, _read, written) = decompress(state, input, out, 0, flags);
             (status, written)
@@ -242,7 +269,7 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     use zstd_safe::{get_error_name, DCtx, DParameter, InBuffer, OutBuffer, ResetDirective};
 
     thread_local! {
-        static DCTX: std::cell::RefCell<Option<DCtx<'static>>> =
+        static DCTX: std::cell::RefCell<Option<Counted<DCtx<'static>>>> =
             const { std::cell::RefCell::new(None) };
     }
     let want = out.len();
@@ -257,11 +284,12 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
                 DCtx::try_create().ok_or_else(|| "cannot allocate a zstd context".to_string())?;
             dctx.set_parameter(DParameter::StableOutBuffer(true))
                 .map_err(|c| err("zstd parameter", c))?;
-            *slot = Some(dctx);
+            *slot = Some(Counted::new(dctx));
         }
-        let dctx = slot
+        let dctx = &mut slot
             .as_mut()
-            .ok_or_else(|| "cannot allocate a zstd context".to_string())?;
+            .ok_or_else(|| "cannot allocate a zstd context".to_string())?
+            .0;
         dctx.reset(ResetDirective::SessionOnly)
             .map_err(|c| err("zstd reset", c))?;
         let mut output = OutBuffer::around(out);

@@ -24,7 +24,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Mutex};
-use std::thread::Scope;
+use std::thread::{Scope, ScopedJoinHandle};
 
 use crate::compressed::Descriptor;
 use crate::error::Result;
@@ -108,6 +108,7 @@ pub(super) fn walk_l2<'a, S: Source, V: Verifier<'a>>(
             budget,
             threads,
             spawned: 0,
+            workers: Vec::new(),
             jobs: Some(job_tx),
             job_rx: &job_rx,
             done_tx: Some(done_tx),
@@ -120,7 +121,7 @@ pub(super) fn walk_l2<'a, S: Source, V: Verifier<'a>>(
         };
         walker::walk_l2(image, tables, &mut ahead);
         ahead.finish();
-        // Dropping `ahead` closes the job channel: the workers end.
+        ahead.join();
     });
 }
 
@@ -158,6 +159,7 @@ struct Ahead<'a, 'v, 's, 'e, S, V> {
     budget: Budget,
     threads: usize,
     spawned: usize,
+    workers: Vec<ScopedJoinHandle<'s, ()>>,
     /// `None` once no worker can be reached: payloads are then left to
     /// the audit.
     jobs: Option<mpsc::Sender<Job>>,
@@ -243,7 +245,10 @@ where
             .name("qcow2-guard-check".into())
             .spawn_scoped(self.scope, worker)
         {
-            Ok(_) => self.spawned = self.spawned.saturating_add(1),
+            Ok(handle) => {
+                self.workers.push(handle);
+                self.spawned = self.spawned.saturating_add(1);
+            }
             Err(_) => self.threads = self.spawned,
         }
         if self.spawned >= self.threads {
@@ -324,6 +329,19 @@ where
     fn abandon(&mut self) {
         self.jobs = None;
         self.deliver(true);
+    }
+
+    /// Close the job channel and wait for every worker to exit. The
+    /// scope's implicit join would return once each closure is done, but
+    /// before the thread's thread-local destructors (its decoder contexts)
+    /// have run: the check would return with workers still alive and
+    /// their memory still held (LeakSanitizer reports it as a leak).
+    fn join(&mut self) {
+        self.jobs = None;
+        for worker in self.workers.drain(..) {
+            // A worker catches its own panics; nothing to report here.
+            let _ = worker.join();
+        }
     }
 
     /// The walk is over: deliver everything.

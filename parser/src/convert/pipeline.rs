@@ -135,12 +135,13 @@ fn to_sequential<S: Source>(
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let mut lanes = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
         for w in 0..workers {
             let (tx, rx) = mpsc::sync_channel::<Result<Chunk, ConvertError>>(1);
             let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
             lanes.push((rx, back_tx));
             let stop = &stop;
-            s.spawn(move || {
+            handles.push(s.spawn(move || {
                 let mut buffers = 0usize;
                 let mut worker = Worker::default();
                 for (start, end, hole) in chunks(image, holes).skip(w).step_by(workers) {
@@ -167,7 +168,7 @@ fn to_sequential<S: Source>(
                         return;
                     }
                 }
-            });
+            }));
         }
         let size = image.virtual_size();
         let mut pos = 0u64;
@@ -207,6 +208,12 @@ fn to_sequential<S: Source>(
         }
         // Dropping the receivers unblocks any worker waiting to send.
         drop(lanes);
+        // Joined by hand: the scope's implicit join returns before a
+        // thread's thread-local destructors (its decoder contexts) have
+        // run, so the conversion would return with workers still alive.
+        for h in handles {
+            let _ = h.join();
+        }
         result
     })
 }
