@@ -131,9 +131,26 @@ impl Layout {
         }
     }
 
+    /// Guest clusters one L2 table maps.
+    fn entries_per_table(&self) -> u64 {
+        self.cluster_size / self.entry_bytes()
+    }
+
+    /// Every guest cluster that L1 entry `j` maps must fail with `code`.
+    fn fail_table(&self, expect: &mut [Expect], j: u64, code: &'static str) {
+        let per_table = self.entries_per_table() as usize;
+        for e in expect
+            .iter_mut()
+            .skip(j as usize * per_table)
+            .take(per_table)
+        {
+            *e = Expect::Fails(code);
+        }
+    }
+
     /// File offset of guest cluster `i`'s L2 entry (None: no L2 table).
     fn l2_entry_at(&self, bytes: &[u8], i: u64) -> Option<u64> {
-        let per_table = self.cluster_size / self.entry_bytes();
+        let per_table = self.entries_per_table();
         let l1_index = i / per_table;
         if l1_index >= self.l1_size {
             return None;
@@ -318,14 +335,7 @@ pub fn mutate(data: &[u8]) {
                 let bits: Vec<u32> = (0..=8).chain(56..=62).collect();
                 let b = bits[usize::from(bit) % bits.len()];
                 put_be(&mut bytes, at, 8, raw | 1 << b);
-                let per_table = (lay.cluster_size / lay.entry_bytes()) as usize;
-                for e in expect
-                    .iter_mut()
-                    .skip(j as usize * per_table)
-                    .take(per_table)
-                {
-                    *e = Expect::Fails("reserved_bits");
-                }
+                lay.fail_table(&mut expect, j, "reserved_bits");
                 verdict = Verdicts::OpenOrCheck("reserved_bits");
             }
         }
@@ -445,14 +455,7 @@ pub fn mutate(data: &[u8]) {
                 let raw = be(&bytes, at, 8);
                 if j < lay.l1_size && raw & OFFSET_MASK != 0 {
                     put_be(&mut bytes, at, 8, raw + delta);
-                    let per_table = (lay.cluster_size / lay.entry_bytes()) as usize;
-                    for e in expect
-                        .iter_mut()
-                        .skip(j as usize * per_table)
-                        .take(per_table)
-                    {
-                        *e = Expect::Fails("unaligned");
-                    }
+                    lay.fail_table(&mut expect, j, "unaligned");
                     verdict = Verdicts::OpenOrCheck("unaligned");
                 }
             } else {
