@@ -15,8 +15,10 @@ use qcow2_guard::{CompressionType, Geometry, Header, Image, Limits, Policy};
 
 use crate::model::{apply, FuzzImage};
 use crate::oracles::{
-    checked_reads, clean_without_backing, compare_reads, conversions_agree, refusal_is_typed, walk,
+    checked_reads, clean_without_backing, compare_reads, conversions_agree, refusal_is_typed,
+    streaming_agrees, walk,
 };
+use crate::sparse::Sparse;
 use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
 
 /// `header`: the fixed header and the extensions, from raw bytes.
@@ -187,20 +189,7 @@ pub fn stream(data: &[u8]) {
         return;
     }
     let (seed, image) = data.split_at(data.len().min(4));
-    let mut x = seed.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    }) | 1;
-    let mut sizes = Vec::new();
-    let mut total = 0usize;
-    while total < image.len() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        // Mostly small pieces, sometimes up to 8 KiB.
-        let n = 1 + (x % (1u64 << (x >> 60).min(13))) as usize;
-        sizes.push(n);
-        total += n;
-    }
+    let sizes = chunk_sizes(seed, image.len());
     let limits = Limits::fuzzing();
     let opts = check_options();
     let whole = match Image::open_with(image, limits.clone()) {
@@ -256,6 +245,26 @@ pub fn stream(data: &[u8]) {
         assert_eq!(without.report, whole, "chunked, without a spool");
         assert!(without.read_back.is_empty());
     }
+}
+
+/// The piece sizes of a stream of `len` bytes, drawn from `seed`: mostly
+/// small pieces (1 byte and up), sometimes up to 8 KiB; they add up to at
+/// least `len` (the last piece may reach past the end).
+pub fn chunk_sizes(seed: &[u8], len: usize) -> Vec<usize> {
+    let mut x = seed.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }) | 1;
+    let mut sizes = Vec::new();
+    let mut total = 0usize;
+    while total < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = 1 + (x % (1u64 << (x >> 60).min(13))) as usize;
+        sizes.push(n);
+        total += n;
+    }
+    sizes
 }
 
 /// `decompress`: the compressed-cluster path alone.
@@ -400,10 +409,17 @@ pub const MAX_CONVERT_DISK: u64 = 4 << 20;
 /// - bit 1: as bit 0, but as a raw backing image (byte 0 flipped);
 /// - bit 2: hand in the image bytes as the external data file and allow
 ///   data files;
-/// - bit 3: convert the internal snapshot with ID `1`.
+/// - bit 3: convert the internal snapshot with ID `1`;
+/// - bit 4: the image is a sparse file ([`Sparse`]: its all-zero 4 KiB
+///   blocks are holes);
+/// - bits 5..8: with bits 0..4 clear, the image is also converted as a
+///   stream ([`qcow2_guard::convert::StreamConversion`], `convert -`): 0
+///   feeds it in one piece, any other value seeds the piece sizes
+///   ([`chunk_sizes`]).
 ///
 /// Limits: [`Limits::fuzzing`], [`MAX_CONVERT_DISK`] of virtual disk and
-/// of output. See [`conversions_agree`] for the oracle.
+/// of output. See [`conversions_agree`] and [`streaming_agrees`] for the
+/// oracles.
 pub fn convert(data: &[u8]) {
     use qcow2_guard::convert::{prepare, ConvertOptions, Inputs};
     use qcow2_guard::snapshot::SnapshotSelector;
@@ -414,23 +430,36 @@ pub fn convert(data: &[u8]) {
         return;
     }
     let mut policy = Policy::default().with_max_virtual_size(MAX_CONVERT_DISK);
-    let mut inputs = Inputs::new(image);
+    let mut backing = None;
     if flags & 3 != 0 {
         policy.allow_backing = true;
-        let mut backing = image.to_vec();
+        let mut b = image.to_vec();
         if flags & 2 != 0 {
-            if let Some(b) = backing.first_mut() {
+            if let Some(b) = b.first_mut() {
                 *b ^= 0xff;
             }
         }
-        inputs = inputs.with_backing(backing);
+        backing = Some(b);
     }
     if flags & 4 != 0 {
         policy.allow_data_file = true;
-        inputs = inputs.with_data_file(image.to_vec());
     }
-    if flags & 8 != 0 {
-        inputs = inputs.with_snapshot(SnapshotSelector::IdOrName("1".to_owned()));
+    fn add<S>(
+        mut inputs: Inputs<S>,
+        flags: u8,
+        image: &[u8],
+        backing: Option<&Vec<u8>>,
+    ) -> Inputs<S> {
+        if let Some(b) = backing {
+            inputs = inputs.with_backing(b.clone());
+        }
+        if flags & 4 != 0 {
+            inputs = inputs.with_data_file(image.to_vec());
+        }
+        if flags & 8 != 0 {
+            inputs = inputs.with_snapshot(SnapshotSelector::IdOrName("1".to_owned()));
+        }
+        inputs
     }
     let opts = ConvertOptions {
         policy,
@@ -439,8 +468,39 @@ pub fn convert(data: &[u8]) {
         ..ConvertOptions::default()
     };
     let checked_clean = flags & 0x0f == 0 && clean_without_backing(image, &opts);
-    match prepare(inputs, &opts) {
-        Ok(conversion) => conversions_agree(&conversion, checked_clean),
-        Err(e) => refusal_is_typed(&e, checked_clean),
+    let converted = if flags & 0x10 != 0 {
+        match prepare(
+            add(
+                Inputs::new(Sparse::new(image.to_vec())),
+                flags,
+                image,
+                backing.as_ref(),
+            ),
+            &opts,
+        ) {
+            Ok(conversion) => conversions_agree(&conversion, checked_clean),
+            Err(e) => {
+                refusal_is_typed(&e, checked_clean);
+                None
+            }
+        }
+    } else {
+        match prepare(
+            add(Inputs::new(image), flags, image, backing.as_ref()),
+            &opts,
+        ) {
+            Ok(conversion) => conversions_agree(&conversion, checked_clean),
+            Err(e) => {
+                refusal_is_typed(&e, checked_clean);
+                None
+            }
+        }
+    };
+    if flags & 0x1f == 0 {
+        let sizes = match flags >> 5 {
+            0 => vec![image.len()],
+            seed => chunk_sizes(&[seed], image.len()),
+        };
+        streaming_agrees(image, &opts, &sizes, converted.as_deref());
     }
 }
