@@ -224,6 +224,10 @@ for name in sorted(n for n in os.listdir(tables) if n.endswith(".qcow2")):
         open(os.path.join(out, "convert", f"{base}-f{f}"), "wb").write(bytes([f]) + data)
 PY
 
+# Patched and unusual images (hostile bitmaps, shared tables, a resized
+# and a metadata-preallocated image, refused convert flag combinations).
+bash scripts/corpus-hostile.sh
+
 du -sh "$out"
 for d in tables header decompress structured read check stream convert; do
     echo "$d: $(ls "$out/$d" | wc -l) files, $(du -sb "$out/$d" | cut -f1) bytes"

@@ -741,7 +741,31 @@ impl Sink for BoundedSink {
     }
 }
 
-/// The one output file of [`streaming_agrees`]'s [`FileSink`] runs: a
+/// An accepted conversion run into [`FileSink::overwrite`] (a block
+/// device's sink: holes written as zeros, the size left alone) over a
+/// file of the disk's size full of old bytes gives the disk `want`
+/// exactly: every old byte overwritten.
+pub fn overwrite_agrees<S: Source>(conversion: &Conversion<S>, want: &[u8]) {
+    with_output_file(|file| {
+        file.write_all_at(&vec![0xa5; want.len()], 0)
+            .expect("fill the output file");
+        conversion
+            .run(&FileSink::overwrite(file), None)
+            .unwrap_or_else(|e| panic!("converts into memory, fails over old bytes: {e}"));
+        let len = file.metadata().expect("output metadata").len();
+        assert_eq!(len, want.len() as u64, "the device's size changed");
+        let mut disk = vec![0u8; want.len()];
+        file.read_exact_at(&mut disk, 0)
+            .expect("read the output back");
+        assert!(
+            disk == want,
+            "old bytes left, or other bytes, after an overwrite"
+        );
+    });
+}
+
+/// The one output file of the [`FileSink`] runs ([`streaming_agrees`],
+/// [`overwrite_agrees`]): a
 /// new file in the temporary directory, unlinked at once (as the CLI's
 /// output is unnamed until it is committed), truncated to empty before
 /// each use (a new, sparse file again). One per process, so a fuzzing
