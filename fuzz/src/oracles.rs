@@ -136,7 +136,8 @@ pub fn walk<S: Source>(img: &Image<S>) -> u64 {
 /// - A succeeds iff every P succeeds, and then the bytes are equal;
 /// - when both fail, A's error has the code of the first failing P (the
 ///   read walks the range in order and stops at the first error);
-/// - the `GuestReader`, seeked to `off` and read in `chunk`-byte reads,
+/// - the `GuestReader`, seeked to `off` (from the start, the end or the
+///   current position, by `chunk`) and read in `chunk`-byte reads,
 ///   never ends early; when it succeeds, A succeeds with the same bytes;
 ///   when A succeeds and it fails, the failure is in the clusters it reads
 ///   beyond the range (it buffers whole clusters): a `read_at` of the
@@ -189,8 +190,25 @@ pub fn compare_reads<S: Source>(img: &Image<S>, file: &[u8], off: u64, len: u64,
         ),
     }
 
+    // Seek to `off` from the start, from the end, or from the current
+    // position (after a refused seek before the start), by `chunk`.
     let mut reader = img.reader();
-    assert_eq!(reader.seek(SeekFrom::Start(off)).expect("seek"), off);
+    let from_end = i64::try_from(off)
+        .ok()
+        .zip(i64::try_from(img.virtual_size()).ok())
+        .map(|(o, s)| o - s);
+    let at = match (chunk % 3, from_end, i64::try_from(off)) {
+        (1, Some(back), _) => reader.seek(SeekFrom::End(back)),
+        (2, _, Ok(fwd)) => {
+            assert!(
+                reader.seek(SeekFrom::Current(-1)).is_err(),
+                "a seek before the start succeeds"
+            );
+            reader.seek(SeekFrom::Current(fwd))
+        }
+        _ => reader.seek(SeekFrom::Start(off)),
+    };
+    assert_eq!(at.expect("seek"), off, "{range}: seek");
     let mut via = vec![0u8; n];
     let mut done = 0;
     let mut reader_err = None;
