@@ -65,10 +65,6 @@ pub fn open_qcow2(
 ) -> Result<Image<FileSource>, Exit> {
     let mut image =
         Image::open_with(src, limits.clone()).map_err(|e| report::fatal(path, &e, false))?;
-    let rep = check(&image, &CheckOptions::metadata_only(policy.clone()));
-    if !rep.verdict.passes() {
-        return Err(report::audit_refusal(path, &rep));
-    }
     if convert::data_file_rule(image.header(), data_file.is_some()).is_err() {
         return Err(if data_file.is_none() {
             errln!(
@@ -86,6 +82,12 @@ pub fn open_qcow2(
     }
     if let Some(df) = data_file {
         image.set_data_file(Arc::new(open_file(df, false)?));
+    }
+    // With the data file attached: the check also judges where its
+    // clusters lie in it.
+    let rep = check(&image, &CheckOptions::metadata_only(policy.clone()));
+    if !rep.verdict.passes() {
+        return Err(report::audit_refusal(path, &rep));
     }
     Ok(image)
 }

@@ -430,6 +430,11 @@ pub fn prepare<S: Source>(
     let mut warnings = Vec::new();
     let mut image = Image::open_with(inputs.image, limits.clone()).map_err(ConvertError::image)?;
     let judged = refuse_on_policy(Input::Image, &image, policy, &mut warnings)?;
+    // The data file first: the audit judges where its clusters lie in it.
+    data_file_rule(image.header(), inputs.data_file.is_some())?;
+    if let Some(df) = inputs.data_file {
+        image.set_data_file(df);
+    }
     // One walk of the tables: the audit, and what each table maps (for
     // the bounds and for skipping holes). The bounds are judged first.
     let (report, uses) = audit(&image, opts, judged)?;
@@ -447,11 +452,6 @@ pub fn prepare<S: Source>(
             });
         };
         image = image.into_snapshot(index).map_err(ConvertError::image)?;
-    }
-
-    data_file_rule(image.header(), inputs.data_file.is_some())?;
-    if let Some(df) = inputs.data_file {
-        image.set_data_file(df);
     }
 
     match inputs.backing {
