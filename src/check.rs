@@ -55,8 +55,8 @@ use qcow2_guard::stream::{Inspector, SpoolFile};
 use qcow2_guard::{FileSource, Image, Source};
 
 use crate::exit::Exit;
-use crate::qemu::QemuArgs;
 use crate::open;
+use crate::qemu::QemuArgs;
 use crate::report;
 use crate::{ImageArg, PolicyArgs};
 

@@ -61,7 +61,10 @@ fn our_check(img: &Path, data: &Path) -> (Verdict, Vec<String>) {
         ..CheckOptions::default()
     };
     let r = check(&open(img, data), &opts);
-    (r.verdict, r.findings.iter().map(|f| f.code.to_string()).collect())
+    (
+        r.verdict,
+        r.findings.iter().map(|f| f.code.to_string()).collect(),
+    )
 }
 
 /// Our `check` CLI with `--data-file`: (exit status, finding codes).
@@ -76,7 +79,11 @@ fn cli_check(img: &Path, data: &Path) -> (i32, Vec<String>) {
     ]);
     let codes = json(&out)["findings"]
         .as_array()
-        .map(|a| a.iter().filter_map(|f| f["code"].as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f["code"].as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     (code(&out), codes)
 }
@@ -163,7 +170,10 @@ fn whole_table_past_data_file_end_is_refused_everywhere() {
         assert_eq!(err.code(), "past_eof", "raw={raw}");
         let (verdict, codes) = our_check(&img, &data);
         assert_eq!(verdict, Verdict::Corrupt, "raw={raw}: {codes:?}");
-        assert!(codes.iter().all(|c| c == "past_eof"), "raw={raw}: {codes:?}");
+        assert!(
+            codes.iter().all(|c| c == "past_eof"),
+            "raw={raw}: {codes:?}"
+        );
         assert_eq!(cli_check(&img, &data), (2, codes), "raw={raw}");
         assert_eq!(our_convert(&img, &data, dir.path()), (2, None), "raw={raw}");
     }
@@ -190,12 +200,20 @@ fn cluster_cut_by_data_file_end_is_refused() {
 
         let (verdict, codes) = our_check(&img, &data);
         assert_eq!(verdict, Verdict::Corrupt, "raw={raw}: {codes:?}");
-        assert!(codes.contains(&"past_eof".to_string()), "raw={raw}: {codes:?}");
+        assert!(
+            codes.contains(&"past_eof".to_string()),
+            "raw={raw}: {codes:?}"
+        );
         assert_eq!(cli_check(&img, &data), (2, codes), "raw={raw}");
         let mut buf = vec![0u8; 4096];
-        let err = open(&img, &data).read_at(128 * 1024, &mut buf).expect_err("refused");
+        let err = open(&img, &data)
+            .read_at(128 * 1024, &mut buf)
+            .expect_err("refused");
         assert_eq!(err.code(), "past_eof");
-        assert!(matches!(library_convert(&img, &data), Err(ConvertError::Audit { .. })));
+        assert!(matches!(
+            library_convert(&img, &data),
+            Err(ConvertError::Audit { .. })
+        ));
         assert_eq!(our_convert(&img, &data, dir.path()), (2, None), "raw={raw}");
     }
 }
@@ -211,7 +229,10 @@ fn shrunk_disk_cuts_its_last_cluster_and_is_accepted() {
     for raw in ["off", "on"] {
         let (img, data) = image(dir.path(), raw, 65536, "1M", &["write -P 0xaa 0 1M"]);
         qemu_img(&["resize", "-q", "--shrink", s(&img), "100k"]);
-        assert_eq!(std::fs::metadata(&data).map(|m| m.len()).ok(), Some(102_400));
+        assert_eq!(
+            std::fs::metadata(&data).map(|m| m.len()).ok(),
+            Some(102_400)
+        );
         qemu_check_clean(&img);
         let expected = qemu_raw(&img, dir.path());
         assert_eq!(expected.len(), 102_400);

@@ -260,7 +260,13 @@ impl Cluster {
     /// past the end of the disk are never read: `qemu-img resize
     /// --shrink` truncates the data file to the new size inside a mapped
     /// cluster. Reads, the audit and conversion all call this one rule.
-    pub fn check_data_file_reach(&self, g: &Geometry, disk: u64, file_len: u64, at: u64) -> Result<()> {
+    pub fn check_data_file_reach(
+        &self,
+        g: &Geometry,
+        disk: u64,
+        file_len: u64,
+        at: u64,
+    ) -> Result<()> {
         let Some((host, len)) = self.data_extent(g) else {
             return Ok(());
         };
