@@ -619,10 +619,11 @@ pub fn conversions_agree<S: Source>(conversion: &Conversion<S>, clean: bool) -> 
 ///   identical;
 /// - one byte of the output flipped: a content mismatch reported at the
 ///   start of that byte's sector;
-/// - the output cut to half its size (in whole sectors): the sizes differ;
-///   strict, a size mismatch; not strict, identical exactly when the cut
-///   part of the disk reads as zeros, else a content mismatch at or past
-///   the cut and at most at the first non-zero byte's sector.
+/// - without a backing image, the output cut to half its size (in whole
+///   sectors): the sizes differ; strict, a size mismatch; not strict,
+///   identical exactly when the cut part of the disk reads as zeros, else
+///   a content mismatch at or past the cut and at most at the first
+///   non-zero byte's sector.
 fn raw(r: &RawBacking<Vec<u8>>) -> Side<'_> {
     Side { map: r, data: r }
 }
@@ -673,6 +674,14 @@ fn compare_variants<S: Source>(
     }
     drop(flipped);
 
+    // The cut: only without a backing image. A `Side` is one map layer:
+    // the image's own tables call an unallocated range zeros, while its
+    // reads (with the backing image handed in) give the backing bytes, and
+    // `compare` skips the longer side's zero ranges without reading them.
+    // (The CLI never hands a backing image to `compare`.)
+    if img.backing().is_some() {
+        return;
+    }
     let cut = size / 2 & !511;
     let short = RawBacking(out.0[..cut as usize].to_vec());
     assert_eq!(
