@@ -14,7 +14,12 @@
 #       holes) as flags 0, 0x10 (sparse file, tight bounds) and 0xa0
 #       (streamed); the v3-c512 image with a data file and a snapshot that
 #       it does not have (flags 4, 8, 0x18); the data-file image as its own
-#       qcow2 backing image (flags 5: a backing image with a data file)
+#       qcow2 backing image (flags 5: a backing image with a data file); the
+#       snapshot image with its snapshot named snapshot.id=1 (0x18); the
+#       backing image over itself as a sparse raw backing image (0x12: the
+#       two-layer map chain); v3-c512-shared-l2-4m* (flag 0x10: over the
+#       tight amplification, output and audit bounds); a few images streamed
+#       with a 2 KiB retention budget (0x20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=corpus
@@ -29,6 +34,9 @@ io "$work/resized.qcow2" 'write -P 0x22 1M 1k' 'write -P 0x23 1k 512'
 
 qemu-img create -q -f qcow2 -o cluster_size=512 "$work/shared.qcow2" 40M
 io "$work/shared.qcow2" 'write -P 0x41 0 512'
+
+qemu-img create -q -f qcow2 -o cluster_size=512 "$work/shared4m.qcow2" 4M
+io "$work/shared4m.qcow2" 'write -P 0x42 0 512'
 
 qemu-img create -q -f qcow2 -o cluster_size=4096,preallocation=metadata "$work/prealloc.qcow2" 64k
 io "$work/prealloc.qcow2" 'write -P 0x33 4k 4k' 'write -z 32k 4k'
@@ -63,6 +71,23 @@ for i in range(l1_size):
 for j in range(64):
     struct.pack_into(">Q", d, l2 + 8 * j, data)
 image(bytes(d), "v3-c512-shared-l2")
+
+# shared-l2-4m: the same with a 4 MiB disk (128 L1 entries, 4 MiB mapped
+# from a few KiB), for convert's bounds with flag bit 4 (64 guest bytes per
+# file byte, 1 MiB of output, 256 audited clusters): as it is (over the
+# amplification), padded to 64 KiB (over the output), to 160 KiB (more
+# clusters than the audit tracks).
+d = bytearray(open(os.path.join(work, "shared4m.qcow2"), "rb").read())
+l1_size, l1_off = struct.unpack(">IQ", d[36:48])
+l2 = u64(d, l1_off) & 0x00FFFFFFFFFFFE00
+data = u64(d, l2) & ~(1 << 63)
+for i in range(l1_size):
+    struct.pack_into(">Q", d, l1_off + 8 * i, l2)
+for j in range(64):
+    struct.pack_into(">Q", d, l2 + 8 * j, data)
+for tag, pad in (("", 0), ("-64k", 64 << 10), ("-160k", 160 << 10)):
+    b = bytes(d) + bytes(max(0, pad - len(d)))
+    put(bytes([0x10]) + b, f"v3-c512-shared-l2-4m{tag}-f16", "convert")
 
 # bitmaps: the directory of v3-c512-bitmaps rebuilt with one rule broken.
 src = open(os.path.join(out, "tables", "v3-c512-bitmaps.qcow2"), "rb").read()
@@ -120,4 +145,12 @@ for f in (4, 8, 0x18):
     put(bytes([f]) + plain, f"v3-c512-f{f}", "convert")
 df = open(os.path.join(out, "tables", "v3-c512-datafile.qcow2"), "rb").read()
 put(bytes([5]) + df, "v3-c512-datafile-f5", "convert")
+snap = open(os.path.join(out, "tables", "v3-c512-snapshots.qcow2"), "rb").read()
+put(bytes([0x18]) + snap, "v3-c512-snapshots-f24", "convert")
+bk = open(os.path.join(out, "tables", "v3-c512-backing.qcow2"), "rb").read()
+put(bytes([0x12]) + bk, "v3-c512-backing-f18", "convert")
+# Streamed in pieces with a 2 KiB retention budget (seed 1: flags 0x20).
+for name in ("v3-c512", "v3-c512-snapshots", "v3-c512-zlib", "v3-c4k", "v3-c512-resized"):
+    img = open(os.path.join(out, "tables", name + ".qcow2"), "rb").read()
+    put(bytes([0x20]) + img, f"{name}-f32", "convert")
 PY

@@ -16,11 +16,12 @@ use qcow2_guard::convert::{
 };
 use qcow2_guard::extensions::FeatureKind;
 use qcow2_guard::l1l2::Cluster;
-use qcow2_guard::qemu_map::{MapFile, Qcow2Layer};
+use qcow2_guard::qemu_map::{MapFile, MapLayer as _, Qcow2Layer};
 use qcow2_guard::read::RawBacking;
 use qcow2_guard::walker::{self, Item, L2Entry};
 use qcow2_guard::{qemu_map, Error, ExtentKind, Header, Image, Policy, Severity, Source};
 
+use crate::sparse::Sparse;
 use crate::{check_options, consume, WORK};
 
 /// Walk every table of an open image, with a bounded amount of work.
@@ -769,7 +770,8 @@ impl Sink for BoundedSink {
 }
 
 /// An accepted conversion run into [`FileSink::overwrite`] (a block
-/// device's sink: holes written as zeros, the size left alone) over a
+/// device's sink: holes written as zeros, the size left alone; with
+/// [`FileSink::write_behind`], as the CLI writes) over a
 /// file of the disk's size full of old bytes gives the disk `want`
 /// exactly: every old byte overwritten.
 pub fn overwrite_agrees<S: Source>(conversion: &Conversion<S>, want: &[u8]) {
@@ -777,7 +779,7 @@ pub fn overwrite_agrees<S: Source>(conversion: &Conversion<S>, want: &[u8]) {
         file.write_all_at(&vec![0xa5; want.len()], 0)
             .expect("fill the output file");
         conversion
-            .run(&FileSink::overwrite(file), None)
+            .run(&FileSink::overwrite(file).write_behind(), None)
             .unwrap_or_else(|e| panic!("converts into memory, fails over old bytes: {e}"));
         let len = file.metadata().expect("output metadata").len();
         assert_eq!(len, want.len() as u64, "the device's size changed");
@@ -789,6 +791,51 @@ pub fn overwrite_agrees<S: Source>(conversion: &Conversion<S>, want: &[u8]) {
             "old bytes left, or other bytes, after an overwrite"
         );
     });
+}
+
+/// The `qemu-img map` records of the chain `img` over the raw backing
+/// image `backing` (the bytes `img` was given as its backing image) agree
+/// with the converted disk `out`: they tile the disk in order; a record
+/// flagged zero reads as zeros; a data record of the image's own file
+/// (depth 0, not compressed) reads as the image file's bytes at its
+/// offset, one of the backing image (depth 1) as the backing bytes at
+/// its offset (the same guest offset: a raw image maps itself).
+pub fn chain_map_agrees<S: Source>(img: &Image<S>, backing: &Sparse, out: &[u8]) {
+    let layer = Qcow2Layer::new(img);
+    let raw = RawBacking(backing);
+    let size = out.len() as u64;
+    let (mut records, mut pos) = (0u64, 0u64);
+    let mapped = qemu_map(&[&layer, &raw], 0, size, |e| {
+        records += 1;
+        assert_eq!(e.start, pos, "chain map records do not tile: {e:?}");
+        pos = e.end();
+        let got = &out[e.start as usize..e.end() as usize];
+        if e.zero {
+            assert!(
+                got.iter().all(|&b| b == 0),
+                "chain map record {e:?} is not zeros"
+            );
+        } else if let (Some(host), Some((depth, file)), false) = (e.offset, e.file, e.compressed) {
+            let mut want = vec![0u8; got.len()];
+            let read = match (depth, file) {
+                (0, MapFile::Image) => img.source().read_exact_at(host, &mut want).is_ok(),
+                (1, _) => {
+                    assert_eq!(host, e.start, "a raw backing image maps itself: {e:?}");
+                    backing.read_exact_at(host, &mut want).is_ok()
+                }
+                _ => false,
+            };
+            if read && e.data {
+                assert!(want == got, "chain map record {e:?} differs from its file");
+            }
+        }
+        records < CHECK_EXTENTS
+    });
+    mapped.unwrap_or_else(|e| panic!("qemu_map fails on a converted chain: {e}"));
+    assert!(
+        records >= CHECK_EXTENTS || pos == layer.map_size(),
+        "chain map stops at {pos:#x}"
+    );
 }
 
 /// The one output file of the [`FileSink`] runs ([`streaming_agrees`],

@@ -15,8 +15,8 @@ use qcow2_guard::{CompressionType, Geometry, Header, Image, Limits, Policy};
 
 use crate::model::{apply, FuzzImage};
 use crate::oracles::{
-    checked_reads, clean_without_backing, compare_reads, conversions_agree, overwrite_agrees,
-    refusal_is_typed, streaming_agrees, walk,
+    chain_map_agrees, checked_reads, clean_without_backing, compare_reads, conversions_agree,
+    overwrite_agrees, refusal_is_typed, streaming_agrees, walk,
 };
 use crate::sparse::Sparse;
 use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
@@ -428,10 +428,13 @@ pub const MAX_CONVERT_DISK: u64 = 4 << 20;
 /// - bit 3: convert the internal snapshot with ID `1` (with bit 4: named
 ///   as `snapshot.id=1`);
 /// - bit 4: the image is a sparse file ([`Sparse`]: its all-zero 4 KiB
-///   blocks are holes), the output bounds are tight ([`TIGHT_OUTPUT`],
-///   [`TIGHT_AMPLIFICATION`]), and an accepted conversion is also run
-///   into [`qcow2_guard::convert::FileSink::overwrite`] over a file full
-///   of old bytes ([`overwrite_agrees`]);
+///   blocks are holes), the bounds are tight ([`TIGHT_OUTPUT`],
+///   [`TIGHT_AMPLIFICATION`], [`TIGHT_AUDIT_CLUSTERS`]), and an accepted
+///   conversion is also run into
+///   [`qcow2_guard::convert::FileSink::overwrite`] over a file full of old
+///   bytes ([`overwrite_agrees`]); with bit 1 too, the `qemu-img map`
+///   records of the two-layer chain (the image over its raw backing image,
+///   as a sparse file) agree with the output ([`chain_map_agrees`]);
 /// - bits 5..8: with bits 0..4 clear, the image is also converted as a
 ///   stream ([`qcow2_guard::convert::StreamConversion`], `convert -`): 0
 ///   feeds it in one piece, any other value seeds the piece sizes
@@ -496,6 +499,7 @@ pub fn convert(data: &[u8]) {
         let tight = ConvertOptions {
             max_output: Some(TIGHT_OUTPUT),
             max_amplification: TIGHT_AMPLIFICATION,
+            max_audit_clusters: TIGHT_AUDIT_CLUSTERS,
             ..opts.clone()
         };
         let sparse = Inputs::new(Sparse::new(image.to_vec()));
@@ -504,6 +508,9 @@ pub fn convert(data: &[u8]) {
                 let out = conversions_agree(&conversion, checked_clean);
                 if let Some(want) = &out {
                     overwrite_agrees(&conversion, want);
+                    if let (Some(b), true) = (&backing, flags & 2 != 0) {
+                        chain_map_agrees(conversion.image(), &Sparse::new(b.clone()), want);
+                    }
                 }
                 out
             }
@@ -546,3 +553,7 @@ pub const TIGHT_OUTPUT: u64 = 1 << 20;
 /// The `convert` target's amplification bound with flag bit 4 (guest
 /// bytes mapped per file byte).
 pub const TIGHT_AMPLIFICATION: u64 = 64;
+
+/// The `convert` target's audit bound with flag bit 4 (host clusters the
+/// refcount rebuild may track).
+pub const TIGHT_AUDIT_CLUSTERS: u64 = 256;
