@@ -3,8 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::FileExt as _;
+
 use qcow2_guard::qemu_map::Qcow2Layer;
-use qcow2_guard::{qemu_map, FileSource, Image, Limits, MapEntry, MapLayer};
+use qcow2_guard::read::RawBacking;
+use qcow2_guard::{qemu_map, FileSource, Image, Limits, MapEntry, MapLayer, Source};
 
 use crate::oracles::walk;
 use crate::TARGETS;
@@ -53,10 +56,14 @@ const FILE_READ: u64 = 4 << 20;
 /// when it opens, the same guest bytes (the first [`FILE_READ`] of them)
 /// and the same `qemu-img map` records, unless the file's allocation makes
 /// the image look metadata-preallocated (a file knows its holes and its
-/// allocated blocks, memory does not).
+/// allocated blocks, memory does not); as raw images, the file and a
+/// sparse copy of it map their holes as zeros.
 pub fn file_and_memory_agree(path: &Path, data: &[u8]) {
     let src = FileSource::open(path).expect("open corpus file");
     let file = Image::open_with(src, Limits::fuzzing());
+    if data.len() as u64 <= FILE_READ {
+        sparse_copy_reads_as_zeros(path, data);
+    }
     let memory = Image::open_with(data, Limits::fuzzing());
     let (file, memory) = match (file, memory) {
         (Ok(f), Ok(m)) => (f, m),
@@ -103,4 +110,68 @@ fn map_records(layer: &dyn MapLayer, len: u64) -> (Result<(), &'static str>, Vec
     })
     .map_err(|e| e.code());
     (r, v)
+}
+
+/// A sparse copy of the file (every all-zero 4 KiB block left a hole) and
+/// the file itself, as raw images ([`raw_map_reads_as_zeros`]).
+fn sparse_copy_reads_as_zeros(path: &Path, data: &[u8]) {
+    let name = format!(
+        "qcow2-guard-replay-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    );
+    let tmp = std::env::temp_dir().join(name);
+    {
+        let f = std::fs::File::create(&tmp).expect("create the sparse copy");
+        for (i, block) in data.chunks(crate::sparse::BLOCK).enumerate() {
+            if block.iter().any(|&b| b != 0) {
+                f.write_all_at(block, (i * crate::sparse::BLOCK) as u64)
+                    .expect("write the sparse copy");
+            }
+        }
+        f.set_len(data.len() as u64).expect("size the sparse copy");
+    }
+    let src = FileSource::open(&tmp).expect("open the sparse copy");
+    let _ = std::fs::remove_file(&tmp);
+    raw_map_reads_as_zeros(path, src, data);
+    raw_map_reads_as_zeros(
+        path,
+        FileSource::open(path).expect("open corpus file"),
+        data,
+    );
+}
+
+/// `src` (a file holding `data`, with holes or not), as a raw image
+/// ([`RawBacking`]: its holes found with `SEEK_DATA`/`SEEK_HOLE`): it reads
+/// back `data`, and its `qemu-img map` records tile it with every record
+/// flagged zero reading as zeros in `data`.
+fn raw_map_reads_as_zeros(path: &Path, src: FileSource, data: &[u8]) {
+    let mut back = vec![0u8; data.len()];
+    src.read_exact_at(0, &mut back).expect("read the file");
+    assert!(
+        back == data,
+        "{}: the file reads back other bytes",
+        path.display()
+    );
+    let raw = RawBacking(src);
+    let (r, records) = map_records(&raw, data.len() as u64);
+    assert_eq!(r, Ok(()), "{}: map of the sparse copy", path.display());
+    let mut pos = 0u64;
+    for e in &records {
+        assert_eq!(e.start, pos, "{}: records do not tile", path.display());
+        pos = e.end();
+        if e.zero {
+            let got = &data[e.start as usize..e.end() as usize];
+            assert!(
+                got.iter().all(|&b| b == 0),
+                "{}: {e:?} is not zeros",
+                path.display()
+            );
+        }
+    }
+    assert!(
+        records.len() >= 4096 || pos == data.len() as u64,
+        "{}: records stop short",
+        path.display()
+    );
 }
