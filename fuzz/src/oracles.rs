@@ -18,6 +18,7 @@ use qcow2_guard::extensions::FeatureKind;
 use qcow2_guard::l1l2::Cluster;
 use qcow2_guard::qemu_map::{MapFile, MapLayer as _, Qcow2Layer};
 use qcow2_guard::read::RawBacking;
+use qcow2_guard::stream::SpoolFile;
 use qcow2_guard::walker::{self, Item, L2Entry};
 use qcow2_guard::{qemu_map, Error, ExtentKind, Header, Image, Policy, Severity, Source};
 
@@ -262,6 +263,9 @@ pub fn compare_reads<S: Source>(img: &Image<S>, file: &[u8], off: u64, len: u64,
                     continue;
                 }
                 let got = &whole[(e.guest_offset - off) as usize..(e.end() - off) as usize];
+                if e.is_zero_without_backing() && img.backing().is_none() {
+                    assert!(got.iter().all(|&b| b == 0), "{range}: {e:?} not zeros");
+                }
                 match e.kind {
                     ExtentKind::Zero => {
                         assert!(got.iter().all(|&b| b == 0), "{range}: {e:?} not zeros")
@@ -846,24 +850,42 @@ pub fn chain_map_agrees<S: Source>(img: &Image<S>, backing: &Sparse, out: &[u8])
 /// run does not create a file per input.
 fn with_output_file<R>(f: impl FnOnce(&std::fs::File) -> R) -> R {
     static OUT: OnceLock<Mutex<std::fs::File>> = OnceLock::new();
-    let out = OUT.get_or_init(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let path =
-            std::env::temp_dir().join(format!("qcow2-guard-fuzz-{}-{nanos}", std::process::id()));
-        let file = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        Mutex::new(file)
-    });
+    let out = OUT.get_or_init(|| Mutex::new(unlinked_file("output")));
     let file = out.lock().unwrap_or_else(PoisonError::into_inner);
     file.set_len(0).expect("truncate the output file");
     f(&file)
+}
+
+/// A spool as the CLI keeps one ([`SpoolFile`]: a file it writes the
+/// stream into), holding `image`: a second unlinked file per process,
+/// rewritten for each input. Called only inside [`with_output_file`],
+/// whose lock keeps two users from sharing it.
+fn spool_file(image: &[u8]) -> Arc<dyn Source> {
+    static SPOOL: OnceLock<Mutex<std::fs::File>> = OnceLock::new();
+    let f = SPOOL.get_or_init(|| Mutex::new(unlinked_file("spool")));
+    let f = f.lock().unwrap_or_else(PoisonError::into_inner);
+    f.set_len(0).expect("truncate the spool");
+    f.write_all_at(image, 0).expect("write the spool");
+    Arc::new(SpoolFile::new(f.try_clone().expect("clone the spool")))
+}
+
+/// A new file in the temporary directory, unlinked at once.
+fn unlinked_file(what: &str) -> std::fs::File {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let path = std::env::temp_dir().join(format!(
+        "qcow2-guard-fuzz-{what}-{}-{nanos}",
+        std::process::id()
+    ));
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file
 }
 
 /// What a streamed conversion gave: the disk's bytes and the report.
@@ -882,6 +904,9 @@ fn stream_into(
         at = end;
         assert_eq!(conversion.position(), at as u64, "position after a feed");
         let _ = conversion.retained_bytes();
+    }
+    if !sizes.is_empty() {
+        let _ = format!("{conversion:?}");
     }
     conversion.finish()
 }
@@ -915,7 +940,7 @@ pub fn streaming_agrees(
     let spooled: StreamOutcome = if size.is_some_and(|s| s <= crate::MAX_CONVERT_DISK) {
         with_output_file(|file| {
             let sink = FileSink::new(file);
-            let c = StreamConversion::with_spool(opts, &sink, Arc::new(image.to_vec()))?;
+            let c = StreamConversion::with_spool(opts, &sink, spool_file(image))?;
             let done = stream_into(c, image, sizes)?;
             let len = file.metadata().expect("output metadata").len();
             assert_eq!(len, done.size, "the output file's size");
