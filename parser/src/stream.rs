@@ -1671,7 +1671,7 @@ mod tests {
             cluster_bits: 9,
             clusters: (0..48 * 64u32)
                 .map(|i| match i % 64 {
-                    0 => GuestCluster::Data((i / 64) as u8),
+                    0 => GuestCluster::Data(u8::try_from(i / 64).unwrap()),
                     _ => GuestCluster::Unallocated,
                 })
                 .collect(),
