@@ -517,6 +517,24 @@ mod tests {
         }
     }
 
+    /// A built image of 512-byte clusters (64 entries per L2 table).
+    fn built(clusters: Vec<GuestCluster>) -> Vec<u8> {
+        let model = ImageModel {
+            cluster_bits: 9,
+            clusters,
+            ..ImageModel::default()
+        };
+        model.build().unwrap().bytes
+    }
+
+    /// What the audit side receives from [`walk_l2`] on `threads`, and the
+    /// workers started.
+    fn run(image: &Image<&[u8]>, tables: &[L2Ref], threads: usize) -> (Vec<Got>, usize) {
+        let mut r = Record::default();
+        let workers = walk_l2(image, tables, &mut r, true, Budget::new(u64::MAX), threads);
+        (r.got, workers)
+    }
+
     #[test]
     fn tables_without_compressed_entries_go_whole() {
         // 64 entries per L2 table: tables 1 and 3 hold compressed clusters.
@@ -527,28 +545,11 @@ mod tests {
                 _ => GuestCluster::Data(3),
             })
             .collect();
-        let built = ImageModel {
-            cluster_bits: 9,
-            clusters,
-            ..ImageModel::default()
-        }
-        .build()
-        .unwrap();
-        let image = Image::open(built.bytes.as_slice()).unwrap();
+        let bytes = built(clusters);
+        let image = Image::open(bytes.as_slice()).unwrap();
         let tables = walker::walk_tables(&image, &mut |_: Item<'_>| {});
         assert_eq!(tables.len(), 5);
-        let run = |threads| {
-            let mut r = Record::default();
-            walk_l2(
-                &image,
-                &tables,
-                &mut r,
-                true,
-                Budget::new(u64::MAX),
-                threads,
-            );
-            r.got
-        };
+        let run = |threads| run(&image, &tables, threads).0;
         let one = run(1);
         let compressed_tables = [tables[1].offset, tables[3].offset];
         // What two threads must deliver: the same entries in the same
@@ -588,19 +589,11 @@ mod tests {
                     }
                 })
                 .collect();
-            let built = ImageModel {
-                cluster_bits: 9,
-                clusters,
-                ..ImageModel::default()
-            }
-            .build()
-            .unwrap();
-            let image = Image::open(built.bytes.as_slice()).unwrap();
+            let bytes = built(clusters);
+            let image = Image::open(bytes.as_slice()).unwrap();
             let tables = walker::walk_tables(&image, &mut |_: Item<'_>| {});
-            let mut one = Record::default();
-            walk_l2(&image, &tables, &mut one, true, Budget::new(u64::MAX), 1);
-            let mut two = Record::default();
-            let workers = walk_l2(&image, &tables, &mut two, true, Budget::new(u64::MAX), 2);
+            let (one, _) = run(&image, &tables, 1);
+            let (two, workers) = run(&image, &tables, 2);
             // How many start depends on timing; whether any does, not.
             assert_eq!(
                 workers == 0,
@@ -618,12 +611,9 @@ mod tests {
                     .collect()
             };
             if workers == 0 {
-                assert!(two
-                    .got
-                    .iter()
-                    .all(|g| !matches!(g, Got::Entry(_, _, Some(_)))));
+                assert!(two.iter().all(|g| !matches!(g, Got::Entry(_, _, Some(_)))));
             }
-            assert_eq!(strip(one.got), strip(two.got));
+            assert_eq!(strip(one), strip(two));
         }
     }
 }
