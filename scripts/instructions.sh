@@ -47,6 +47,9 @@ trap cleanup EXIT
 if [ -z "${GUARD:-}" ]; then
     cargo build --release --quiet
     GUARD=$PWD/target/release/qcow2-guard
+    built="built from $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+else
+    built="GUARD"
 fi
 
 size=$((SIZE_MIB << 20))
@@ -70,7 +73,7 @@ fi
 
 echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "qemu-img: $(qemu-img --version | head -1)"
-echo "qcow2-guard: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) ($GUARD)"
+echo "qcow2-guard: $GUARD ($built)"
 echo "valgrind: $(valgrind --version); images: $(du -h --apparent-size "$WORK/zstd.qcow2" | cut -f1) compressed, ${PREALLOC_GIB} GiB prealloc"
 echo
 
