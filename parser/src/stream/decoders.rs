@@ -40,7 +40,9 @@ const PER_WORKER: usize = 2;
 pub(super) struct Decoders {
     threads: usize,
     jobs: Option<SyncSender<Job>>,
-    done: Option<Receiver<Done>>,
+    /// In a mutex only so that the inspector stays `Sync` (the Python
+    /// binding shares it); one thread uses it.
+    done: Option<Mutex<Receiver<Done>>>,
     handles: Vec<JoinHandle<()>>,
     out: usize,
     spare: Vec<Vec<u8>>,
@@ -118,7 +120,7 @@ impl Decoders {
         // for an outcome ends instead of hanging.
         drop(done_tx);
         self.jobs = Some(tx);
-        self.done = Some(done_rx);
+        self.done = Some(Mutex::new(done_rx));
         true
     }
 
@@ -147,7 +149,7 @@ impl Decoders {
         if self.out == 0 {
             return None;
         }
-        let rx = self.done.as_ref()?;
+        let rx = self.done.as_ref()?.lock().ok()?;
         let got = if wait {
             rx.recv().ok()
         } else {
