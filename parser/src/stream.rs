@@ -1837,15 +1837,31 @@ mod tests {
         .build()
         .unwrap()
         .bytes;
-        let mut i = Inspector::new(Limits::default(), CheckOptions::default());
+        let one = CheckOptions {
+            threads: 1,
+            ..CheckOptions::default()
+        };
+        let mut i = Inspector::new(Limits::default(), one.clone());
         i.feed(&bytes);
         // Header cluster, L1 and refcount tables, blocks, L2 tables: a few
         // clusters, none of the compressed payloads.
         assert!(i.store.bytes <= 6 * 4096, "{}", i.store.bytes);
         assert_eq!(i.memo.ok.len(), 64);
         let got = i.finish();
-        assert_eq!(got.report, whole(&bytes, &CheckOptions::default()));
+        assert_eq!(got.report, whole(&bytes, &one));
         assert_eq!(got.report.stats.decompressed_clusters, 64);
+        // On two decoder threads: at most two payloads each still out when
+        // the feed returns, the rest known; the same report.
+        let two = CheckOptions {
+            threads: 2,
+            ..CheckOptions::default()
+        };
+        let mut i = Inspector::new(Limits::default(), two.clone());
+        i.feed(&bytes);
+        assert!(i.store.bytes <= 6 * 4096, "{}", i.store.bytes);
+        assert!(i.in_flight.len() <= 4, "{}", i.in_flight.len());
+        assert_eq!(i.memo.ok.len() + i.in_flight.len(), 64);
+        assert_eq!(i.finish().report, whole(&bytes, &two));
     }
 
     #[test]
