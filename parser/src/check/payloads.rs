@@ -12,10 +12,14 @@
 //! payload handed in just before its entry ([`Verifier::precomputed`]).
 //! So findings, their order, the stored/omitted split and the statistics
 //! are those of the single-thread run, whatever the threads' timing.
+//! Only tables with a compressed entry are taken apart: every other table
+//! goes to the audit whole ([`Visitor::l2_entries`], its fast path for
+//! common entries), held back as one item while a payload before it is
+//! unfinished, so an uncompressed image costs what it costs on one thread.
 //!
 //! Memory stays bounded: at most [`IN_FLIGHT_PER_THREAD`] payloads per
-//! thread are being decoded or waiting, at most [`MAX_HELD`] entries are
-//! held back, and each worker owns one cluster of input and one of output
+//! thread are being decoded or waiting, at most [`MAX_HELD`] items and
+//! [`MAX_HELD_WORDS`] words of whole tables are held back, and each worker owns one cluster of input and one of output
 //! (plus its decoder context), and fewer workers start when the clusters
 //! are so large that their buffers would pass
 //! [`crate::parallel::WORKER_MEMORY`]. Workers are started as payloads arrive,
@@ -26,7 +30,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Mutex};
 use std::thread::{Scope, ScopedJoinHandle};
 
-use crate::compressed::Descriptor;
+use crate::compressed::{Descriptor, OFLAG_COMPRESSED};
 use crate::error::Result;
 use crate::header::Geometry;
 use crate::l1l2::Cluster;
@@ -39,6 +43,8 @@ use crate::Image;
 const IN_FLIGHT_PER_THREAD: usize = 4;
 /// Walk items held back behind an unfinished payload.
 const MAX_HELD: usize = 4096;
+/// Words of whole L2 tables held back behind an unfinished payload (1 MiB).
+const MAX_HELD_WORDS: usize = 1 << 17;
 
 /// The decompression budget ([`super::CheckOptions::max_decompressed_bytes`]):
 /// once a cluster no longer fits, no later one does.
@@ -114,6 +120,8 @@ pub(super) fn walk_l2<'a, S: Source, V: Verifier<'a>>(
             done_tx: Some(done_tx),
             done_rx,
             held: VecDeque::new(),
+            held_words: 0,
+            spare: Vec::new(),
             results: HashMap::new(),
             next: 0,
             in_flight: 0,
@@ -148,6 +156,13 @@ enum Held<'a> {
         /// The payload job of a compressed entry.
         ticket: Option<u64>,
     },
+    /// A whole L2 table without compressed entries (its words), for the
+    /// audit's [`Visitor::l2_entries`].
+    Table {
+        table: L2Ref,
+        words: Vec<u64>,
+        data_file: bool,
+    },
 }
 
 struct Ahead<'a, 'v, 's, 'e, S, V> {
@@ -168,6 +183,10 @@ struct Ahead<'a, 'v, 's, 'e, S, V> {
     done_tx: Option<mpsc::Sender<Done>>,
     done_rx: mpsc::Receiver<Done>,
     held: VecDeque<Held<'a>>,
+    /// Words of the [`Held::Table`]s in `held`.
+    held_words: usize,
+    /// Word buffers of delivered tables, for reuse.
+    spare: Vec<Vec<u64>>,
     results: HashMap<u64, Option<Result<()>>>,
     next: u64,
     in_flight: usize,
@@ -306,6 +325,15 @@ where
                     }
                     self.visit.l2_entry(&table, index, at, raw, cluster);
                 }
+                Some(Held::Table {
+                    table,
+                    words,
+                    data_file,
+                }) => {
+                    self.held_words = self.held_words.saturating_sub(words.len());
+                    self.visit.l2_entries(&table, &words, &self.g, data_file);
+                    self.spare.push(words);
+                }
                 None => return,
             }
         }
@@ -315,7 +343,10 @@ where
     fn pump(&mut self) {
         self.collect();
         self.deliver(false);
-        while self.in_flight >= self.max_in_flight || self.held.len() >= MAX_HELD {
+        while self.in_flight >= self.max_in_flight
+            || self.held.len() >= MAX_HELD
+            || self.held_words > MAX_HELD_WORDS
+        {
             if !self.wait() {
                 self.abandon();
                 return;
@@ -391,5 +422,137 @@ where
             ticket,
         });
         self.pump();
+    }
+
+    /// A table without compressed entries has no payload to hand out: it
+    /// goes to the audit whole (its fast path for common entries), held
+    /// back as one item behind unfinished payloads. A table with one goes
+    /// entry by entry, each compressed entry to a worker.
+    fn l2_entries(&mut self, table: &L2Ref, words: &[u64], g: &Geometry, data_file: bool) {
+        // Standard entries: one OR over the table (vectorised); extended
+        // ones: the first word of each pair (bit 62 of a subcluster
+        // bitmap is a zero flag).
+        let flags = if g.extended_l2 {
+            words.iter().step_by(2).fold(0, |a, &w| a | w)
+        } else {
+            words.iter().fold(0, |a, &w| a | w)
+        };
+        let compressed = !data_file && self.jobs.is_some() && flags & OFLAG_COMPRESSED != 0;
+        if compressed {
+            walker::decode_entries(self, table, words, g, data_file);
+            return;
+        }
+        if self.held.is_empty() {
+            self.visit.l2_entries(table, words, g, data_file);
+            return;
+        }
+        let mut held = self.spare.pop().unwrap_or_default();
+        held.clear();
+        held.extend_from_slice(words);
+        self.held_words = self.held_words.saturating_add(held.len());
+        self.held.push_back(Held::Table {
+            table: *table,
+            words: held,
+            data_file,
+        });
+        self.pump();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::{GuestCluster, ImageModel};
+
+    /// What the audit side receives.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Got {
+        /// A whole table through [`Visitor::l2_entries`].
+        Whole(u64),
+        /// An entry (at, raw), with whether its payload was verified ahead.
+        Entry(u64, u64, Option<bool>),
+        Other,
+    }
+
+    #[derive(Default)]
+    struct Record {
+        got: Vec<Got>,
+        ready: Option<(u64, bool)>,
+    }
+
+    impl<'a> Visitor<'a> for Record {
+        fn item(&mut self, _item: Item<'a>) {
+            self.got.push(Got::Other);
+        }
+        fn l2_entry(&mut self, _t: &L2Ref, _i: u64, at: u64, raw: u64, _c: Result<Cluster>) {
+            let ready = self.ready.take().filter(|r| r.0 == at).map(|r| r.1);
+            self.got.push(Got::Entry(at, raw, ready));
+        }
+        fn l2_entries(&mut self, t: &L2Ref, words: &[u64], g: &Geometry, data_file: bool) {
+            self.got.push(Got::Whole(t.offset));
+            walker::decode_entries(self, t, words, g, data_file);
+        }
+    }
+
+    impl Verifier<'_> for Record {
+        fn precomputed(&mut self, at: u64, outcome: Result<()>) {
+            self.ready = Some((at, outcome.is_ok()));
+        }
+    }
+
+    #[test]
+    fn tables_without_compressed_entries_go_whole() {
+        // 64 entries per L2 table: tables 1 and 3 hold compressed clusters.
+        let clusters = (0..320u32)
+            .map(|i| match (i / 64, i % 3) {
+                (1 | 3, 0) => GuestCluster::Compressed(7),
+                (_, 1) => GuestCluster::Unallocated,
+                _ => GuestCluster::Data(3),
+            })
+            .collect();
+        let built = ImageModel {
+            cluster_bits: 9,
+            clusters,
+            ..ImageModel::default()
+        }
+        .build()
+        .unwrap();
+        let image = Image::open(built.bytes.as_slice()).unwrap();
+        let tables = walker::walk_tables(&image, &mut |_: Item<'_>| {});
+        assert_eq!(tables.len(), 5);
+        let run = |threads| {
+            let mut r = Record::default();
+            walk_l2(
+                &image,
+                &tables,
+                &mut r,
+                true,
+                Budget::new(u64::MAX),
+                threads,
+            );
+            r.got
+        };
+        let one = run(1);
+        let compressed_tables = [tables[1].offset, tables[3].offset];
+        // What two threads must deliver: the same entries in the same
+        // order; tables with compressed entries entry by entry, each
+        // compressed payload verified ahead; the others whole.
+        let want: Vec<Got> = one
+            .into_iter()
+            .filter(|g| !matches!(g, Got::Whole(t) if compressed_tables.contains(t)))
+            .map(|g| match g {
+                Got::Entry(at, raw, None) if raw & OFLAG_COMPRESSED != 0 => {
+                    Got::Entry(at, raw, Some(true))
+                }
+                g => g,
+            })
+            .collect();
+        assert_eq!(
+            want.iter().filter(|g| matches!(g, Got::Whole(_))).count(),
+            3
+        );
+        for _ in 0..20 {
+            assert_eq!(run(2), want);
+        }
     }
 }
