@@ -144,7 +144,8 @@ impl FuzzImage {
             lazy_refcounts: v3 && self.lazy_refcounts,
             feature_table: self.feature_table,
             clusters,
-            snapshots: (0..SNAPSHOTS[usize::from(self.snapshots) % SNAPSHOTS.len()].min(max_snapshots))
+            snapshots: (0..SNAPSHOTS[usize::from(self.snapshots) % SNAPSHOTS.len()]
+                .min(max_snapshots))
                 .map(|i| SnapshotModel {
                     name: format!("snap{i}"),
                 })
