@@ -42,10 +42,11 @@ pub enum Edit {
     Byte { at: u32, value: u8 },
     /// Cut the file at `at % len`.
     Truncate { at: u32 },
-    /// Add a small signed `delta` to header field `field % header fields`
-    /// (the fields named `header.*`): values next to the valid ones
-    /// (refcount_order 4 + 3, l1_size - 1) are where off-by-one rules
-    /// break, and a random 64-bit value almost never lands there.
+    /// Add a small signed delta, `delta % 9` (-8..=8), to header field
+    /// `field % header fields` (the fields named `header.*`): values next
+    /// to the valid ones (refcount_order 4 + 3, l1_size - 1) are where
+    /// off-by-one rules break, and a random 64-bit value almost never
+    /// lands there (nor a random `i8`: 1 in 256 for a given delta).
     Nudge { field: u8, delta: i8 },
 }
 
@@ -182,7 +183,7 @@ pub fn apply(bytes: &mut Vec<u8>, fields: &[Field], edit: &Edit) {
                 .filter(|&i| fields[i].name.starts_with("header."))
                 .collect();
             if let Some(&i) = header.get(usize::from(field) % header.len().max(1)) {
-                let add = i64::from(delta) as u64;
+                let add = i64::from(delta % 9) as u64;
                 update(bytes, i as u16, &|v| v.wrapping_add(add));
             }
         }
