@@ -16,13 +16,20 @@
 #   snaps    SIZE/2, 4 internal snapshots, data rewritten between them
 #   frag     SIZE/2 written 4 KiB at a time in a shuffled order, 4 KiB clusters
 #   prealloc PREALLOC GiB and 4x that, preallocation=metadata (sparse files)
-# Groups: convert (vs `qemu-img convert -O raw`), full check (every payload
+# Groups: durable convert (ours fsyncs the output and its directory, vs
+# `qemu-img convert -O raw` with the cache modes that flush at the end,
+# `-t none` as Nova runs it and `-t writeback`: the faster of the two
+# counts), convert without flush (ours `--no-sync` vs qemu-img's default,
+# `cache=unsafe`, which never flushes), full check (every payload
 # decompressed) vs `qemu-img convert -O raw` of the same image (the same
 # decompression work: `qemu-img check` decompresses nothing), `check
 # --metadata-only` vs `qemu-img check`, the streaming check (`cat IMG |
 # qcow2-guard check -`) and streaming convert (`cat IMG | qcow2-guard
-# convert - OUT`) vs qemu-img on the file, `info` vs `qemu-img info`. Every
-# converted output is compared with qemu-img's (holes and data).
+# convert --no-sync - OUT`) vs qemu-img on the file (no flush either),
+# `info` vs `qemu-img info`. Every converted output is compared with
+# qemu-img's (holes and data), and their `du` after both are synced (ext4
+# adds its extent-tree block to a file when it is written back: before
+# the sync a flushed output shows 4 KiB more than one still in the cache).
 #
 # Needs cargo, qemu-img, qemu-io, tar and python3; ~6 GiB of disk (sparse
 # files aside). Not part of CI (it takes ~10 minutes with the defaults):
@@ -32,7 +39,10 @@
 # Env:   RUNS=5                  runs per tool and case (medians)
 #        BENCH_SIZE_MIB=512      SIZE above
 #        BENCH_PREALLOC_GIB=256  PREALLOC above (the second image is 4x)
-#        INSNS=auto|0            count our instructions with perf stat
+#        INSNS=auto|0|callgrind  count our instructions: perf stat where it
+#                                counts (auto), or valgrind's callgrind on
+#                                the hot cases (slow: minutes; the column
+#                                then shows callgrind's count)
 #        KEEP=1                  keep the images (reused by the next run)
 set -euo pipefail
 
@@ -209,7 +219,7 @@ def measure(cmd, before=None):
 # Our instructions (user space, all threads), one run with perf stat.
 insns_file = os.path.join(work, "insns.txt")
 def perf_ok():
-    if os.environ.get("INSNS") == "0":
+    if os.environ.get("INSNS") in ("0", "callgrind"):
         return False
     try:
         return subprocess.run(["perf", "stat", "-x,", "-e", "instructions:u", "-o", insns_file, "true"],
@@ -218,7 +228,26 @@ def perf_ok():
         return False
 use_perf = perf_ok()
 
-def instructions(cmd, before=None):
+use_callgrind = os.environ.get("INSNS") == "callgrind"
+def callgrind(cmd):
+    """Instructions of cmd (all threads) under valgrind's callgrind."""
+    # The pipeline's first command is `cat`: count the last one only.
+    if cmd[0] == "sh":
+        return None
+    p = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"] + cmd,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for line in p.stderr.decode(errors="replace").splitlines():
+        if "Collected :" in line:
+            return int(line.split(":")[-1].strip().replace(",", ""))
+    return None
+
+def instructions(cmd, before=None, hot=False):
+    if use_callgrind:
+        if not hot:
+            return None
+        if before:
+            before()
+        return callgrind(cmd)
     if not use_perf:
         return None
     if before:
@@ -281,15 +310,26 @@ def sh(cmd):
     return ["sh", "-c", cmd]
 
 rows = []
-def case(group, label, gcmd, qcmd, before=None):
-    g, q = [], []
+qemu_modes = []
+def case(group, label, gcmd, qcmd, before=None, qalt=None, hot=False):
+    """Medians of `runs` alternating runs of gcmd and qcmd. With qalt
+    (name -> command), every qemu-img variant runs in turn and the fastest
+    median counts (qcmd is then the name of the first)."""
+    qcmds = qalt or {"": qcmd}
+    g, q = [], {k: [] for k in qcmds}
     for _ in range(runs):
         g.append(measure(gcmd, before))
-        q.append(measure(qcmd, before))
-    insns = instructions(gcmd, before)
+        for k, c in qcmds.items():
+            q[k].append(measure(c, before))
+    insns = instructions(gcmd, before, hot)
     med = statistics.median
-    gt, qt = med(x[0] for x in g), med(x[0] for x in q)
-    gm, qm = med(x[1] for x in g), med(x[1] for x in q)
+    gt, gm = med(x[0] for x in g), med(x[1] for x in g)
+    times = {k: med(x[0] for x in v) for k, v in q.items()}
+    best = min(times, key=times.get)
+    qt, qm = times[best], med(x[1] for x in q[best])
+    if qalt:
+        qemu_modes.append(f"{label}: qemu-img " + ", ".join(
+            f"{k} {t:.3f} s" for k, t in times.items()) + f" (counted: {best})")
     rows.append((group, label, gt, qt, gm / 1024, qm / 1024))
     ins = f"{insns / 1e6:10.0f}" if insns is not None else f"{'-':>10}"
     print(f"{label:48}{gt:8.3f}{qt:8.3f}{gt / qt:7.2f}{gm / 1024:9.1f}{qm / 1024:9.1f}{ins}", flush=True)
@@ -297,24 +337,28 @@ def case(group, label, gcmd, qcmd, before=None):
 notes = []
 def compare(name, out_g, out_q):
     ok = same_content(out_g, out_q)
+    os.sync()
     notes.append(f"{name}: outputs {'identical' if ok else 'DIFFER'}; "
                  f"du qcow2-guard {du_kib(out_g)} KiB, qemu-img {du_kib(out_q)} KiB")
     rm(out_g, out_q)()
     if not ok:
         sys.exit(notes[-1])
 
-def convert(name, label):
-    case("convert", f"convert {label}",
-         [guard, "convert", "-q", img(name), out_g],
-         ["qemu-img", "convert", "-O", "raw", img(name), out_q],
-         before=rm(out_g, out_q))
+def convert(name, label, hot=False):
+    qemu = lambda *t: ["qemu-img", "convert", *t, "-O", "raw", img(name), out_q]
+    case("durable convert", f"convert {label}",
+         [guard, "convert", "-q", img(name), out_g], None,
+         before=rm(out_g, out_q), qalt={"-t none": qemu("-t", "none"), "-t writeback": qemu("-t", "writeback")})
+    case("convert, no flush", f"convert --no-sync {label}",
+         [guard, "convert", "-q", "--no-sync", img(name), out_g], qemu(),
+         before=rm(out_g, out_q), hot=hot)
     subprocess.run([guard, "convert", "-q", img(name), out_g], check=True, stderr=subprocess.DEVNULL)
     subprocess.run(["qemu-img", "convert", "-O", "raw", img(name), out_q], check=True)
     compare(f"convert {name}", out_g, out_q)
 
 def stream_convert(name):
-    case("streaming", f"cat | convert - {name}",
-         sh(f"cat '{img(name)}' | '{guard}' convert -q - '{out_g}'"),
+    case("streaming", f"cat | convert --no-sync - {name}",
+         sh(f"cat '{img(name)}' | '{guard}' convert -q --no-sync - '{out_g}'"),
          ["qemu-img", "convert", "-O", "raw", img(name), out_q],
          before=rm(out_g, out_q))
     subprocess.run(sh(f"cat '{img(name)}' | '{guard}' convert -q - '{out_g}'"), check=True, stderr=subprocess.DEVNULL)
@@ -326,25 +370,26 @@ pre4 = str(int(pre) * 4)
 print(f"{'case':48}{'ours s':>8}{'qemu s':>8}{'ratio':>7}{'ours MiB':>9}{'qemu MiB':>9}{'our Minsn':>10}")
 print(f"{'':48}{'(median wall time)':>23}{'(median peak RSS)':>18}")
 convert("random", "random 64k (uncompressed)")
-convert("zlib", "mixed, zlib")
-convert("zstd", "mixed, zstd")
-convert("files-zlib", "files from /usr, zlib")
-convert("files-zstd", "files from /usr, zstd")
-convert("zstd4k", "mixed, zstd, 4k clusters")
+convert("zlib", "mixed, zlib", hot=True)
+convert("zstd", "mixed, zstd", hot=True)
+convert("files-zlib", "files from /usr, zlib", hot=True)
+convert("files-zstd", "files from /usr, zstd", hot=True)
+convert("zstd4k", "mixed, zstd, 4k clusters", hot=True)
 convert("snaps", "4 internal snapshots")
 convert("frag", "fragmented 4k clusters")
-convert("prealloc", f"{pre} GiB prealloc=metadata")
+convert("prealloc", f"{pre} GiB prealloc=metadata", hot=True)
 convert("prealloc4x", f"{pre4} GiB prealloc=metadata")
 compressed = ("zlib", "zstd", "files-zlib", "files-zstd", "zstd4k")
 for name in compressed:
     case("full check", f"check (decompress) {name} / qemu convert",
          [guard, "check", img(name)], ["qemu-img", "convert", "-O", "raw", img(name), out_q],
-         before=rm(out_q))
+         before=rm(out_q), hot=True)
 rm(out_q)()
 for name in ("random", "zlib", "zstd", "files-zlib", "files-zstd", "zstd4k", "snaps", "frag",
              "prealloc", "prealloc4x"):
     case("metadata", f"check --metadata-only {name}",
-         [guard, "check", "--metadata-only", img(name)], ["qemu-img", "check", img(name)])
+         [guard, "check", "--metadata-only", img(name)], ["qemu-img", "check", img(name)],
+         hot=name.startswith("prealloc"))
 for name in ("zstd", "files-zstd"):
     case("streaming", f"cat | check - {name} / qemu check",
          sh(f"cat '{img(name)}' | '{guard}' check --metadata-only -"), ["qemu-img", "check", img(name)])
@@ -357,10 +402,11 @@ for name in ("zstd", "files-zstd"):
 for name in ("random", "prealloc4x"):
     case("info", f"info {name}", [guard, "info", img(name)], ["qemu-img", "info", img(name)])
 print()
-for n in notes:
+for n in qemu_modes + notes:
     print(n)
 print()
-for group, target in (("convert", "<= 0.5"), ("full check", "<= 0.5"), ("metadata", "<= 0.5"),
+for group, target in (("durable convert", "<= 0.5"), ("convert, no flush", "<= 0.5"),
+                      ("full check", "<= 0.5"), ("metadata", "<= 0.5"),
                       ("streaming", "-"), ("info", "-")):
     rs = [r for r in rows if r[0] == group]
     if rs:

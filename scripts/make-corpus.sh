@@ -17,7 +17,8 @@
 #                       stream target draws its chunk sizes from it)
 #   corpus/convert/     the named tables images after a flags byte (0; the
 #                       backing, data-file and snapshot images also with
-#                       the flag that hands the input in)
+#                       the flag that hands the input in; 0xa0 streamed in
+#                       pieces; 0x10 sparse for clusters of 4 KiB and up)
 #
 # Files it makes are overwritten; other files are kept: inputs a fuzzer
 # found that add coverage (merged with -merge=1, named by their SHA-1) and
@@ -201,11 +202,18 @@ for name in sorted(os.listdir(check)):
     seed = struct.pack(">I", zlib.crc32(name.encode()))
     open(os.path.join(out, "stream", name), "wb").write(seed + data)
 # convert: [flags] [image]; bit 0/1 the image as a qcow2/raw backing
-# image, bit 2 as its data file, bit 3 convert snapshot "1".
+# image, bit 2 as its data file, bit 3 convert snapshot "1", bit 4 the
+# image as a sparse file; bits 5..8 (with 0..4 clear) also streamed, in
+# pieces drawn from that seed (0xa0: seed 5) -- every image but the 64 KiB
+# cluster one; sparse for the images with clusters of 4 KiB and up.
 for name in sorted(n for n in os.listdir(tables) if n.endswith(".qcow2")):
     data = open(os.path.join(tables, name), "rb").read()
     base = name[: -len(".qcow2")]
     flags = [0]
+    if "c64k" not in name:
+        flags += [0xa0]
+    if any(c in name for c in ("c4k", "c4096", "c16k")):
+        flags += [0x10]
     if "backing" in name:
         flags += [1, 2]
     if "datafile" in name:
@@ -215,6 +223,10 @@ for name in sorted(n for n in os.listdir(tables) if n.endswith(".qcow2")):
     for f in flags:
         open(os.path.join(out, "convert", f"{base}-f{f}"), "wb").write(bytes([f]) + data)
 PY
+
+# Patched and unusual images (hostile bitmaps, shared tables, a resized
+# and a metadata-preallocated image, refused convert flag combinations).
+bash scripts/corpus-hostile.sh
 
 du -sh "$out"
 for d in tables header decompress structured read check stream convert; do

@@ -55,6 +55,7 @@ use qcow2_guard::stream::{Inspector, SpoolFile};
 use qcow2_guard::{FileSource, Image, Source};
 
 use crate::exit::Exit;
+use crate::open;
 use crate::qemu::QemuArgs;
 use crate::report;
 use crate::{ImageArg, PolicyArgs};
@@ -84,6 +85,11 @@ pub struct Args {
     /// point backwards.
     #[arg(long, value_name = "FILE")]
     spool: Option<PathBuf>,
+    /// External data file of IMAGE (needs --allow-data-file): the check
+    /// then also finds guest data mapped past its end. Never opened
+    /// unless given: without it, the image's tables are checked alone.
+    #[arg(long, value_name = "FILE", requires = "allow_data_file")]
+    data_file: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -101,6 +107,11 @@ pub fn run(args: &Args) -> Exit {
         errln!("qcow2-guard: --spool goes with IMAGE `-` (standard input)");
         return Exit::NotChecked;
     }
+    let data_file = match args.data_file.as_deref().map(|d| open::open_file(d, json)) {
+        Some(Err(e)) => return e,
+        Some(Ok(df)) => Some(Arc::new(df)),
+        None => None,
+    };
     let src = match FileSource::open(path) {
         Ok(s) => s,
         Err(e) => return report::unreadable(path, &e, json),
@@ -113,7 +124,19 @@ pub fn run(args: &Args) -> Exit {
         ..defaults
     };
     let (rep, image) = match Image::open_with(src, args.policy.limits()) {
-        Ok(image) => (check::check(&image, &opts), Some(image)),
+        Ok(mut image) => {
+            if let Some(df) = data_file {
+                if !image.header().has_data_file() {
+                    errln!(
+                        "qcow2-guard: {}: --data-file given but the image has no external data file",
+                        path.display()
+                    );
+                    return Exit::NotChecked;
+                }
+                image.set_data_file(df);
+            }
+            (check::check(&image, &opts), Some(image))
+        }
         Err(e) => (Report::from_open_error(&e), None),
     };
     emit(args, path, image.as_ref(), &rep)
@@ -135,6 +158,10 @@ fn emit<S: Source>(args: &Args, path: &Path, image: Option<&Image<S>>, rep: &Rep
 /// `--spool FILE` keeping a copy (written beside FILE, renamed at the end).
 fn run_stream(args: &Args) -> Exit {
     let path = Path::new("-");
+    if args.data_file.is_some() {
+        errln!("qcow2-guard: --data-file does not go with IMAGE `-` (standard input)");
+        return Exit::NotChecked;
+    }
     let opts = CheckOptions {
         policy: args.policy.policy(),
         decompress: !args.metadata_only,

@@ -401,7 +401,13 @@ fn convert(args: &Args) -> Result<(), Failure> {
             .open(&args.output)
             .map_err(|e| Failure::Io(format!("{}: cannot open: {e}", args.output.display())))?;
         if meta.file_type().is_block_device() {
-            run_into(&conversion, &FileSink::overwrite(&f), &progress)?;
+            let sink = FileSink::overwrite(&f);
+            let sink = if args.no_sync {
+                sink
+            } else {
+                sink.write_behind()
+            };
+            run_into(&conversion, &sink, &progress)?;
             if !args.no_sync {
                 f.sync_all()
                     .map_err(|e| Failure::Convert(ConvertError::Sink(e)))?;
@@ -416,7 +422,14 @@ fn convert(args: &Args) -> Result<(), Failure> {
                 args.output.display()
             ))
         })?;
-        run_into(&conversion, &FileSink::new(out.file()), &progress)?;
+        // Synced at the end: the disk writes start while converting.
+        let sink = FileSink::new(out.file());
+        let sink = if args.no_sync {
+            sink
+        } else {
+            sink.write_behind()
+        };
+        run_into(&conversion, &sink, &progress)?;
         out.commit(!args.no_sync)
             .map_err(|e| Failure::Convert(ConvertError::Sink(e)))?;
     }

@@ -65,6 +65,11 @@ pub fn open_qcow2(
 ) -> Result<Image<FileSource>, Exit> {
     let mut image =
         Image::open_with(src, limits.clone()).map_err(|e| report::fatal(path, &e, false))?;
+    // The data file before the check, which then also judges where the
+    // clusters lie in it.
+    if let Some(df) = data_file.filter(|_| image.header().has_data_file()) {
+        image.set_data_file(Arc::new(open_file(df, false)?));
+    }
     let rep = check(&image, &CheckOptions::metadata_only(policy.clone()));
     if !rep.verdict.passes() {
         return Err(report::audit_refusal(path, &rep));
@@ -83,9 +88,6 @@ pub fn open_qcow2(
             );
             Exit::NotChecked
         });
-    }
-    if let Some(df) = data_file {
-        image.set_data_file(Arc::new(open_file(df, false)?));
     }
     Ok(image)
 }

@@ -196,6 +196,102 @@ fn convert_is_the_same_on_any_thread_count() {
     }
 }
 
+/// A positional sink that records what was written and, on each
+/// `settled(end)`, that every byte below `end` had arrived.
+struct Settling {
+    disk: std::sync::Mutex<(Vec<u8>, Vec<bool>)>,
+    /// Every `settled` end, and the prefix found written so far.
+    settled: std::sync::Mutex<(Vec<u64>, usize)>,
+}
+
+impl Settling {
+    fn mark(&self, offset: u64, data: Option<&[u8]>, len: usize) {
+        let mut d = self.disk.lock().unwrap();
+        let at = offset as usize;
+        if let Some(data) = data {
+            d.0[at..at + len].copy_from_slice(data);
+        }
+        d.1[at..at + len].iter_mut().for_each(|b| *b = true);
+    }
+}
+
+impl qcow2_guard::convert::Sink for Settling {
+    fn sequential(&self) -> bool {
+        false
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.mark(offset, Some(data), data.len());
+        Ok(())
+    }
+    fn settled(&self, end: u64) {
+        let d = self.disk.lock().unwrap();
+        let mut s = self.settled.lock().unwrap();
+        let from = s.1.min(end as usize);
+        let missing = d.1[from..end as usize].iter().position(|&b| !b);
+        assert_eq!(
+            missing, None,
+            "settled({end:#x}) before the byte was written"
+        );
+        s.0.push(end);
+        s.1 = s.1.max(end as usize);
+    }
+    fn write_zeros(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.mark(offset, None, len as usize);
+        Ok(())
+    }
+    fn finish(&self, _size: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a positional sink hears as settled (where `FileSink::write_behind`
+/// starts the disk writes) has been written, whatever the worker count:
+/// 12 MiB of data, zero, unallocated and compressed clusters, 4 KiB
+/// clusters (48 chunks).
+#[test]
+fn settled_ranges_are_written_on_any_thread_count() {
+    use qcow2_guard::build::{GuestCluster, ImageModel};
+    let clusters = (0..3072u32)
+        .map(|c| match c % 7 {
+            0 | 3 => GuestCluster::Data(c as u8),
+            1 => GuestCluster::Zero,
+            2 => GuestCluster::Unallocated,
+            _ => GuestCluster::Compressed(c as u8),
+        })
+        .collect();
+    let built = ImageModel {
+        cluster_bits: 12,
+        clusters,
+        ..ImageModel::default()
+    }
+    .build()
+    .expect("build");
+    for threads in 1..=4 {
+        let opts = ConvertOptions {
+            threads,
+            ..ConvertOptions::default()
+        };
+        let conversion = prepare(Inputs::new(built.bytes.as_slice()), &opts).expect("prepare");
+        let size = built.guest.len();
+        let sink = Settling {
+            disk: std::sync::Mutex::new((vec![0; size], vec![false; size])),
+            settled: std::sync::Mutex::new((Vec::new(), 0)),
+        };
+        conversion.run(&sink, None).expect("run");
+        let (disk, seen) = sink.disk.into_inner().unwrap();
+        assert!(disk == built.guest, "{threads} threads");
+        assert!(seen.iter().all(|&b| b), "{threads} threads");
+        let (settled, _) = sink.settled.into_inner().unwrap();
+        // Reported as it goes, up to the last chunk's start.
+        let top = settled.iter().max().copied().unwrap_or(0);
+        assert!(
+            top >= size as u64 - (1 << 20),
+            "{threads} threads: {top:#x}"
+        );
+        assert!(settled.len() >= 40, "{threads} threads: {}", settled.len());
+    }
+}
+
 /// Hostile variations of built images (random bytes overwritten anywhere,
 /// tables included): the report never depends on the thread count.
 #[test]

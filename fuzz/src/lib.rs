@@ -29,9 +29,10 @@ pub mod oracles;
 pub mod qemu_decompress;
 pub mod reference;
 pub mod replay;
+pub mod sparse;
 pub mod targets;
 
-pub use oracles::{checked_reads, compare_reads, conversions_agree, walk};
+pub use oracles::{checked_reads, compare_reads, conversions_agree, streaming_agrees, walk};
 pub use replay::{file_and_memory_agree, files, replay_corpus};
 pub use targets::{
     check, convert, decompress, header, read, stream, structured, tables, MAX_CONVERT_DISK,

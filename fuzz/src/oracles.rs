@@ -4,20 +4,22 @@
 //! bytes, a clean check reading back).
 
 use std::io::{Read as _, Seek as _, SeekFrom};
+use std::os::unix::fs::FileExt as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use qcow2_guard::check::{code, CheckOptions, Report, Verdict};
 use qcow2_guard::compare::{compare, Outcome, Side};
 use qcow2_guard::convert::{
-    code as convert_code, Conversion, ConvertError, ConvertOptions, Sink, WriteSink,
+    code as convert_code, Conversion, ConvertError, ConvertOptions, FileSink, Sink,
+    StreamConversion, Streamed, WriteSink,
 };
 use qcow2_guard::extensions::FeatureKind;
 use qcow2_guard::l1l2::Cluster;
 use qcow2_guard::qemu_map::{MapFile, Qcow2Layer};
 use qcow2_guard::read::RawBacking;
 use qcow2_guard::walker::{self, Item, L2Entry};
-use qcow2_guard::{qemu_map, Error, ExtentKind, Image, Policy, Severity, Source};
+use qcow2_guard::{qemu_map, Error, ExtentKind, Header, Image, Policy, Severity, Source};
 
 use crate::{check_options, consume, WORK};
 
@@ -134,7 +136,8 @@ pub fn walk<S: Source>(img: &Image<S>) -> u64 {
 /// - A succeeds iff every P succeeds, and then the bytes are equal;
 /// - when both fail, A's error has the code of the first failing P (the
 ///   read walks the range in order and stops at the first error);
-/// - the `GuestReader`, seeked to `off` and read in `chunk`-byte reads,
+/// - the `GuestReader`, seeked to `off` (from the start, the end or the
+///   current position, by `chunk`) and read in `chunk`-byte reads,
 ///   never ends early; when it succeeds, A succeeds with the same bytes;
 ///   when A succeeds and it fails, the failure is in the clusters it reads
 ///   beyond the range (it buffers whole clusters): a `read_at` of the
@@ -187,8 +190,25 @@ pub fn compare_reads<S: Source>(img: &Image<S>, file: &[u8], off: u64, len: u64,
         ),
     }
 
+    // Seek to `off` from the start, from the end, or from the current
+    // position (after a refused seek before the start), by `chunk`.
     let mut reader = img.reader();
-    assert_eq!(reader.seek(SeekFrom::Start(off)).expect("seek"), off);
+    let from_end = i64::try_from(off)
+        .ok()
+        .zip(i64::try_from(img.virtual_size()).ok())
+        .map(|(o, s)| o - s);
+    let at = match (chunk % 3, from_end, i64::try_from(off)) {
+        (1, Some(back), _) => reader.seek(SeekFrom::End(back)),
+        (2, _, Ok(fwd)) => {
+            assert!(
+                reader.seek(SeekFrom::Current(-1)).is_err(),
+                "a seek before the start succeeds"
+            );
+            reader.seek(SeekFrom::Current(fwd))
+        }
+        _ => reader.seek(SeekFrom::Start(off)),
+    };
+    assert_eq!(at.expect("seek"), off, "{range}: seek");
     let mut via = vec![0u8; n];
     let mut done = 0;
     let mut reader_err = None;
@@ -489,7 +509,7 @@ pub fn refusal_is_typed(e: &ConvertError, clean: bool) {
 /// identical, and the image's `qemu-img map` records agree with the
 /// output (zero records read as zeros, data records in the image file as
 /// the file's bytes at their offset).
-pub fn conversions_agree<S: Source>(conversion: &Conversion<S>, clean: bool) {
+pub fn conversions_agree<S: Source>(conversion: &Conversion<S>, clean: bool) -> Option<Vec<u8>> {
     let img = conversion.image();
     let size = conversion.size();
     assert!(
@@ -528,7 +548,7 @@ pub fn conversions_agree<S: Source>(conversion: &Conversion<S>, clean: bool) {
     );
     if let Err(e) = &read {
         assert!(!clean, "a clean image fails to convert: {e}");
-        return;
+        return None;
     }
     let out = sequential.into_inner().expect("sequential sink");
     assert!(out == reference, "sequential output differs from read_at");
@@ -556,6 +576,7 @@ pub fn conversions_agree<S: Source>(conversion: &Conversion<S>, clean: bool) {
     .unwrap_or_else(|e| panic!("compare fails on a converted image: {e}"));
     assert_eq!(cmp.outcome, Outcome::Identical, "compare: {cmp:?}");
     assert!(!cmp.size_mismatch);
+    compare_variants(img, &layer, &raw);
 
     let file = img.source();
     let mut records = 0u64;
@@ -564,8 +585,10 @@ pub fn conversions_agree<S: Source>(conversion: &Conversion<S>, clean: bool) {
         let got = &raw.0[e.start as usize..e.end() as usize];
         // The chain is the image alone: without a backing image,
         // unallocated ranges read as zeros; with one, they are its bytes.
+        // A present record flagged zero reads as zeros, data or not (data
+        // in a hole of a metadata-preallocated image's file).
         let zeros = if e.present {
-            e.zero && !e.data
+            e.zero
         } else {
             img.backing().is_none()
         };
@@ -584,4 +607,344 @@ pub fn conversions_agree<S: Source>(conversion: &Conversion<S>, clean: bool) {
         records < CHECK_EXTENTS
     });
     mapped.unwrap_or_else(|e| panic!("qemu_map fails on a converted image: {e}"));
+    Some(raw.0)
+}
+
+/// The `compare` oracles on an image and its raw conversion `out` (the
+/// disk's bytes, already known equal to `read_at`'s), beyond the plain
+/// comparison [`conversions_agree`] makes:
+/// - strict (`qemu-img compare -s`): the image with itself is identical;
+///   with its raw conversion identical or a status mismatch, never a
+///   content mismatch; the other way round (raw first) not strict,
+///   identical;
+/// - one byte of the output flipped: a content mismatch reported at the
+///   start of that byte's sector;
+/// - without a backing image, the output cut to half its size (in whole
+///   sectors): the sizes differ; strict, a size mismatch; not strict,
+///   identical exactly when the cut part of the disk reads as zeros, else
+///   a content mismatch at or past the cut and at most at the first
+///   non-zero byte's sector.
+fn raw(r: &RawBacking<Vec<u8>>) -> Side<'_> {
+    Side { map: r, data: r }
+}
+
+fn compare_variants<S: Source>(
+    img: &Image<S>,
+    layer: &Qcow2Layer<'_, S>,
+    out: &RawBacking<Vec<u8>>,
+) {
+    let image = Side {
+        map: layer,
+        data: img,
+    };
+    let cmp = |a: Side<'_>, b: Side<'_>, strict: bool| {
+        compare(a, b, strict).unwrap_or_else(|e| panic!("compare fails on a converted image: {e}"))
+    };
+    let _ = format!("{image:?}");
+    let size = out.0.len() as u64;
+
+    let itself = cmp(image, image, true);
+    assert_eq!(itself.outcome, Outcome::Identical, "strict, with itself");
+    match cmp(image, raw(out), true).outcome {
+        Outcome::Identical => {}
+        Outcome::StatusMismatch(at) => assert!(at < size, "status mismatch at {at:#x}"),
+        o => panic!("strict compare with the raw conversion: {o:?}"),
+    }
+    let back = cmp(raw(out), image, false);
+    assert_eq!(back.outcome, Outcome::Identical, "raw first: {back:?}");
+    assert!(!back.common_part_equal_sizes_differ());
+
+    if size == 0 {
+        return;
+    }
+    let k = out
+        .0
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(out.0.len() / 2);
+    let mut flipped = out.0.clone();
+    flipped[k] ^= 1;
+    let flipped = RawBacking(flipped);
+    match cmp(image, raw(&flipped), false).outcome {
+        Outcome::ContentMismatch(at) => assert!(
+            at <= k as u64 && k as u64 - at < 512,
+            "byte {k:#x} flipped, mismatch reported at {at:#x}"
+        ),
+        o => panic!("byte {k:#x} flipped: {o:?}"),
+    }
+    drop(flipped);
+
+    // The cut: only without a backing image. A `Side` is one map layer:
+    // the image's own tables call an unallocated range zeros, while its
+    // reads (with the backing image handed in) give the backing bytes, and
+    // `compare` skips the longer side's zero ranges without reading them.
+    // (The CLI never hands a backing image to `compare`.)
+    if img.backing().is_some() {
+        return;
+    }
+    let cut = size / 2 & !511;
+    let short = RawBacking(out.0[..cut as usize].to_vec());
+    assert_eq!(
+        cmp(image, raw(&short), true).outcome,
+        Outcome::SizeMismatch,
+        "strict, cut to {cut:#x}"
+    );
+    let c = cmp(image, raw(&short), false);
+    assert!(c.size_mismatch && c.common_size == cut, "{c:?}");
+    let first = out.0[cut as usize..].iter().position(|&b| b != 0);
+    match (c.outcome, first) {
+        (Outcome::Identical, None) => assert!(c.common_part_equal_sizes_differ()),
+        (Outcome::ContentMismatch(at), Some(i)) => {
+            let i = cut + i as u64;
+            assert!(
+                at >= cut && at <= i && i - at < 512,
+                "cut to {cut:#x}: first non-zero byte past it at {i:#x}, mismatch at {at:#x}"
+            );
+            assert!(c.common_part_equal_sizes_differ());
+        }
+        (o, first) => panic!("cut to {cut:#x}: {o:?}, first non-zero byte past the cut {first:?}"),
+    }
+}
+
+/// A positional sink in memory that behaves as a new file of at most
+/// `cap` bytes: holes are not written (they read as zeros), a write past
+/// `cap` fails (an image refused by the policy may be written into
+/// before it is refused; a file would grow, this sink refuses), and no
+/// write may end past the size [`Sink::finish`] is given.
+struct BoundedSink {
+    cap: u64,
+    /// The bytes, and the end of the furthest write.
+    state: Mutex<(Vec<u8>, u64)>,
+}
+
+impl BoundedSink {
+    fn new(cap: u64) -> BoundedSink {
+        BoundedSink {
+            cap,
+            state: Mutex::new((Vec::new(), 0)),
+        }
+    }
+
+    fn bound(&self, offset: u64, len: u64) -> std::io::Result<u64> {
+        offset
+            .checked_add(len)
+            .filter(|&end| end <= self.cap)
+            .ok_or_else(|| std::io::Error::other("a write past the sink's bound"))
+    }
+}
+
+impl Sink for BoundedSink {
+    fn sequential(&self) -> bool {
+        false
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let end = self.bound(offset, data.len() as u64)?;
+        let mut st = self.state.lock().expect("sink lock");
+        if st.0.len() < end as usize {
+            st.0.resize(end as usize, 0);
+        }
+        st.0[offset as usize..end as usize].copy_from_slice(data);
+        st.1 = st.1.max(end);
+        Ok(())
+    }
+
+    fn write_zeros(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let end = self.bound(offset, len)?;
+        let mut st = self.state.lock().expect("sink lock");
+        st.1 = st.1.max(end);
+        Ok(())
+    }
+
+    fn finish(&self, size: u64) -> std::io::Result<()> {
+        let mut st = self.state.lock().expect("sink lock");
+        assert!(
+            st.1 <= size,
+            "a write ends at {:#x}, past the disk's end {size:#x}",
+            st.1
+        );
+        st.0.resize(size as usize, 0);
+        Ok(())
+    }
+}
+
+/// An accepted conversion run into [`FileSink::overwrite`] (a block
+/// device's sink: holes written as zeros, the size left alone) over a
+/// file of the disk's size full of old bytes gives the disk `want`
+/// exactly: every old byte overwritten.
+pub fn overwrite_agrees<S: Source>(conversion: &Conversion<S>, want: &[u8]) {
+    with_output_file(|file| {
+        file.write_all_at(&vec![0xa5; want.len()], 0)
+            .expect("fill the output file");
+        conversion
+            .run(&FileSink::overwrite(file), None)
+            .unwrap_or_else(|e| panic!("converts into memory, fails over old bytes: {e}"));
+        let len = file.metadata().expect("output metadata").len();
+        assert_eq!(len, want.len() as u64, "the device's size changed");
+        let mut disk = vec![0u8; want.len()];
+        file.read_exact_at(&mut disk, 0)
+            .expect("read the output back");
+        assert!(
+            disk == want,
+            "old bytes left, or other bytes, after an overwrite"
+        );
+    });
+}
+
+/// The one output file of the [`FileSink`] runs ([`streaming_agrees`],
+/// [`overwrite_agrees`]): a
+/// new file in the temporary directory, unlinked at once (as the CLI's
+/// output is unnamed until it is committed), truncated to empty before
+/// each use (a new, sparse file again). One per process, so a fuzzing
+/// run does not create a file per input.
+fn with_output_file<R>(f: impl FnOnce(&std::fs::File) -> R) -> R {
+    static OUT: OnceLock<Mutex<std::fs::File>> = OnceLock::new();
+    let out = OUT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path =
+            std::env::temp_dir().join(format!("qcow2-guard-fuzz-{}-{nanos}", std::process::id()));
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Mutex::new(file)
+    });
+    let file = out.lock().unwrap_or_else(PoisonError::into_inner);
+    file.set_len(0).expect("truncate the output file");
+    f(&file)
+}
+
+/// What a streamed conversion gave: the disk's bytes and the report.
+type StreamOutcome = Result<(Vec<u8>, Streamed), ConvertError>;
+
+/// Feed `image` to `conversion` in pieces of `sizes` bytes, then finish.
+fn stream_into(
+    mut conversion: StreamConversion<'_>,
+    image: &[u8],
+    sizes: &[usize],
+) -> Result<Streamed, ConvertError> {
+    let mut at = 0usize;
+    for &n in sizes {
+        let end = at.saturating_add(n).min(image.len());
+        conversion.feed(&image[at..end])?;
+        at = end;
+        assert_eq!(conversion.position(), at as u64, "position after a feed");
+        let _ = conversion.retained_bytes();
+    }
+    conversion.finish()
+}
+
+/// The streaming conversion ([`StreamConversion`], what `convert -`
+/// runs) of `image` fed in pieces of `sizes` bytes, with `opts`, against
+/// the positional conversion of the same image with the same options
+/// (`positional`: the disk's bytes when it was accepted and ran, `None`
+/// when it was refused or failed):
+/// - with a spool (into a [`FileSink`] over a new file when the header
+///   names a disk of at most [`crate::MAX_CONVERT_DISK`] bytes, else into
+///   a bounded memory sink): it succeeds exactly when the positional
+///   conversion does, with the same bytes, the right size and an audit
+///   verdict `ok` or `leaks`;
+/// - without a spool (bounded memory sink): when the spooled run read
+///   nothing back and did not write the disk again from the spool, it
+///   succeeds with the same bytes; otherwise it gives the same bytes or
+///   refuses with a `needs_random_access` audit (a backward reference:
+///   the layout does not stream); it never succeeds where the spooled
+///   run failed.
+///
+/// A sink error is allowed only when the positional conversion refused
+/// (a disk larger than the bound, written into before the refusal).
+pub fn streaming_agrees(
+    image: &[u8],
+    opts: &ConvertOptions,
+    sizes: &[usize],
+    positional: Option<&[u8]>,
+) {
+    let size = Header::decode(image).map(|h| h.size).ok();
+    let spooled: StreamOutcome = if size.is_some_and(|s| s <= crate::MAX_CONVERT_DISK) {
+        with_output_file(|file| {
+            let sink = FileSink::new(file);
+            let c = StreamConversion::with_spool(opts, &sink, Arc::new(image.to_vec()))?;
+            let done = stream_into(c, image, sizes)?;
+            let len = file.metadata().expect("output metadata").len();
+            assert_eq!(len, done.size, "the output file's size");
+            let mut disk = vec![0u8; len as usize];
+            file.read_exact_at(&mut disk, 0)
+                .expect("read the output back");
+            Ok((disk, done))
+        })
+    } else {
+        let sink = BoundedSink::new(crate::MAX_CONVERT_DISK);
+        StreamConversion::with_spool(opts, &sink, Arc::new(image.to_vec()))
+            .and_then(|c| stream_into(c, image, sizes))
+            .map(|done| (sink.state.into_inner().expect("sink").0, done))
+    };
+    let unspooled: StreamOutcome = {
+        let sink = BoundedSink::new(crate::MAX_CONVERT_DISK);
+        StreamConversion::new(opts, &sink)
+            .and_then(|c| stream_into(c, image, sizes))
+            .map(|done| (sink.state.into_inner().expect("sink").0, done))
+    };
+    let sink_error = |r: &StreamOutcome, what: &str| {
+        if let Err(ConvertError::Sink(e)) = r {
+            assert!(
+                positional.is_none(),
+                "{what}: a sink error ({e}), the positional conversion converts"
+            );
+        }
+    };
+    sink_error(&spooled, "streamed with a spool");
+    sink_error(&unspooled, "streamed without a spool");
+    match (positional, &spooled) {
+        (Some(want), Ok((disk, done))) => {
+            assert!(
+                disk == want,
+                "streamed with a spool: bytes differ from the positional conversion"
+            );
+            assert_eq!(done.size, want.len() as u64);
+            assert!(
+                matches!(done.audit.verdict, Verdict::Ok | Verdict::Leaks),
+                "streamed with a {:?} audit",
+                done.audit.verdict
+            );
+            for w in &done.warnings {
+                assert_ne!(w.severity, Severity::Error, "a warning is an error: {w}");
+            }
+        }
+        (Some(_), Err(e)) => {
+            panic!("streamed with a spool fails ({e}), the positional conversion converts")
+        }
+        (None, Ok(_)) => {
+            panic!("streamed with a spool converts, the positional conversion does not")
+        }
+        (None, Err(e)) => {
+            let _ = e.to_string();
+        }
+    }
+    match (&spooled, &unspooled) {
+        (Ok((disk, _)), Ok((again, without))) => {
+            assert!(again == disk, "streamed without a spool: bytes differ");
+            assert!(!without.respooled && without.read_back.is_empty());
+        }
+        (Ok((_, done)), Err(e)) => {
+            let nra = matches!(e, ConvertError::Audit { report, .. }
+                if report.verdict == Verdict::NeedsRandomAccess && report.has(code::NEEDS_RANDOM_ACCESS));
+            assert!(
+                nra,
+                "streamed: with a spool converts, without one fails with {e}"
+            );
+            assert!(
+                done.respooled || !done.read_back.is_empty(),
+                "without a spool needs random access ({e}), with one nothing was read back"
+            );
+        }
+        (Err(e), Ok(_)) => panic!("streamed: without a spool converts, with one fails ({e})"),
+        (Err(_), Err(e)) => {
+            let _ = e.to_string();
+        }
+    }
 }

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use qcow2_guard::{FileSource, Image, Limits};
+use qcow2_guard::qemu_map::Qcow2Layer;
+use qcow2_guard::{qemu_map, FileSource, Image, Limits, MapEntry, MapLayer};
 
 use crate::oracles::walk;
 use crate::TARGETS;
@@ -44,15 +45,62 @@ pub fn replay_corpus(corpus: &Path) -> Vec<(&'static str, usize)> {
     counts
 }
 
+/// Most guest bytes [`file_and_memory_agree`] reads.
+const FILE_READ: u64 = 4 << 20;
+
 /// The same image opened from a file ([`FileSource`]) and from memory gives
-/// the same outcome: the same error code, or the same tables failing.
+/// the same outcome: the same error code, or the same tables failing; and
+/// when it opens, the same guest bytes (the first [`FILE_READ`] of them)
+/// and the same `qemu-img map` records, unless the file's allocation makes
+/// the image look metadata-preallocated (a file knows its holes and its
+/// allocated blocks, memory does not).
 pub fn file_and_memory_agree(path: &Path, data: &[u8]) {
     let src = FileSource::open(path).expect("open corpus file");
-    let outcome = |r: qcow2_guard::Result<u64>| match r {
-        Ok(failures) => format!("ok, {failures} failures"),
-        Err(e) => format!("error {} at {:#x}", e.code(), e.offset()),
+    let file = Image::open_with(src, Limits::fuzzing());
+    let memory = Image::open_with(data, Limits::fuzzing());
+    let (file, memory) = match (file, memory) {
+        (Ok(f), Ok(m)) => (f, m),
+        (f, m) => {
+            let code = |e: Option<qcow2_guard::Error>| e.map(|e| (e.code(), e.offset()));
+            assert_eq!(code(f.err()), code(m.err()), "{}", path.display());
+            return;
+        }
     };
-    let from_file = outcome(Image::open_with(src, Limits::fuzzing()).map(|img| walk(&img)));
-    let from_memory = outcome(Image::open_with(data, Limits::fuzzing()).map(|img| walk(&img)));
-    assert_eq!(from_file, from_memory, "{}", path.display());
+    assert_eq!(
+        walk(&file),
+        walk(&memory),
+        "{}: tables failing",
+        path.display()
+    );
+    let n = memory.virtual_size().min(FILE_READ) as usize;
+    let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
+    let code = |r: qcow2_guard::Result<()>| r.map_err(|e| e.code());
+    assert_eq!(
+        code(file.read_at(0, &mut a)),
+        code(memory.read_at(0, &mut b)),
+        "{}: read_at",
+        path.display()
+    );
+    assert!(a == b, "{}: guest bytes differ", path.display());
+    let (fl, ml) = (Qcow2Layer::new(&file), Qcow2Layer::new(&memory));
+    assert!(!ml.preallocated(), "memory knows no allocation");
+    if !fl.preallocated() {
+        assert_eq!(
+            map_records(&fl, n as u64),
+            map_records(&ml, n as u64),
+            "{}: map records",
+            path.display()
+        );
+    }
+}
+
+/// The first 4,096 `qemu-img map` records of `0 .. len`, or the error code.
+fn map_records(layer: &dyn MapLayer, len: u64) -> (Result<(), &'static str>, Vec<MapEntry>) {
+    let mut v = Vec::new();
+    let r = qemu_map(&[layer], 0, len, |e| {
+        v.push(*e);
+        v.len() < 4096
+    })
+    .map_err(|e| e.code());
+    (r, v)
 }

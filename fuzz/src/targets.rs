@@ -15,8 +15,10 @@ use qcow2_guard::{CompressionType, Geometry, Header, Image, Limits, Policy};
 
 use crate::model::{apply, FuzzImage};
 use crate::oracles::{
-    checked_reads, clean_without_backing, compare_reads, conversions_agree, refusal_is_typed, walk,
+    checked_reads, clean_without_backing, compare_reads, conversions_agree, overwrite_agrees,
+    refusal_is_typed, streaming_agrees, walk,
 };
+use crate::sparse::Sparse;
 use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
 
 /// `header`: the fixed header and the extensions, from raw bytes.
@@ -194,34 +196,23 @@ pub fn check(data: &[u8]) {
 /// `needs_random_access`, and then the same chunking with a spool did
 /// read passed bytes back (a backward reference was followed). An early
 /// refusal is never followed by `ok` or `leaks`; the inspector never
-/// holds more than [`Limits::max_retained_bytes`].
+/// holds more than [`Limits::max_retained_bytes`]. With a spool and a
+/// retention budget of 1 KiB to 128 KiB (drawn from the seed), the report
+/// is the same again.
 pub fn stream(data: &[u8]) {
     use qcow2_guard::stream::{Early, Finished, Inspector};
     if data.len() > MAX_INPUT.saturating_add(4) {
         return;
     }
     let (seed, image) = data.split_at(data.len().min(4));
-    let mut x = seed.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    }) | 1;
-    let mut sizes = Vec::new();
-    let mut total = 0usize;
-    while total < image.len() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        // Mostly small pieces, sometimes up to 8 KiB.
-        let n = 1 + (x % (1u64 << (x >> 60).min(13))) as usize;
-        sizes.push(n);
-        total += n;
-    }
+    let sizes = chunk_sizes(seed, image.len());
     let limits = Limits::fuzzing();
     let opts = check_options();
     let whole = match Image::open_with(image, limits.clone()) {
         Ok(img) => qcow2_guard::check(&img, &opts),
         Err(e) => Report::from_open_error(&e),
     };
-    let run = |chunks: &[usize], spool: bool| -> Finished {
+    let run_with = |limits: &Limits, chunks: &[usize], spool: bool, bounded: bool| -> Finished {
         let mut i = if spool {
             Inspector::with_spool(limits.clone(), opts.clone(), Arc::new(image.to_vec()))
         } else {
@@ -233,7 +224,7 @@ pub fn stream(data: &[u8]) {
             let end = (at + n).min(image.len());
             i.feed(&image[at..end]);
             at = end;
-            assert!(i.retained_bytes() <= limits.max_retained_bytes);
+            assert!(!bounded || i.retained_bytes() <= limits.max_retained_bytes);
             match i.early() {
                 Early::Refused(f) => {
                     assert!(!f.is_empty());
@@ -252,6 +243,7 @@ pub fn stream(data: &[u8]) {
         }
         done
     };
+    let run = |chunks: &[usize], spool: bool| run_with(&limits, chunks, spool, true);
     let one = run(&[image.len().max(1)], false);
     assert_eq!(one.report, whole, "in one chunk");
     assert!(
@@ -270,6 +262,39 @@ pub fn stream(data: &[u8]) {
         assert_eq!(without.report, whole, "chunked, without a spool");
         assert!(without.read_back.is_empty());
     }
+    // A retention budget of 1 KiB to 128 KiB (the seed's first byte): with
+    // a spool, what does not fit is read back and the report is the same.
+    // The retention is not asserted here: with a spool, the pending-table
+    // bookkeeping and the read-back log grow past a small budget (seen at
+    // 12 KB for 2 KiB; reported in the fuzzcov note, not fixed here).
+    let mut budget = limits.clone();
+    budget.max_retained_bytes = 1 << (10 + seed.first().map_or(0, |b| b % 8));
+    let small = run_with(&budget, &sizes, true, false);
+    assert_eq!(
+        small.report, whole,
+        "chunked, with a spool, retaining at most {} bytes",
+        budget.max_retained_bytes
+    );
+}
+
+/// The piece sizes of a stream of `len` bytes, drawn from `seed`: mostly
+/// small pieces (1 byte and up), sometimes up to 8 KiB; they add up to at
+/// least `len` (the last piece may reach past the end).
+pub fn chunk_sizes(seed: &[u8], len: usize) -> Vec<usize> {
+    let mut x = seed.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }) | 1;
+    let mut sizes = Vec::new();
+    let mut total = 0usize;
+    while total < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = 1 + (x % (1u64 << (x >> 60).min(13))) as usize;
+        sizes.push(n);
+        total += n;
+    }
+    sizes
 }
 
 /// `decompress`: the compressed-cluster path alone.
@@ -415,10 +440,23 @@ pub const MAX_CONVERT_DISK: u64 = 4 << 20;
 /// - bit 1: as bit 0, but as a raw backing image (byte 0 flipped);
 /// - bit 2: hand in the image bytes as the external data file and allow
 ///   data files;
-/// - bit 3: convert the internal snapshot with ID `1`.
+/// - bit 3: convert the internal snapshot with ID `1` (with bit 4: named
+///   as `snapshot.id=1`);
+/// - bit 4: the image is a sparse file ([`Sparse`]: its all-zero 4 KiB
+///   blocks are holes), the output bounds are tight ([`TIGHT_OUTPUT`],
+///   [`TIGHT_AMPLIFICATION`]), and an accepted conversion is also run
+///   into [`qcow2_guard::convert::FileSink::overwrite`] over a file full
+///   of old bytes ([`overwrite_agrees`]);
+/// - bits 5..8: with bits 0..4 clear, the image is also converted as a
+///   stream ([`qcow2_guard::convert::StreamConversion`], `convert -`): 0
+///   feeds it in one piece, any other value seeds the piece sizes
+///   ([`chunk_sizes`]); an odd value also bounds the stream's retention
+///   to `2^(10 + value)` bytes (the conversion writes from the spool
+///   again, or refuses without one).
 ///
 /// Limits: [`Limits::fuzzing`], [`MAX_CONVERT_DISK`] of virtual disk and
-/// of output. See [`conversions_agree`] for the oracle.
+/// of output. See [`conversions_agree`] and [`streaming_agrees`] for the
+/// oracles.
 pub fn convert(data: &[u8]) {
     use qcow2_guard::convert::{prepare, ConvertOptions, Inputs};
     use qcow2_guard::snapshot::SnapshotSelector;
@@ -429,23 +467,38 @@ pub fn convert(data: &[u8]) {
         return;
     }
     let mut policy = Policy::default().with_max_virtual_size(MAX_CONVERT_DISK);
-    let mut inputs = Inputs::new(image);
+    let mut backing = None;
     if flags & 3 != 0 {
         policy.allow_backing = true;
-        let mut backing = image.to_vec();
+        let mut b = image.to_vec();
         if flags & 2 != 0 {
-            if let Some(b) = backing.first_mut() {
+            if let Some(b) = b.first_mut() {
                 *b ^= 0xff;
             }
         }
-        inputs = inputs.with_backing(backing);
+        backing = Some(b);
     }
     if flags & 4 != 0 {
         policy.allow_data_file = true;
-        inputs = inputs.with_data_file(image.to_vec());
     }
-    if flags & 8 != 0 {
-        inputs = inputs.with_snapshot(SnapshotSelector::IdOrName("1".to_owned()));
+    fn add<S>(
+        mut inputs: Inputs<S>,
+        flags: u8,
+        image: &[u8],
+        backing: Option<&Vec<u8>>,
+    ) -> Inputs<S> {
+        if let Some(b) = backing {
+            inputs = inputs.with_backing(b.clone());
+        }
+        if flags & 4 != 0 {
+            inputs = inputs.with_data_file(image.to_vec());
+        }
+        if flags & 0x18 == 0x18 {
+            inputs = inputs.with_snapshot(SnapshotSelector::parse("snapshot.id=1"));
+        } else if flags & 8 != 0 {
+            inputs = inputs.with_snapshot(SnapshotSelector::IdOrName("1".to_owned()));
+        }
+        inputs
     }
     let opts = ConvertOptions {
         policy,
@@ -454,8 +507,57 @@ pub fn convert(data: &[u8]) {
         ..ConvertOptions::default()
     };
     let checked_clean = flags & 0x0f == 0 && clean_without_backing(image, &opts);
-    match prepare(inputs, &opts) {
-        Ok(conversion) => conversions_agree(&conversion, checked_clean),
-        Err(e) => refusal_is_typed(&e, checked_clean),
+    let converted = if flags & 0x10 != 0 {
+        let tight = ConvertOptions {
+            max_output: Some(TIGHT_OUTPUT),
+            max_amplification: TIGHT_AMPLIFICATION,
+            ..opts.clone()
+        };
+        let sparse = Inputs::new(Sparse::new(image.to_vec()));
+        match prepare(add(sparse, flags, image, backing.as_ref()), &tight) {
+            Ok(conversion) => {
+                let out = conversions_agree(&conversion, checked_clean);
+                if let Some(want) = &out {
+                    overwrite_agrees(&conversion, want);
+                }
+                out
+            }
+            Err(e) => {
+                refusal_is_typed(&e, checked_clean);
+                None
+            }
+        }
+    } else {
+        match prepare(
+            add(Inputs::new(image), flags, image, backing.as_ref()),
+            &opts,
+        ) {
+            Ok(conversion) => conversions_agree(&conversion, checked_clean),
+            Err(e) => {
+                refusal_is_typed(&e, checked_clean);
+                None
+            }
+        }
+    };
+    if flags & 0x1f == 0 {
+        let seed = flags >> 5;
+        let sizes = match seed {
+            0 => vec![image.len()],
+            _ => chunk_sizes(&[seed], image.len()),
+        };
+        let mut streamed = opts;
+        if seed & 1 != 0 {
+            streamed.limits.max_retained_bytes = 1 << (10 + seed);
+        }
+        streaming_agrees(image, &streamed, &sizes, converted.as_deref());
     }
 }
+
+/// The `convert` target's output bound with flag bit 4 (below
+/// [`MAX_CONVERT_DISK`], so a disk the policy lets through can be refused
+/// for its output).
+pub const TIGHT_OUTPUT: u64 = 1 << 20;
+
+/// The `convert` target's amplification bound with flag bit 4 (guest
+/// bytes mapped per file byte).
+pub const TIGHT_AMPLIFICATION: u64 = 64;

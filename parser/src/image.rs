@@ -553,23 +553,22 @@ impl<S: Source> Image<S> {
             }
             return Ok(());
         }
-        let reads_host = cluster.data_extent(g);
-        let Some((host, len)) = reads_host else {
+        let Some((host, len)) = cluster.data_extent(g) else {
             return Ok(());
         };
         if self.header.has_data_file() {
-            span(What::DataFile, at, host, len, self.data_source()?.len()).map(|_| ())
-        } else {
-            span(What::DataCluster, at, host, len, self.file_len)?;
-            match self.metadata().find(host, g.cluster_size, &[]) {
-                Some(r) => Err(Error::MetadataOverlap {
-                    what: What::L2Entry,
-                    offset: at,
-                    target: host,
-                    other: r.what,
-                }),
-                None => Ok(()),
-            }
+            let data_len = self.data_source()?.len();
+            return cluster.check_data_file_reach(g, self.virtual_size(), data_len, at);
+        }
+        span(What::DataCluster, at, host, len, self.file_len)?;
+        match self.metadata().find(host, g.cluster_size, &[]) {
+            Some(r) => Err(Error::MetadataOverlap {
+                what: What::L2Entry,
+                offset: at,
+                target: host,
+                other: r.what,
+            }),
+            None => Ok(()),
         }
     }
 

@@ -10,6 +10,7 @@ use crate::bounds::{host_pointer, is_aligned};
 use crate::compressed::{Descriptor, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::error::{Error, Result, What};
 use crate::header::Geometry;
+use crate::source::span;
 
 /// Bits 9..55: host offset of an L2 table or data cluster.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -246,6 +247,34 @@ impl Cluster {
                 guest,
             })
         }
+    }
+
+    /// In an image with an external data file of `file_len` bytes and a
+    /// virtual disk of `disk` bytes: every guest byte the cluster holds
+    /// (its [`Cluster::data_extent`], which starts at its guest offset,
+    /// see [`Cluster::check_data_file_host`]) up to the end of the disk
+    /// must lie in the data file, else `past_eof` (what: data file) at
+    /// `at`. QEMU reads zeros past the data file's end and `qemu-img
+    /// check` does not look (measured with qemu-img 10.0.2): we refuse
+    /// those bytes as lost, as for the image file (SECURITY.md). Bytes
+    /// past the end of the disk are never read: `qemu-img resize
+    /// --shrink` truncates the data file to the new size inside a mapped
+    /// cluster. Reads, the audit and conversion all call this one rule.
+    pub fn check_data_file_reach(
+        &self,
+        g: &Geometry,
+        disk: u64,
+        file_len: u64,
+        at: u64,
+    ) -> Result<()> {
+        let Some((host, len)) = self.data_extent(g) else {
+            return Ok(());
+        };
+        let reach = len.min(disk.saturating_sub(host));
+        if reach == 0 {
+            return Ok(());
+        }
+        span(What::DataFile, at, host, reach, file_len).map(|_| ())
     }
 
     /// Encode as (L2 entry, bitmap) for building images.

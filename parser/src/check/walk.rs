@@ -40,6 +40,10 @@ pub(super) fn run<S: Source>(
         nb: u64::try_from(tracked).unwrap_or(u64::MAX),
         dirty: image.header().is_dirty(),
         data_file: image.header().has_data_file(),
+        data_file_len: image
+            .data_file()
+            .filter(|_| image.header().has_data_file())
+            .map(|df| df.len()),
         v2: image.header().version < 3,
         computed: Counts::new(tracked),
         stored_one: Bits::new(tracked),
@@ -324,6 +328,9 @@ struct Walk<'a, S> {
     nb: u64,
     dirty: bool,
     data_file: bool,
+    /// The external data file's length, when the caller handed it in
+    /// ([`Image::set_data_file`]).
+    data_file_len: Option<u64>,
     v2: bool,
     /// References found, per host cluster (saturating).
     computed: Counts,
@@ -830,6 +837,12 @@ impl<'a, S: Source> Walk<'a, S> {
                             format!("L2 entry at {at:#x}: clusters in an external data file must have the copied flag"),
                         );
                         self.f.push(f);
+                    }
+                    if let Some(len) = self.data_file_len {
+                        let disk = self.img.virtual_size();
+                        if let Err(e) = cluster.check_data_file_reach(&g, disk, len, at) {
+                            self.f.error(&e);
+                        }
                     }
                     return;
                 }

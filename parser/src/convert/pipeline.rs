@@ -9,7 +9,7 @@
 //! sequential sink the calling thread writes the chunks in order. At most
 //! a few chunks are in flight, so memory does not grow with the image.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use super::chunks::{chunk_size, chunks, fill, Chunk, Piece, Worker};
@@ -83,16 +83,28 @@ fn to_positional<S: Source>(
     workers: usize,
 ) -> Result<(), ConvertError> {
     let stop = AtomicBool::new(false);
+    // Per worker: the start of the chunk it is on (u64::MAX when done).
+    // Each takes its chunks in guest order, so everything below the
+    // smallest is written: that is what the sink hears as settled.
+    let at: Vec<AtomicU64> = (0..workers).map(|_| AtomicU64::new(0)).collect();
+    let settled = || at.iter().map(|a| a.load(Ordering::Relaxed)).min();
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..workers)
             .map(|w| {
-                let stop = &stop;
+                let (stop, at, settled) = (&stop, &at, &settled);
                 s.spawn(move || -> Result<(), ConvertError> {
                     let mut buf = Vec::new();
                     let mut worker = Worker::default();
+                    let mine = at.get(w);
                     for (start, end, hole) in chunks(image, holes).skip(w).step_by(workers) {
                         if stop.load(Ordering::Relaxed) {
                             break;
+                        }
+                        if let Some(a) = mine {
+                            a.store(start, Ordering::Relaxed);
+                        }
+                        if let Some(done) = settled() {
+                            sink.settled(done);
                         }
                         let r = if hole {
                             sink.write_zeros(start, end.saturating_sub(start))
@@ -109,6 +121,9 @@ fn to_positional<S: Source>(
                         if let Some(p) = progress {
                             p(end.saturating_sub(start));
                         }
+                    }
+                    if let Some(a) = mine {
+                        a.store(u64::MAX, Ordering::Relaxed);
                     }
                     Ok(())
                 })

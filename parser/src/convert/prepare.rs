@@ -430,6 +430,12 @@ pub fn prepare<S: Source>(
     let mut warnings = Vec::new();
     let mut image = Image::open_with(inputs.image, limits.clone()).map_err(ConvertError::image)?;
     let judged = refuse_on_policy(Input::Image, &image, policy, &mut warnings)?;
+    // The data file before the audit, which then also judges where the
+    // clusters lie in it (whether one may be given is judged after it).
+    let data_file_given = inputs.data_file.is_some();
+    if let Some(df) = inputs.data_file.filter(|_| image.header().has_data_file()) {
+        image.set_data_file(df);
+    }
     // One walk of the tables: the audit, and what each table maps (for
     // the bounds and for skipping holes). The bounds are judged first.
     let (report, uses) = audit(&image, opts, judged)?;
@@ -448,11 +454,7 @@ pub fn prepare<S: Source>(
         };
         image = image.into_snapshot(index).map_err(ConvertError::image)?;
     }
-
-    data_file_rule(image.header(), inputs.data_file.is_some())?;
-    if let Some(df) = inputs.data_file {
-        image.set_data_file(df);
-    }
+    data_file_rule(image.header(), data_file_given)?;
 
     match inputs.backing {
         Some(src) => {
