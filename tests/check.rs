@@ -906,6 +906,80 @@ fn not_qcow2_is_not_checked() {
     assert_has(&v, "bad_magic");
 }
 
+/// `qemu-img check --output=json` of `p`: (exit code, JSON).
+fn qemu_check_json(p: &Path) -> (i32, Value) {
+    let out = qemu_img_status(&["check", "-f", "qcow2", "--output=json", s(p)]);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.code().expect("qemu-img check exit code"), v)
+}
+
+/// A sparse file far longer than what it holds (8 TiB of 64 KiB clusters:
+/// 128 Mi host clusters, twice what the check once tracked by file
+/// length): checked clean, like `qemu-img check` does, with its numbers.
+/// Not streamed (8 TiB through a pipe) nor exported.
+#[test]
+fn sparse_file_of_terabytes_checks() {
+    let dir = tmpdir();
+    let p = create(dir.path(), "sparse.qcow2", "cluster_size=65536", "1G");
+    qemu_io(&p, &["write -P 7 0 1M", "write -P 9 512M 64k"]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(8 << 40)
+        .unwrap();
+    let (qc, q) = qemu_check_json(&p);
+    assert_eq!(qc, 0, "{q:#}");
+    for extra in [&[][..], &["--metadata-only"]] {
+        let mut args = vec!["check", "--json"];
+        args.extend_from_slice(extra);
+        args.push(s(&p));
+        let out = guard(&args);
+        let v = json(&out);
+        assert_eq!(
+            (code(&out), v["verdict"].as_str()),
+            (0, Some("ok")),
+            "{v:#}"
+        );
+        assert_eq!(v["stats"]["host-clusters"], 2u64 << 26);
+        for k in ["image-end-offset", "allocated-clusters", "total-clusters"] {
+            assert_eq!(v["stats"][k], q[k], "{k}: {v:#} vs {q:#}");
+        }
+    }
+}
+
+/// QEMU refuses to check a file of more than `INT_MAX` clusters ("File
+/// too large"), so it cannot be called clean: refused too, before any
+/// table is read, whatever the tables hold.
+#[test]
+fn file_of_more_clusters_than_qemu_checks_is_refused() {
+    let dir = tmpdir();
+    let p = create(dir.path(), "huge.qcow2", "cluster_size=512", "64M");
+    qemu_io(&p, &["write -P 7 0 64k"]);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(512 << 31).unwrap();
+    let out = qemu_img_status(&["check", "-f", "qcow2", s(&p)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("File too large"));
+    let out = guard(&["check", "--json", s(&p)]);
+    let v = json(&out);
+    assert_eq!(
+        (code(&out), v["verdict"].as_str()),
+        (1, Some("invalid")),
+        "{v:#}"
+    );
+    assert_has(&v, "too_large_to_check");
+    // One cluster less: QEMU checks it (slowly: 30 s, 4 GiB); so do we.
+    f.set_len((512 << 31) - 512).unwrap();
+    let out = guard(&["check", "--json", s(&p)]);
+    let v = json(&out);
+    assert_eq!(
+        (code(&out), v["verdict"].as_str()),
+        (0, Some("ok")),
+        "{v:#}"
+    );
+}
+
 #[test]
 fn l1_table_past_end_of_file_is_invalid() {
     let dir = tmpdir();
@@ -977,6 +1051,42 @@ mod library {
         let r = check(&open(&p, Limits::default()), &opts);
         assert_eq!((r.verdict, r.checked), (Verdict::Invalid, false));
         assert!(r.has("too_large_to_check"));
+    }
+
+    /// The tracking bound counts the pages of clusters the tables touch,
+    /// not the file length: 40 MiB of 512-byte clusters touch two pages of
+    /// 64 Ki clusters (32 MiB each); room for one is refused, room for two
+    /// (or the file's length) gives the default report, and a file
+    /// far longer than the bound with nothing past its data needs no more.
+    #[test]
+    fn tracking_bound_counts_touched_pages() {
+        let dir = tmpdir();
+        let p = create(dir.path(), "pages.qcow2", "cluster_size=512", "64M");
+        qemu_io(&p, &["write -P 5 0 40M"]);
+        let page = 1u64 << 16;
+        let with = |max| CheckOptions {
+            max_tracked_clusters: max,
+            ..CheckOptions::metadata_only(Policy::default())
+        };
+        let want = check(&open(&p, Limits::default()), &with(1 << 26));
+        assert_eq!((want.verdict, want.checked), (Verdict::Ok, true));
+        let r = check(&open(&p, Limits::default()), &with(page));
+        assert_eq!((r.verdict, r.checked), (Verdict::Invalid, false), "{r:#?}");
+        assert!(r.has("too_large_to_check"));
+        assert_eq!(r.findings.len(), 1);
+        let len = std::fs::metadata(&p).unwrap().len();
+        let r = check(&open(&p, Limits::default()), &with(len.div_ceil(512)));
+        assert_eq!(r, want);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(100 << 30)
+            .unwrap();
+        let r = check(&open(&p, Limits::default()), &with(2 * page));
+        assert_eq!((r.verdict, r.checked), (Verdict::Ok, true), "{r:#?}");
+        assert_eq!(r.findings, want.findings);
+        assert_eq!(r.stats.image_end_offset, want.stats.image_end_offset);
     }
 
     /// What convert calls: leaks and garbage payloads do not block it

@@ -14,11 +14,14 @@
 //! [`crate::refcount`], [`crate::bitmap`], [`crate::compressed`]); this
 //! module judges the decoded values against each other.
 //!
-//! Bounds: the rebuilt and stored refcount arrays hold one `u32` each per
-//! host cluster of the *file* (`file length / cluster size`, rounded up),
-//! never a count the header claims; an image that would need more than
-//! [`CheckOptions::max_tracked_clusters`] is refused (`too_large_to_check`,
-//! verdict `invalid`, not [`Report::checked`]). Each distinct L1, L2, bitmap and refcount
+//! Bounds: the rebuilt and stored refcounts are tracked per host cluster
+//! of the *file* (`file length / cluster size`, rounded up), never a count
+//! the header claims, in pages allocated where the tables reference
+//! clusters (a sparse file costs what it holds, not its length). A file
+//! of more than [`MAX_HOST_CLUSTERS`] clusters (QEMU's own bound), or
+//! tables touching more pages than [`CheckOptions::max_tracked_clusters`]
+//! allow, is refused (`too_large_to_check`, verdict `invalid`, not
+//! [`Report::checked`]). Each distinct L1, L2, bitmap and refcount
 //! table is read once, one cluster at a time, so time is linear in the
 //! metadata plus the compressed data. Findings are capped
 //! ([`CheckOptions::max_findings`]); past the cap only per-code counts grow.
@@ -39,6 +42,7 @@ use crate::source::Source;
 use crate::Image;
 
 mod payloads;
+mod tracked;
 mod walk;
 
 pub(crate) use walk::TableUses;
@@ -82,6 +86,12 @@ pub mod code {
     pub const NEEDS_RANDOM_ACCESS: &str = "needs_random_access";
 }
 
+/// Most host clusters (file length / cluster size, rounded up) a file may
+/// have: `qemu-img check` refuses a longer file ("File too large": its
+/// refcount rebuild indexes clusters with an `int`), so neither can we
+/// call one clean.
+pub const MAX_HOST_CLUSTERS: u64 = 0x7fff_ffff;
+
 /// What to check and how much to spend on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckOptions {
@@ -92,8 +102,11 @@ pub struct CheckOptions {
     pub decompress: bool,
     /// Findings stored in the report; later ones are only counted.
     pub max_findings: usize,
-    /// Most host clusters (file length / cluster size) the refcount
-    /// rebuild may track; 8 bytes of memory each.
+    /// Most host clusters the refcount rebuild may track: its arrays are
+    /// allocated in pages of 64 Ki clusters where the tables reference
+    /// clusters, and the clusters of each array's pages stay within this
+    /// (1 to 4 bytes of memory each for the counts, 2 bits for the rest).
+    /// A file no longer than this many clusters always fits.
     pub max_tracked_clusters: u64,
     /// Total bytes the check may decompress; past this, compressed
     /// payloads are no longer verified and a finding says so.
@@ -404,9 +417,6 @@ pub(crate) fn check_judged<S: Source>(
     policy: Vec<Finding>,
 ) -> (Report, TableUses) {
     let mut findings = Findings::new(opts.max_findings);
-    for f in policy {
-        findings.push(f);
-    }
     let g = image.geometry();
     let nb = image.file_len().div_ceil(g.cluster_size);
     let stats = Stats {
@@ -414,24 +424,39 @@ pub(crate) fn check_judged<S: Source>(
         host_clusters: nb,
         ..Stats::default()
     };
-    let tracked = match usize::try_from(nb) {
-        Ok(n) if nb <= opts.max_tracked_clusters => n,
+    let too_large = |message: String| {
+        let mut f = Findings::new(opts.max_findings);
+        for p in &policy {
+            f.push(p.clone());
+        }
+        f.push(Finding::new(
+            code::TOO_LARGE_TO_CHECK,
+            Severity::Error,
+            Category::Other,
+            0,
+            message,
+        ));
+        (f.into_report(stats.clone(), false), TableUses::new())
+    };
+    let clusters = match usize::try_from(nb) {
+        Ok(n) if nb <= MAX_HOST_CLUSTERS => n,
         _ => {
-            findings.push(Finding::new(
-                code::TOO_LARGE_TO_CHECK,
-                Severity::Error,
-                Category::Other,
-                0,
-                format!(
-                    "file has {nb} host clusters; the check tracks at most {}",
-                    opts.max_tracked_clusters
-                ),
-            ));
-            return (findings.into_report(stats, false), TableUses::new());
+            return too_large(format!(
+                "file has {nb} host clusters; `qemu-img check` checks at most {MAX_HOST_CLUSTERS} (\"File too large\")"
+            ))
         }
     };
-    let (findings, stats, uses) = walk::run(image, opts, findings, stats, tracked);
-    (findings.into_report(stats, false), uses)
+    for f in &policy {
+        findings.push(f.clone());
+    }
+    match walk::run(image, opts, findings, stats.clone(), clusters) {
+        Some((findings, stats, uses)) => (findings.into_report(stats, false), uses),
+        None => too_large(format!(
+            "the tables reference host clusters in more pages of {} clusters than the check tracks ({} clusters)",
+            tracked::PAGE,
+            opts.max_tracked_clusters
+        )),
+    }
 }
 
 /// The metadata-only check `convert` runs before writing: everything

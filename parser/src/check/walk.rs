@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::payloads::{self, Budget, Verifier};
+use super::tracked::{Counts, Flags};
 use super::{code, CheckOptions, Findings, Stats};
 use crate::bitmap::{self, Bitmap};
 use crate::compressed::Descriptor;
@@ -23,14 +24,17 @@ use crate::walker::{self, Item, L1Table, L2Ref, Region, Visitor};
 use crate::Image;
 
 /// Walk `image`, adding to `findings`; `tracked` host clusters (the file
-/// length in clusters, already bounded by the caller).
+/// length in clusters, already bounded by the caller). `None` when the
+/// clusters the tables touch need more pages than
+/// [`CheckOptions::max_tracked_clusters`] ([`super::tracked`]): nothing was
+/// judged.
 pub(super) fn run<S: Source>(
     image: &Image<S>,
     opts: &CheckOptions,
     findings: Findings,
     stats: Stats,
     tracked: usize,
-) -> (Findings, Stats, TableUses) {
+) -> Option<(Findings, Stats, TableUses)> {
     let g = *image.geometry();
     let per = g.refcount_block_entries;
     let mut walk = Walk {
@@ -45,14 +49,13 @@ pub(super) fn run<S: Source>(
             .filter(|_| image.header().has_data_file())
             .map(|df| df.len()),
         v2: image.header().version < 3,
-        computed: Counts::new(tracked),
-        stored_one: Bits::new(tracked),
+        computed: Counts::new(tracked, opts.max_tracked_clusters),
         block_offsets: vec![None; image.refcount_table().len()],
         unknown_blocks: HashSet::new(),
         block: vec![0u8; idx(g.cluster_size)],
         values: Vec::with_capacity(idx(per)),
         meta: Vec::new(),
-        meta_bits: Bits::new(tracked),
+        flags: Flags::new(tracked, opts.max_tracked_clusters),
         map: MetadataMap::default(),
         f: findings,
         stats,
@@ -68,12 +71,18 @@ pub(super) fn run<S: Source>(
         cur: TableUse::default(),
     };
     let tables = walker::walk_tables(image, &mut walk);
+    if walk.over() {
+        return None;
+    }
     // Every metadata structure is known: overlaps between them.
     walk.metadata_overlaps();
     let (verify, budget) = (walk.decompress, walk.budget);
     payloads::walk_l2(image, &tables, &mut walk, verify, budget, opts.threads);
+    if walk.over() {
+        return None;
+    }
     walk.compare_refcounts();
-    (walk.f, walk.stats, walk.uses)
+    Some((walk.f, walk.stats, walk.uses))
 }
 
 /// What one L2 table of the active layer maps, gathered by the audit's
@@ -134,183 +143,6 @@ impl TableUse {
     }
 }
 
-/// Host clusters per page of [`Counts`].
-const PAGE_BITS: u32 = 16;
-const PAGE: usize = 1 << PAGE_BITS;
-
-/// References per host cluster, saturating at `u32::MAX`, in pages of
-/// 64 Ki clusters allocated when first referenced (a sparse file costs
-/// only what its tables reference). A page holds one byte a cluster until
-/// one of its counts passes `u8::MAX`, then two, then four: 1 TiB of
-/// 64 KiB clusters referenced once each is 16 MiB.
-struct Counts {
-    pages: Vec<Page>,
-    n: usize,
-}
-
-enum Page {
-    Empty,
-    Narrow(Box<[u8]>),
-    Mid(Box<[u16]>),
-    Wide(Box<[u32]>),
-}
-
-impl Counts {
-    fn new(n: usize) -> Counts {
-        let mut pages = Vec::new();
-        pages.resize_with(n.div_ceil(PAGE), || Page::Empty);
-        Counts { pages, n }
-    }
-
-    /// Clusters in page `p`.
-    fn page_len(&self, p: usize) -> usize {
-        self.n.saturating_sub(p.saturating_mul(PAGE)).min(PAGE)
-    }
-
-    #[cfg(test)]
-    fn get(&self, i: usize) -> u32 {
-        let o = i & (PAGE - 1);
-        match self.pages.get(i >> PAGE_BITS) {
-            Some(Page::Narrow(v)) => v.get(o).copied().map_or(0, u32::from),
-            Some(Page::Mid(v)) => v.get(o).copied().map_or(0, u32::from),
-            Some(Page::Wide(v)) => v.get(o).copied().unwrap_or(0),
-            Some(Page::Empty) | None => 0,
-        }
-    }
-
-    /// Add `refs` to count `i` (ignored past the end).
-    #[inline]
-    fn add(&mut self, i: usize, refs: u32) {
-        let p = i >> PAGE_BITS;
-        let o = i & (PAGE - 1);
-        if let Some(Page::Narrow(v)) = self.pages.get_mut(p) {
-            if let Some(x) = v.get_mut(o) {
-                if let Ok(sum) = u8::try_from(u32::from(*x).saturating_add(refs)) {
-                    *x = sum;
-                    return;
-                }
-            }
-        }
-        self.add_slow(p, o, refs);
-    }
-
-    fn add_slow(&mut self, p: usize, o: usize, refs: u32) {
-        let len = self.page_len(p);
-        let Some(page) = self.pages.get_mut(p) else {
-            return;
-        };
-        if o >= len {
-            return;
-        }
-        loop {
-            match page {
-                Page::Empty => *page = Page::Narrow(vec![0u8; len].into_boxed_slice()),
-                Page::Narrow(v) => match v.get_mut(o) {
-                    Some(x) => match u8::try_from(u32::from(*x).saturating_add(refs)) {
-                        Ok(sum) => {
-                            *x = sum;
-                            return;
-                        }
-                        Err(_) => *page = Page::Mid(v.iter().map(|&x| u16::from(x)).collect()),
-                    },
-                    None => return,
-                },
-                Page::Mid(v) => match v.get_mut(o) {
-                    Some(x) => match u16::try_from(u32::from(*x).saturating_add(refs)) {
-                        Ok(sum) => {
-                            *x = sum;
-                            return;
-                        }
-                        Err(_) => *page = Page::Wide(v.iter().map(|&x| u32::from(x)).collect()),
-                    },
-                    None => return,
-                },
-                Page::Wide(v) => {
-                    if let Some(x) = v.get_mut(o) {
-                        *x = x.saturating_add(refs);
-                    }
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Whether no cluster of `start .. start + len` has a reference (cheap
-    /// where the pages were never touched).
-    fn none_in(&self, start: usize, len: usize) -> bool {
-        let end = start.saturating_add(len).min(self.n);
-        let mut i = start;
-        while i < end {
-            let p = i >> PAGE_BITS;
-            let page_end = p.saturating_add(1).saturating_mul(PAGE).min(end);
-            let (a, b) = (
-                i & (PAGE - 1),
-                (page_end.saturating_sub(1) & (PAGE - 1)).saturating_add(1),
-            );
-            let zero = match self.pages.get(p) {
-                Some(Page::Narrow(v)) => v.get(a..b).is_none_or(|s| s.iter().all(|&x| x == 0)),
-                Some(Page::Mid(v)) => v.get(a..b).is_none_or(|s| s.iter().all(|&x| x == 0)),
-                Some(Page::Wide(v)) => v.get(a..b).is_none_or(|s| s.iter().all(|&x| x == 0)),
-                Some(Page::Empty) | None => true,
-            };
-            if !zero {
-                return false;
-            }
-            i = page_end;
-        }
-        true
-    }
-
-    /// The counts of `start .. start + len` into `out` (zeros past the end).
-    fn segment(&self, start: usize, len: usize, out: &mut Vec<u32>) {
-        out.clear();
-        let end = start.saturating_add(len);
-        let mut i = start;
-        while i < end {
-            let p = i >> PAGE_BITS;
-            let page_end = p.saturating_add(1).saturating_mul(PAGE).min(end);
-            let a = i & (PAGE - 1);
-            let b = a.saturating_add(page_end.saturating_sub(i));
-            let before = out.len();
-            match self.pages.get(p) {
-                Some(Page::Narrow(v)) => {
-                    out.extend(part(v, a, b).iter().map(|&x| u32::from(x)));
-                }
-                Some(Page::Mid(v)) => out.extend(part(v, a, b).iter().map(|&x| u32::from(x))),
-                Some(Page::Wide(v)) => out.extend_from_slice(part(v, a, b)),
-                Some(Page::Empty) | None => {}
-            }
-            out.resize(before.saturating_add(page_end.saturating_sub(i)), 0);
-            i = page_end;
-        }
-    }
-}
-
-/// `v[a..b]`, clipped to `v`.
-fn part<T>(v: &[T], a: usize, b: usize) -> &[T] {
-    v.get(a.min(v.len())..b.min(v.len())).unwrap_or(&[])
-}
-
-struct Bits(Vec<u64>);
-
-impl Bits {
-    fn new(n: usize) -> Bits {
-        Bits(vec![0; n.div_ceil(64)])
-    }
-    fn set(&mut self, i: u64) {
-        if let Some(w) = usize::try_from(i / 64).ok().and_then(|w| self.0.get_mut(w)) {
-            *w |= 1u64 << (i % 64);
-        }
-    }
-    #[inline]
-    fn get(&self, i: u64) -> bool {
-        usize::try_from(i / 64)
-            .ok()
-            .and_then(|w| self.0.get(w))
-            .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
-    }
-}
-
 /// A metadata structure found during the walk.
 #[derive(Debug, Clone, Copy)]
 struct Meta {
@@ -334,9 +166,10 @@ struct Walk<'a, S> {
     v2: bool,
     /// References found, per host cluster (saturating).
     computed: Counts,
-    /// Host clusters whose stored refcount is one (for the copied flags;
-    /// the refcounts themselves are compared block by block at the end).
-    stored_one: Bits,
+    /// Per host cluster: whether it holds metadata, and whether its
+    /// stored refcount is one (for the copied flags; the refcounts
+    /// themselves are compared block by block at the end).
+    flags: Flags,
     /// Refcount block offset per refcount table index (`None`: no block).
     block_offsets: Vec<Option<u64>>,
     /// Refcount table indexes whose block could not be read.
@@ -345,7 +178,6 @@ struct Walk<'a, S> {
     block: Vec<u8>,
     values: Vec<u32>,
     meta: Vec<Meta>,
-    meta_bits: Bits,
     map: MetadataMap,
     f: Findings,
     stats: Stats,
@@ -462,6 +294,12 @@ impl<'a, S: Source> Verifier<'a> for Walk<'a, S> {
 }
 
 impl<'a, S: Source> Walk<'a, S> {
+    /// Whether a tracking array was refused a page: the walk's judgement
+    /// would be incomplete.
+    fn over(&self) -> bool {
+        self.computed.over() || self.flags.over()
+    }
+
     fn downgradable(&self, code: &'static str, offset: u64, msg: String) -> Finding {
         if self.dirty {
             Finding::new(
@@ -495,11 +333,7 @@ impl<'a, S: Source> Walk<'a, S> {
         let n = per.min(self.nb.saturating_sub(first));
         self.values.clear();
         refcount::decode_block(&self.block, self.g.refcount_order, n, &mut self.values);
-        for (j, &v) in (0u64..).zip(&self.values) {
-            if v == 1 {
-                self.stored_one.set(first.saturating_add(j));
-            }
-        }
+        self.flags.set_ones(first, &self.values);
     }
 
     /// The first `count` stored refcounts of refcount block `t` (clamped
@@ -600,7 +434,7 @@ impl<'a, S: Source> Walk<'a, S> {
             .cluster_index(start.saturating_add(len).saturating_sub(1));
         let mut c = first;
         while c <= last && c < self.nb {
-            self.meta_bits.set(c);
+            self.flags.set_meta(c);
             c = c.saturating_add(1);
         }
     }
@@ -613,7 +447,7 @@ impl<'a, S: Source> Walk<'a, S> {
             return;
         }
         let t = c.checked_div(self.g.refcount_block_entries);
-        if copied == self.stored_one.get(c)
+        if copied == self.flags.one(c)
             || t.is_none_or(|t| !self.unknown_blocks.is_empty() && self.unknown_blocks.contains(&t))
         {
             return;
@@ -716,7 +550,7 @@ impl<'a, S: Source> Walk<'a, S> {
             .cluster_index(host.saturating_add(len).saturating_sub(1));
         let mut c = first;
         while c <= last {
-            if self.meta_bits.get(c) {
+            if self.flags.meta(c) {
                 // Name the structure only for findings that are stored
                 // (the lookup is not constant time).
                 let other = if !self.f.storing() {
@@ -770,7 +604,8 @@ impl<'a, S: Source> Walk<'a, S> {
             {
                 let c = g.cluster_index(host);
                 let copied = raw & OFLAG_COPIED != 0;
-                if !self.meta_bits.get(c) && (!active || copied == self.stored_one.get(c)) {
+                let (meta, one) = self.flags.get(c);
+                if !meta && (!active || copied == one) {
                     if active {
                         self.stats.allocated_clusters =
                             self.stats.allocated_clusters.saturating_add(1);
@@ -948,15 +783,37 @@ impl<'a, S: Source> Walk<'a, S> {
         let mut highest: Option<u64> = None;
         let mut block = vec![0u8; idx(cs)];
         let (mut values, mut needs) = (Vec::new(), Vec::new());
+        // The blocks the file stores (or failed to), in order: with the
+        // pages of references, the only blocks to look at (a sparse file
+        // of terabytes is not walked block by block).
+        let mut stored: Vec<u64> = (0u64..)
+            .zip(&self.block_offsets)
+            .filter_map(|(t, b)| b.map(|_| t))
+            .chain(self.unknown_blocks.iter().copied())
+            .collect();
+        stored.sort_unstable();
+        stored.dedup();
+        let mut next_stored = stored.iter().copied().peekable();
         let mut first = 0u64;
         while first < self.nb {
             let t = first.checked_div(per).unwrap_or(0);
             let count = per.min(self.nb.saturating_sub(first));
             let next = first.saturating_add(count);
-            let stored_here = self.block_offsets.get(idx(t)).copied().flatten().is_some()
-                || self.unknown_blocks.contains(&t);
+            while next_stored.next_if(|&s| s < t).is_some() {}
+            let stored_here = next_stored.peek() == Some(&t);
             if !stored_here && self.computed.none_in(idx(first), idx(count)) {
-                first = next;
+                // On to the next block stored or referenced.
+                let referenced = self
+                    .computed
+                    .next_page_from(idx(next))
+                    .and_then(|c| u64::try_from(c).ok())
+                    .map(|c| c.checked_div(per).unwrap_or(0).saturating_mul(per));
+                let stored_at = next_stored.peek().map(|s| s.saturating_mul(per));
+                first = match (referenced, stored_at) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (a, b) => a.or(b).unwrap_or(self.nb),
+                }
+                .max(next);
                 continue;
             }
             let known = self.stored_block(t, count, &mut block, &mut values);
@@ -1029,33 +886,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_widen_per_page_and_saturate() {
-        let mut c = Counts::new(PAGE + 3);
-        assert!(matches!(c.pages[..], [Page::Empty, Page::Empty]));
-        c.add(1, 250);
-        c.add(1, 5);
-        assert!(matches!(c.pages[..], [Page::Narrow(_), Page::Empty]));
-        assert_eq!(c.get(1), 255);
-        c.add(PAGE + 2, 7);
-        c.add(1, 65_000);
-        assert!(matches!(c.pages[..], [Page::Mid(_), Page::Narrow(_)]));
-        assert_eq!((c.get(0), c.get(1), c.get(PAGE + 2)), (0, 65_255, 7));
-        c.add(1, 281);
-        assert!(matches!(c.pages[..], [Page::Wide(_), Page::Narrow(_)]));
-        assert_eq!(c.get(1), 65_536);
-        c.add(1, u32::MAX);
-        c.add(PAGE + 3, 1);
-        c.add(usize::MAX, 1);
-        assert_eq!((c.get(1), c.get(PAGE + 3)), (u32::MAX, 0));
-        // The last page holds only the clusters the file has.
-        assert!(matches!(&c.pages[1], Page::Narrow(v) if v.len() == 3));
-        let mut seg = vec![9];
-        c.segment(PAGE - 1, 5, &mut seg);
-        assert_eq!(seg, [0, 0, 0, 7, 0]);
-        assert!(c.none_in(2, PAGE - 2) && !c.none_in(0, 2) && !c.none_in(PAGE, 3));
-    }
-
-    #[test]
     fn decode_block_agrees_with_get() {
         let block: Vec<u8> = (0..=255u8)
             .cycle()
@@ -1073,13 +903,5 @@ mod tests {
                 assert_eq!(got, want, "order {order} entry {j}");
             }
         }
-    }
-
-    #[test]
-    fn bits() {
-        let mut b = Bits::new(130);
-        b.set(129);
-        b.set(1000);
-        assert!(b.get(129) && !b.get(128) && !b.get(1000));
     }
 }
