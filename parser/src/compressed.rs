@@ -203,50 +203,59 @@ pub fn live_decoder_states() -> usize {
     LIVE_STATES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Inflate a raw deflate stream as QEMU does (`qcow2_zlib_decompress`:
+/// `inflateInit2(-12)`, one `inflate(Z_FINISH)` into the cluster), with
+/// zlib-rs, a port of zlib's inflate (see SECURITY.md for why not
+/// miniz_oxide any more): the same block, code and distance rules as the
+/// zlib QEMU links, distances checked against what the call has written.
+/// QEMU also takes a stream that still has output when the cluster is
+/// full (`Z_BUF_ERROR` with the output full); we refuse it.
 fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
-    use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
-    use miniz_oxide::inflate::TINFLStatus;
+    use zlib_rs::{Inflate, InflateFlush, Status};
 
-    // The decoder state (about 11 KiB of Huffman tables) is made once per
-    // thread and reset per stream: `init` restarts the state machine,
-    // which rebuilds every table from each block header before use.
+    // The decoder state (about 7 KiB plus QEMU's 4 KiB window) is made
+    // once per thread and reset per stream.
     thread_local! {
-        static STATE: std::cell::RefCell<Option<Counted<Box<DecompressorOxide>>>> =
+        static STATE: std::cell::RefCell<Option<Counted<Inflate>>> =
             const { std::cell::RefCell::new(None) };
     }
-    // Raw deflate (no zlib header), all input present, `out` is the whole
-    // output window: the decoder can never write past it.
-    let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
-    let (status, written) = STATE.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut slot) => {
-            let state = &mut slot.get_or_insert_with(|| Counted::new(Box::default())).0;
-            state.init();
-            let (status, _read, written) = decompress(state, input, out, 0, flags);
-            (status, written)
-        }
-        // Not reachable (nothing here re-enters), but never worth a panic.
-        Err(_) => {
-            let (status, _read, written) =
-                decompress(&mut DecompressorOxide::new(), input, out, 0, flags);
-            (status, written)
+    let want = out.len();
+    let (result, written) = STATE.with(|cell| {
+        let mut run = |z: &mut Inflate| {
+            let r = z.decompress(input, out, InflateFlush::Finish);
+            (r, usize::try_from(z.total_out()).unwrap_or(usize::MAX))
+        };
+        match cell.try_borrow_mut() {
+            Ok(mut slot) => {
+                let z = match slot.as_mut() {
+                    Some(z) => {
+                        z.0.reset(false);
+                        &mut z.0
+                    }
+                    None => &mut slot.insert(Counted::new(Inflate::new(false, 12))).0,
+                };
+                run(z)
+            }
+            // Not reachable (nothing here re-enters), but never worth a panic.
+            Err(_) => run(&mut Inflate::new(false, 12)),
         }
     });
-    let want = out.len();
-    match status {
-        TINFLStatus::Done if written == want => Ok(()),
-        TINFLStatus::Done => Err(format!(
+    match result {
+        Ok(Status::StreamEnd) if written == want => Ok(()),
+        Ok(Status::StreamEnd) => Err(format!(
             "deflate stream ended after {written} of {want} bytes"
         )),
         // The cluster is full and the stream still has symbols to emit.
         // QEMU silently drops them; we call it what it is.
-        TINFLStatus::HasMoreOutput => Err(format!(
+        Ok(Status::Ok | Status::BufError) if written >= want => Err(format!(
             "deflate stream inflates past one cluster ({want} bytes)"
         )),
-        TINFLStatus::NeedsMoreInput | TINFLStatus::FailedCannotMakeProgress => Err(format!(
+        Ok(Status::Ok | Status::BufError) => Err(format!(
             "deflate stream truncated after {written} of {want} bytes"
         )),
-        other => Err(format!(
-            "corrupt deflate stream ({other:?}) after {written} bytes"
+        Err(e) => Err(format!(
+            "corrupt deflate stream ({}) after {written} bytes",
+            e.as_str()
         )),
     }
 }
