@@ -102,6 +102,14 @@ const MEMO_COST: u64 = 16;
 /// Ranges not kept that are remembered with their reason.
 const MAX_MISSES: usize = 4096;
 
+/// Ranges the read-back log holds apart, at most (fewer under a small
+/// budget: a quarter of it); past that the two closest are merged, so a
+/// layout that sends every read to the spool cannot grow it.
+const MAX_READ_BACK: usize = 4096;
+/// Bookkeeping bytes counted per read-back range. With a spool the log's
+/// whole capacity is set aside in the budget, as it grows inside reads.
+const READ_BACK_COST: u64 = 32;
+
 /// Compressed payloads that may be arriving at the same time.
 const MAX_IN_FLIGHT: usize = 4096;
 
@@ -131,7 +139,10 @@ pub struct Finished {
     pub image: Option<Image<Retained>>,
     /// Byte ranges (start, end) the check needed after the stream had
     /// passed them: read back from the spool, or, without one, the reason
-    /// for `needs_random_access`. Empty for a layout that streams.
+    /// for `needs_random_access`. Empty for a layout that streams. At most
+    /// 4,096 ranges (fewer under a retention budget below 512 KiB: one per
+    /// 128 bytes of it): past that, neighbours are merged into one range
+    /// that covers both.
     pub read_back: Vec<(u64, u64)>,
 }
 
@@ -386,7 +397,66 @@ pub struct Inspector {
     hand_start: u64,
     /// Ranges read from the spool, or (at the end, without one) needed
     /// and not kept.
-    read_back: Arc<Mutex<BTreeSet<(u64, u64)>>>,
+    read_back: Arc<Mutex<ReadBackLog>>,
+}
+
+/// Ranges read back from the spool (or, at the end without one, needed
+/// and not kept), at most `cap` of them.
+#[derive(Debug)]
+pub(crate) struct ReadBackLog {
+    ranges: BTreeSet<(u64, u64)>,
+    cap: usize,
+}
+
+impl ReadBackLog {
+    /// A log that takes at most a quarter of `budget`.
+    fn within(budget: u64) -> ReadBackLog {
+        let cap = budget / 4 / READ_BACK_COST;
+        ReadBackLog {
+            ranges: BTreeSet::new(),
+            cap: usize::try_from(cap)
+                .unwrap_or(MAX_READ_BACK)
+                .clamp(1, MAX_READ_BACK),
+        }
+    }
+
+    fn insert(&mut self, range: (u64, u64)) {
+        self.ranges.insert(range);
+        if self.ranges.len() > self.cap {
+            self.merge_closest();
+        }
+    }
+
+    /// Replace the two ranges with the smallest gap between them by one
+    /// range covering both.
+    fn merge_closest(&mut self) {
+        let ranges = self.ranges();
+        let closest = ranges
+            .windows(2)
+            .filter_map(|w| match w {
+                [a, b] => Some((b.0.saturating_sub(a.1), *a, *b)),
+                _ => None,
+            })
+            .min_by_key(|c| c.0);
+        if let Some((_, a, b)) = closest {
+            self.ranges.remove(&a);
+            self.ranges.remove(&b);
+            self.ranges.insert((a.0.min(b.0), a.1.max(b.1)));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Room left before ranges are merged.
+    fn room(&self) -> usize {
+        self.cap.saturating_sub(self.ranges.len())
+    }
+
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        self.ranges.iter().copied().collect()
+    }
 }
 
 impl std::fmt::Debug for Inspector {
@@ -403,6 +473,7 @@ impl Inspector {
     /// An inspector without a spool: a backward reference ends it with
     /// [`Verdict::NeedsRandomAccess`].
     pub fn new(limits: Limits, opts: CheckOptions) -> Inspector {
+        let log = ReadBackLog::within(limits.max_retained_bytes);
         let mut me = Inspector {
             limits,
             opts,
@@ -426,7 +497,7 @@ impl Inspector {
             out_buf: Vec::new(),
             hand: Vec::new(),
             hand_start: 0,
-            read_back: Arc::new(Mutex::new(BTreeSet::new())),
+            read_back: Arc::new(Mutex::new(log)),
         };
         me.pending.insert((HEADER_PROBE, 0), vec![Need::Probe]);
         me.wanted.insert(0, HEADER_PROBE);
@@ -470,13 +541,24 @@ impl Inspector {
                 self.read_back
                     .lock()
                     .map_or(0, |l| len64_count(l.len()))
-                    .saturating_mul(PENDING_COST),
+                    .saturating_mul(READ_BACK_COST),
             )
     }
 
-    /// Whether `extra` more bytes fit in the budget.
+    /// Whether `extra` more bytes fit in the budget. With a spool, the
+    /// read-back log's unused capacity is set aside: it grows inside
+    /// reads, where the budget is not consulted.
     fn fits(&self, extra: u64) -> bool {
-        self.retained_bytes().saturating_add(extra) <= self.limits.max_retained_bytes
+        let log_room = if self.spool.is_some() {
+            let room = self.read_back.lock().map_or(0, |l| l.room());
+            len64_count(room).saturating_mul(READ_BACK_COST)
+        } else {
+            0
+        };
+        self.retained_bytes()
+            .saturating_add(extra)
+            .saturating_add(log_room)
+            <= self.limits.max_retained_bytes
     }
 
     /// What can be said now (see [`Early`]).
@@ -632,8 +714,13 @@ impl Inspector {
             ready.push(((start, end), need));
             return;
         }
-        if !self.fits(PENDING_COST) && self.spool.is_none() {
-            self.miss(start, end, Why::Budget);
+        if !self.fits(PENDING_COST) {
+            // With a spool the check reads it back at the end (and a
+            // streaming conversion finds it unwritten and converts from
+            // the spool).
+            if self.spool.is_none() {
+                self.miss(start, end, Why::Budget);
+            }
             return;
         }
         let needs = self.pending.entry((end, start)).or_default();
@@ -830,7 +917,16 @@ impl Inspector {
                         if active {
                             tap.active_l2(i, l2);
                         }
-                        if self.seen_l2.insert(l2) {
+                        if self.seen_l2.contains(&l2) {
+                            if active && self.store.covers(l2, l2_end) {
+                                // Whole already (a snapshot's L1 table came first).
+                                self.tap_l2(l2, chunk, tap);
+                            }
+                        } else if !self.fits(SEEN_COST) {
+                            if self.spool.is_none() {
+                                self.miss(l2, l2_end, Why::Budget);
+                            }
+                        } else if self.seen_l2.insert(l2) {
                             self.want(l2, l2_end, Need::L2, chunk, ready);
                         } else if active && self.store.covers(l2, l2_end) {
                             // Whole already (a snapshot's L1 table came first).
@@ -1091,7 +1187,7 @@ impl Inspector {
     pub(crate) fn read_back(&self) -> Vec<(u64, u64)> {
         self.read_back
             .lock()
-            .map(|set| set.iter().copied().collect())
+            .map(|log| log.ranges())
             .unwrap_or_default()
     }
 
@@ -1232,7 +1328,7 @@ pub(crate) struct View<'a> {
     /// read them too.
     from_chunk: Mutex<Vec<(u64, u64)>>,
     /// Ranges read from the spool.
-    read_back: &'a Mutex<BTreeSet<(u64, u64)>>,
+    read_back: &'a Mutex<ReadBackLog>,
 }
 
 impl View<'_> {
@@ -1317,7 +1413,7 @@ fn slice_of(buf: &mut [u8], base: u64, p: u64, q: u64) -> Option<&mut [u8]> {
 /// (which holds the bytes from `base`), and log the range.
 fn read_back(
     spool: &dyn Source,
-    log: &Mutex<BTreeSet<(u64, u64)>>,
+    log: &Mutex<ReadBackLog>,
     (buf, base): (&mut [u8], u64),
     p: u64,
     q: u64,
@@ -1346,7 +1442,7 @@ pub struct Retained {
     memo: Memo,
     kind: Option<CompressionType>,
     cluster_size: u64,
-    read_back: Arc<Mutex<BTreeSet<(u64, u64)>>>,
+    read_back: Arc<Mutex<ReadBackLog>>,
 }
 
 impl std::fmt::Debug for Retained {
@@ -1563,6 +1659,61 @@ mod tests {
             i.feed(c);
             assert!(i.retained_bytes() <= budget, "{}", i.retained_bytes());
         }
+    }
+
+    #[test]
+    fn a_spool_keeps_the_bookkeeping_in_the_budget_too() {
+        // 48 L2 tables ahead of the L1 table that names them, each a
+        // pending structure and an L2 seen: over a 2 KiB budget. With a
+        // spool they are read back at the end instead of remembered, and
+        // the read-back log stays at its 16 ranges (a quarter of 2 KiB).
+        let bytes = ImageModel {
+            cluster_bits: 9,
+            clusters: (0..48 * 64u32)
+                .map(|i| match i % 64 {
+                    0 => GuestCluster::Data(u8::try_from(i / 64).unwrap()),
+                    _ => GuestCluster::Unallocated,
+                })
+                .collect(),
+            ..ImageModel::default()
+        }
+        .build()
+        .unwrap()
+        .bytes;
+        let want = whole(&bytes, &CheckOptions::default());
+        assert_eq!(want.verdict, Verdict::Ok);
+        let budget = 2048;
+        let limits = Limits {
+            max_retained_bytes: budget,
+            ..Limits::default()
+        };
+        for chunk in [1, 100, 512, 4096] {
+            let mut i = Inspector::with_spool(
+                limits.clone(),
+                CheckOptions::default(),
+                Arc::new(bytes.clone()),
+            );
+            for c in bytes.chunks(chunk) {
+                i.feed(c);
+                assert!(i.retained_bytes() <= budget, "chunk {chunk}: {i:?}");
+            }
+            let got = i.finish();
+            assert_eq!(got.report, want, "chunk {chunk}");
+            assert!(!got.read_back.is_empty() && got.read_back.len() <= 16);
+        }
+    }
+
+    #[test]
+    fn the_read_back_log_merges_the_closest_ranges() {
+        let mut log = ReadBackLog::within(2048);
+        for i in 0..16 {
+            log.insert((i * 100, i * 100 + 10));
+        }
+        assert_eq!((log.len(), log.room()), (16, 0));
+        log.insert((1_015, 1_020)); // 5 bytes after (1000, 1010)
+        assert_eq!(log.len(), 16);
+        assert!(log.ranges().contains(&(1_000, 1_020)));
+        assert!(log.ranges().contains(&(1_100, 1_110)));
     }
 
     #[test]

@@ -202,6 +202,7 @@ def check(
     allow_encryption: bool = False,
     max_virtual_size: Optional[int] = None,
     metadata_only: bool = False,
+    threads: Optional[int] = None,
 ) -> Report:
     """Audit an image completely: the safety policy, every structure,
     refcount and (unless ``metadata_only``) compressed cluster; what
@@ -214,7 +215,9 @@ def check(
 
     Never raises on the image's content: problems are findings, summed up
     in ``Report.verdict``. Raises ``OSError`` when a path cannot be opened.
-    The GIL is released while the library works.
+    ``threads`` (1 to 64; default: the available cores, at most 4) is the
+    CLI's ``--threads``: threads decompressing payloads; the report is the
+    same for any value. The GIL is released while the library works.
     """
     src, filename, _ = _source(source)
     doc = _native.check_image(
@@ -222,6 +225,7 @@ def check(
         filename,
         _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
         metadata_only,
+        _threads(threads),
     )
     return Report(doc)
 
@@ -252,6 +256,16 @@ def info(
         used,
         _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
     )
+
+
+def _threads(threads: Optional[int]) -> Optional[int]:
+    """A ``threads`` argument, checked as the CLI checks ``--threads`` /
+    ``-m``: an integer from 1 to 64, or None for the default."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 64:
+        raise ValueError(f"threads must be an integer from 1 to 64, not {threads!r}")
+    return threads
 
 
 def _policy(
@@ -287,6 +301,7 @@ def convert(
     allow_data_file: bool = False,
     allow_encryption: bool = False,
     max_virtual_size: Optional[int] = None,
+    threads: Optional[int] = None,
 ) -> List[Finding]:
     """Write the raw guest disk of ``src`` (byte-identical to ``qemu-img
     convert -O raw``) without QEMU; what ``qcow2-guard convert`` does, with
@@ -304,12 +319,16 @@ def convert(
     zeros. ``progress(done, total)`` is called as guest bytes are written
     (from worker threads); if it raises, the conversion's output is not
     kept and the exception is re-raised. Returns the warnings (e.g.
-    ``convert_no_backing``). The GIL is released while the library works.
+    ``convert_no_backing``). ``threads`` (1 to 64; default: the available
+    cores, at most 4) is the CLI's ``-m``: workers reading and
+    decompressing; the output is the same for any value. The GIL is
+    released while the library works.
     """
     if backing is not None and not allow_backing:
         raise ValueError("backing= needs allow_backing=True")
     if data_file is not None and not allow_data_file:
         raise ValueError("data_file= needs allow_data_file=True")
+    nthreads = _threads(threads)
     if isinstance(dst, (str, os.PathLike)):
         out: Any = os.fsdecode(os.fspath(dst))
         for i in (src, backing, data_file):
@@ -328,6 +347,7 @@ def convert(
         data,
         _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
         progress,
+        nthreads,
     )
     return [Finding(**f) for f in warnings]
 

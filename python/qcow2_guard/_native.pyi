@@ -12,6 +12,7 @@ def check_image(
     filename: str,
     options: _Policy,
     metadata_only: bool,
+    threads: Optional[int],
 ) -> Dict[str, Any]: ...
 def info_image(
     source: _Source,
@@ -28,6 +29,7 @@ def convert_image(
     data_file: Optional[_Source],
     options: _Policy,
     progress: Optional[Callable[[int, int], Any]],
+    threads: Optional[int],
 ) -> List[Dict[str, Any]]: ...
 
 class StreamInspector:

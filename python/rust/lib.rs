@@ -278,22 +278,25 @@ fn raise_as(
 /// Never fails on the image's content (problems are findings); fails with
 /// `OSError` when the source cannot be opened.
 #[pyfunction]
-#[pyo3(signature = (source, filename, options, metadata_only))]
+#[pyo3(signature = (source, filename, options, metadata_only, threads))]
 fn check_image(
     py: Python<'_>,
     source: &Bound<'_, PyAny>,
     filename: &str,
     options: PolicyOptions,
     metadata_only: bool,
+    threads: Option<usize>,
 ) -> PyResult<Py<PyAny>> {
     let input = Input::extract(source)?;
     let (policy, limits) = options.policy_and_limits();
     let doc = py.detach(move || -> io::Result<Value> {
         let src = input.open()?;
+        let defaults = CheckOptions::default();
         let opts = CheckOptions {
             policy,
             decompress: !metadata_only,
-            ..CheckOptions::default()
+            threads: threads.unwrap_or(defaults.threads),
+            ..defaults
         };
         Ok(match Image::open_with(src, limits) {
             Ok(image) => {
@@ -442,7 +445,7 @@ impl Write for PyWriter {
 /// Backing and data files are read only when handed in. `progress` is
 /// called with (bytes done, total). Returns the warnings as finding dicts.
 #[pyfunction]
-#[pyo3(signature = (source, filename, dst, backing, data_file, options, progress))]
+#[pyo3(signature = (source, filename, dst, backing, data_file, options, progress, threads))]
 #[allow(clippy::too_many_arguments)]
 fn convert_image(
     py: Python<'_>,
@@ -453,6 +456,7 @@ fn convert_image(
     data_file: Option<&Bound<'_, PyAny>>,
     options: PolicyOptions,
     progress: Option<Py<PyAny>>,
+    threads: Option<usize>,
 ) -> PyResult<Py<PyAny>> {
     let image = Input::extract(source)?;
     let backing = backing.map(Input::extract).transpose()?;
@@ -472,10 +476,12 @@ fn convert_image(
         if let Some(d) = data_file {
             inputs.data_file = Some(Arc::new(d.open().map_err(Failure::Open)?));
         }
+        let defaults = ConvertOptions::default();
         let opts = ConvertOptions {
             policy,
             limits,
-            ..ConvertOptions::default()
+            threads: threads.unwrap_or(defaults.threads),
+            ..defaults
         };
         let conversion = prepare(inputs, &opts)?;
         let total = conversion.size();

@@ -144,3 +144,30 @@ def test_the_gil_is_released_during_a_check(tmp: Path):
     # held for the whole call, no tick could fall inside it.
     inside = [x for x in ticks if span[0] < x < span[1]]
     assert len(inside) >= 3, (len(inside), span[1] - span[0])
+
+
+def test_threads_like_the_cli(tmp: Path):
+    """``threads`` is the CLI's ``check --threads`` / ``convert -m``: any
+    value gives the same report and the same disk; values the CLI refuses
+    raise ValueError before anything is read or written."""
+    raw = tmp / "disk.raw"
+    raw.write_bytes(b"".join(bytes([i % 251]) * 4096 + bytes(range(256)) * 16 for i in range(256)))
+    img = tmp / "c.qcow2"
+    qemu_img("convert", "-q", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(img))
+    want = qcow2_guard.check(img, threads=1)
+    assert want.verdict is Verdict.OK and want.stats["decompressed-clusters"] > 0
+    for n in (2, 4, 64):
+        assert qcow2_guard.check(img, threads=n).to_dict() == want.to_dict()
+    code, doc = guard("check", "--json", "--threads", "3", str(img))
+    assert code == 0 and without_exit(doc) == want.to_dict()
+    for n in (1, 3):
+        out = tmp / f"out{n}.raw"
+        assert qcow2_guard.convert(img, out, threads=n) == []
+        assert out.read_bytes() == raw.read_bytes()
+    bad_out = tmp / "bad.raw"
+    for bad in (0, 65, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError):
+            qcow2_guard.check(img, threads=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            qcow2_guard.convert(img, bad_out, threads=bad)  # type: ignore[arg-type]
+    assert not bad_out.exists()

@@ -226,8 +226,11 @@ fn refuse_on_policy<T: Source>(
 /// anything is written: error findings and policy violations refuse the
 /// image; leaks and warnings do not. A file with more host clusters than
 /// the audit may track is refused: no conversion without the audit.
-/// `policy` is [`refuse_on_policy`]'s findings on `image`.
+/// `policy` is [`refuse_on_policy`]'s findings on `image`; `input` says
+/// which input it is (the image, or a qcow2 backing image: both pass the
+/// same audit, as for `map` and `compare`).
 fn audit<T: Source>(
+    input: Input,
     image: &Image<T>,
     opts: &ConvertOptions,
     policy: Vec<Finding>,
@@ -236,7 +239,7 @@ fn audit<T: Source>(
     let clusters = image.file_len().div_ceil(g.cluster_size);
     if clusters > opts.max_audit_clusters {
         return Err(ConvertError::Refused {
-            input: Input::Image,
+            input,
             findings: vec![refusal(
                 code::AUDIT_TOO_LARGE,
                 0,
@@ -255,13 +258,13 @@ fn audit<T: Source>(
     Ok(check_judged(image, &check_opts, policy))
 }
 
-/// Refuse an image whose audit found errors.
-fn audit_passed(report: Report) -> Result<Report, ConvertError> {
+/// Refuse an input whose audit found errors.
+fn audit_passed(input: Input, report: Report) -> Result<Report, ConvertError> {
     if report.verdict.passes() {
         Ok(report)
     } else {
         Err(ConvertError::Audit {
-            input: Input::Image,
+            input,
             report: Box::new(report),
         })
     }
@@ -419,7 +422,9 @@ pub fn data_file_rule(h: &Header, given: bool) -> Result<(), ConvertError> {
 }
 
 /// Open `inputs.image`, apply the policy and the conversion rules, attach
-/// the backing image and data file, and audit the metadata. Nothing is
+/// the backing image and data file, and audit the metadata (of the image,
+/// and of a qcow2 backing image, which passes the same policy and audit
+/// as the image: the rule `map` and `compare` apply). Nothing is
 /// written; an `Err` means the conversion must not run.
 pub fn prepare<S: Source>(
     inputs: Inputs<S>,
@@ -438,9 +443,9 @@ pub fn prepare<S: Source>(
     }
     // One walk of the tables: the audit, and what each table maps (for
     // the bounds and for skipping holes). The bounds are judged first.
-    let (report, uses) = audit(&image, opts, judged)?;
+    let (report, uses) = audit(Input::Image, &image, opts, judged)?;
     bound_output(&image, &uses, opts, inputs.backing.is_some())?;
-    let report = audit_passed(report)?;
+    let report = audit_passed(Input::Image, report)?;
     if let Some(sel) = &inputs.snapshot {
         let Some(index) = sel.find(image.snapshots()) else {
             return Err(ConvertError::Refused {
@@ -464,9 +469,10 @@ pub fn prepare<S: Source>(
                         input: Input::Backing,
                         error,
                     })?;
-                // The backing image must pass the same policy; its own
+                // The backing image must pass the same policy and the
+                // same audit (its bytes are guest data too); its own
                 // backing chain is not followed.
-                refuse_on_policy(Input::Backing, &backing, policy, &mut warnings)?;
+                let judged = refuse_on_policy(Input::Backing, &backing, policy, &mut warnings)?;
                 if backing.header().has_data_file() {
                     return Err(ConvertError::Refused {
                         input: Input::Backing,
@@ -478,6 +484,8 @@ pub fn prepare<S: Source>(
                         )],
                     });
                 }
+                let (report, _) = audit(Input::Backing, &backing, opts, judged)?;
+                audit_passed(Input::Backing, report)?;
                 image.set_backing(Arc::new(backing));
             } else {
                 image.set_backing(Arc::new(RawBacking(src)));
