@@ -276,7 +276,7 @@ impl<'a, S: Source> Visitor<'a> for Walk<'a, S> {
     /// it.
     fn l2_entries(&mut self, t: &L2Ref, words: &[u64], g: &Geometry, data_file: bool) {
         self.cur = TableUse::default();
-        if g.extended_l2 || data_file {
+        if g.extended_l2 || data_file || tests::general_only() {
             walker::decode_entries(self, t, words, g, data_file);
         } else {
             self.standard_entries(t, words, g);
@@ -881,9 +881,165 @@ impl<'a, S: Source> Walk<'a, S> {
     }
 }
 
+/// Without `cfg(test)`: the fast loop is always taken where it applies.
+#[cfg(not(test))]
+mod tests {
+    #[inline(always)]
+    pub(super) fn general_only() -> bool {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
+    use crate::build::{GuestCluster, ImageModel, SnapshotModel};
+    use crate::check::{check_judged, CheckOptions, Report};
+    use crate::compressed::OFLAG_COMPRESSED;
+    use crate::l1l2::L1Entry;
+
+    thread_local! {
+        /// Set by [`fast_and_general_paths_agree_on_hostile_tables`]: every
+        /// standard entry through [`Visitor::l2_entry`].
+        static GENERAL_ONLY: Cell<bool> = const { Cell::new(false) };
+    }
+
+    pub(super) fn general_only() -> bool {
+        GENERAL_ONLY.with(Cell::get)
+    }
+
+    /// The audit of `bytes` (one thread, so the walk runs here) through
+    /// the fast loop or only the general path: its report and table uses.
+    fn audit(bytes: &[u8], general: bool) -> Option<(Report, Vec<(u64, TableUse)>)> {
+        let image = Image::open(bytes).ok()?;
+        let opts = CheckOptions {
+            threads: 1,
+            ..CheckOptions::default()
+        };
+        GENERAL_ONLY.with(|g| g.set(general));
+        let (report, uses) = check_judged(&image, &opts, image.policy_findings(&opts.policy));
+        GENERAL_ONLY.with(|g| g.set(false));
+        let mut uses: Vec<_> = uses.into_iter().collect();
+        uses.sort_by_key(|(k, _)| *k);
+        Some((report, uses))
+    }
+
+    /// The fast loop of standard tables restates which entries the audit
+    /// has nothing to say about; the general path is the rule. On built
+    /// images whose L2 entries are replaced by hostile words (reserved
+    /// bits, zero and compressed flags, copied flag flipped, unaligned,
+    /// past or at the end of the file, into metadata, onto another data
+    /// cluster, offset 0 with flags), in v2 and v3, with and without a
+    /// snapshot (tables with several references), both give the same
+    /// findings (code, offset, message, in order), counts, statistics,
+    /// verdict and table uses.
+    #[test]
+    fn fast_and_general_paths_agree_on_hostile_tables() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut compared = 0;
+        for round in 0..160u64 {
+            let version = if round % 4 == 3 { 2 } else { 3 };
+            let cluster_bits = [9, 12, 16][usize::try_from(round % 3).unwrap_or(0)];
+            let clusters = (0..24u8)
+                .map(|i| match next() % 5 {
+                    0 => GuestCluster::Unallocated,
+                    1 if version == 3 => GuestCluster::Zero,
+                    2 => GuestCluster::Compressed(i),
+                    _ => GuestCluster::Data(i),
+                })
+                .collect();
+            let snapshots = if round % 2 == 1 {
+                vec![SnapshotModel { name: "s".into() }]
+            } else {
+                Vec::new()
+            };
+            let model = ImageModel {
+                version,
+                cluster_bits,
+                feature_table: version == 3,
+                clusters,
+                snapshots,
+                ..ImageModel::default()
+            };
+            let Ok(built) = model.build() else { continue };
+            let mut bytes = built.bytes;
+            let Ok(image) = Image::open(bytes.as_slice()) else {
+                continue;
+            };
+            let g = *image.geometry();
+            let Ok(L1Entry {
+                l2_offset: Some(l2),
+                ..
+            }) = image.l1_entry(0)
+            else {
+                continue;
+            };
+            let len = u64::try_from(bytes.len()).unwrap_or(0);
+            let cs = g.cluster_size;
+            let l1 = image.header().l1_table_offset;
+            let rt = image.header().refcount_table_offset;
+            drop(image);
+            let at = |i: u64| usize::try_from(l2 + 8 * i).unwrap_or(usize::MAX);
+            let word = |b: &[u8], i: u64| {
+                b.get(at(i)..at(i) + 8)
+                    .and_then(|w| w.try_into().ok())
+                    .map_or(0, u64::from_be_bytes)
+            };
+            let hosts: Vec<u64> = (0..24).map(|i| word(&bytes, i) & OFFSET_MASK).collect();
+            for i in 0..24u64 {
+                if next() % 3 != 0 {
+                    continue;
+                }
+                let raw = word(&bytes, i);
+                let other = hosts[usize::try_from(next() % 24).unwrap_or(0)];
+                let copied = if next() % 2 == 0 { OFLAG_COPIED } else { 0 };
+                let hostile = match next() % 14 {
+                    0 => raw | 1 << (1 + next() % 8),
+                    1 => raw | 1 << (56 + next() % 6),
+                    2 => raw ^ OFLAG_COPIED,
+                    3 => raw | OFLAG_ZERO,
+                    4 => raw | OFLAG_COMPRESSED,
+                    5 => (raw & !OFFSET_MASK) | ((raw & OFFSET_MASK) + 512),
+                    6 => copied | (len - len % cs),
+                    7 => copied | (len.saturating_sub(cs) & !(cs - 1)),
+                    8 => copied | (l1 & !(cs - 1)),
+                    9 => copied | rt,
+                    10 => copied | l2,
+                    11 => (raw & !OFFSET_MASK) | other,
+                    12 => OFLAG_COPIED,
+                    _ => [OFLAG_ZERO, OFLAG_ZERO | OFLAG_COPIED, OFLAG_ZERO | other]
+                        [usize::try_from(next() % 3).unwrap_or(0)],
+                };
+                if let Some(w) = bytes.get_mut(at(i)..at(i) + 8) {
+                    w.copy_from_slice(&hostile.to_be_bytes());
+                }
+            }
+            let (Some(fast), Some(general)) = (audit(&bytes, false), audit(&bytes, true)) else {
+                continue;
+            };
+            let show = |r: &Report| {
+                r.findings
+                    .iter()
+                    .map(|f| format!("{} {:#x} {}", f.code, f.offset, f.message))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(show(&fast.0), show(&general.0), "round {round}");
+            assert_eq!(fast.0.counts, general.0.counts, "round {round}");
+            assert_eq!(fast.0.stats, general.0.stats, "round {round}");
+            assert_eq!(fast.0.verdict, general.0.verdict, "round {round}");
+            assert_eq!(fast.1, general.1, "round {round}");
+            compared += 1;
+        }
+        assert!(compared > 100, "only {compared} images compared");
+    }
 
     #[test]
     fn decode_block_agrees_with_get() {
