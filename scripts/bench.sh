@@ -79,26 +79,7 @@ make_images() {
         rm -f "$WORK/src.raw"
     fi
     if [ ! -f "$WORK/zlib.qcow2" ] || [ ! -f "$WORK/zstd.qcow2" ]; then
-        # Mixed data, per 1 MiB: 40% base64 text of random bytes, 20%
-        # random, 20% zeros, 20% short repeated records.
-        python3 - "$WORK/src.raw" "$size" <<'EOF'
-import base64, os, random, sys
-path, size = sys.argv[1], int(sys.argv[2])
-r = random.Random(1)
-mib = 1 << 20
-with open(path, "wb") as f:
-    for _ in range(size // mib):
-        k = r.random()
-        if k < 0.4:
-            f.write(base64.b64encode(os.urandom(mib * 3 // 4 + 2))[:mib])
-        elif k < 0.6:
-            f.write(os.urandom(mib))
-        elif k < 0.8:
-            f.write(bytes(mib))
-        else:
-            rec = b"".join(b"%08d record %s\n" % (i, os.urandom(8).hex().encode()) for i in range(64))
-            f.write((rec * (mib // len(rec) + 1))[:mib])
-EOF
+        python3 scripts/mixed-data.py "$WORK/src.raw" "$size"
         qemu-img convert -c -f raw -O qcow2 -o cluster_size=64k,compression_type=zlib "$WORK/src.raw" "$WORK/zlib.qcow2"
         qemu-img convert -c -f raw -O qcow2 -o cluster_size=64k,compression_type=zstd "$WORK/src.raw" "$WORK/zstd.qcow2"
         rm -f "$WORK/src.raw"

@@ -116,13 +116,7 @@ pub fn run(args: &Args) -> Exit {
         Ok(s) => s,
         Err(e) => return report::unreadable(path, &e, json),
     };
-    let defaults = CheckOptions::default();
-    let opts = CheckOptions {
-        policy: args.policy.policy(),
-        decompress: !args.metadata_only,
-        threads: args.threads.map_or(defaults.threads, usize::from),
-        ..defaults
-    };
+    let opts = options(args);
     let (rep, image) = match Image::open_with(src, args.policy.limits()) {
         Ok(mut image) => {
             if let Some(df) = data_file {
@@ -154,6 +148,22 @@ fn emit<S: Source>(args: &Args, path: &Path, image: Option<&Image<S>>, rep: &Rep
     Exit::for_report(rep)
 }
 
+/// The check's options from the command line. The cores are counted only
+/// when payloads will be decompressed (`--threads` unset): a metadata-only
+/// check has no use for threads.
+fn options(args: &Args) -> CheckOptions {
+    let threads = match args.threads {
+        Some(n) => usize::from(n),
+        None if args.metadata_only => 1,
+        None => qcow2_guard::parallel::default_threads(),
+    };
+    CheckOptions {
+        policy: args.policy.policy(),
+        decompress: !args.metadata_only,
+        ..CheckOptions::with_threads(threads)
+    }
+}
+
 /// `check -`: inspect standard input as it arrives ([`Inspector`]), with
 /// `--spool FILE` keeping a copy (written beside FILE, renamed at the end).
 fn run_stream(args: &Args) -> Exit {
@@ -162,11 +172,7 @@ fn run_stream(args: &Args) -> Exit {
         errln!("qcow2-guard: --data-file does not go with IMAGE `-` (standard input)");
         return Exit::NotChecked;
     }
-    let opts = CheckOptions {
-        policy: args.policy.policy(),
-        decompress: !args.metadata_only,
-        ..CheckOptions::default()
-    };
+    let opts = options(args);
     let limits = args.policy.limits();
     let spool = match args.spool.as_deref().map(spool_file).transpose() {
         Ok(s) => s,
@@ -275,6 +281,19 @@ fn pct(n: u64, total: u64) -> f64 {
 }
 
 fn print_human<S: Source>(path: &Path, image: Option<&Image<S>>, rep: &Report) {
+    // One write for the whole report (standard output is line-buffered:
+    // one system call a line otherwise).
+    let mut out = Vec::new();
+    human(&mut out, path, image, rep);
+    let _ = io::stdout().write_all(&out);
+}
+
+fn human<S: Source>(out: &mut Vec<u8>, path: &Path, image: Option<&Image<S>>, rep: &Report) {
+    macro_rules! outln {
+        ($($t:tt)*) => {{
+            let _ = writeln!(out, $($t)*);
+        }};
+    }
     for f in &rep.findings {
         outln!("{f}");
     }

@@ -443,7 +443,11 @@ impl<'a, S: Source> Tables<'a, S> {
 
     fn refcount_blocks(&self, visit: &mut impl Visitor<'a>) {
         let table_at = self.img.header().refcount_table_offset;
-        for (index, _) in (0u64..).zip(self.img.refcount_table()) {
+        for (index, &raw) in (0u64..).zip(self.img.refcount_table()) {
+            if raw == 0 {
+                // No block (what `refcount_block_offset` says of it).
+                continue;
+            }
             let at = table_at.saturating_add(index.saturating_mul(8));
             let block = match self.img.refcount_block_offset(index) {
                 Ok(None) => continue,

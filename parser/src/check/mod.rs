@@ -121,18 +121,25 @@ pub struct CheckOptions {
 
 impl Default for CheckOptions {
     fn default() -> Self {
+        CheckOptions::with_threads(crate::parallel::default_threads())
+    }
+}
+
+impl CheckOptions {
+    /// The defaults, with `threads` instead of asking the system how many
+    /// cores there are (which reads cgroup files: a start-up cost worth
+    /// saving when nothing will be decompressed).
+    pub fn with_threads(threads: usize) -> Self {
         CheckOptions {
             policy: Policy::default(),
             decompress: true,
             max_findings: 1000,
             max_tracked_clusters: 1 << 26,
             max_decompressed_bytes: 1 << 50,
-            threads: crate::parallel::default_threads(),
+            threads,
         }
     }
-}
 
-impl CheckOptions {
     /// Metadata checks only (no decompression), under `policy`: what
     /// `convert` runs before it writes.
     pub fn metadata_only(policy: Policy) -> Self {

@@ -22,8 +22,9 @@
 //! [`MAX_HELD_WORDS`] words of whole tables are held back, and each worker owns one cluster of input and one of output
 //! (plus its decoder context), and fewer workers start when the clusters
 //! are so large that their buffers would pass
-//! [`crate::parallel::WORKER_MEMORY`]. Workers are started as payloads arrive,
-//! so an image without compressed clusters starts none.
+//! [`crate::parallel::WORKER_MEMORY`]. Workers are started as payloads pile
+//! up, so an image without compressed clusters, or with a single one,
+//! starts none.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -84,7 +85,8 @@ pub(super) trait Verifier<'a>: Visitor<'a> {
 
 /// [`walker::walk_l2`], verifying payloads on `threads` threads when
 /// `verify` (payloads are decompressed at all) and `threads > 1`.
-/// `budget` is the audit's budget before the walk.
+/// `budget` is the audit's budget before the walk. Returns the number of
+/// worker threads started.
 pub(super) fn walk_l2<'a, S: Source, V: Verifier<'a>>(
     image: &'a Image<S>,
     tables: &[L2Ref],
@@ -92,14 +94,14 @@ pub(super) fn walk_l2<'a, S: Source, V: Verifier<'a>>(
     verify: bool,
     budget: Budget,
     threads: usize,
-) {
+) -> usize {
     let g = *image.geometry();
     // A worker holds one cluster of input (plus a sector) and one of output.
     let per_worker = g.cluster_size.saturating_mul(2);
     let threads = crate::parallel::workers(threads, per_worker);
     if !verify || threads < 2 {
         walker::walk_l2(image, tables, visit);
-        return;
+        return 0;
     }
     let (job_tx, job_rx) = mpsc::channel::<Job>();
     let job_rx = Mutex::new(job_rx);
@@ -130,7 +132,8 @@ pub(super) fn walk_l2<'a, S: Source, V: Verifier<'a>>(
         walker::walk_l2(image, tables, &mut ahead);
         ahead.finish();
         ahead.join();
-    });
+        ahead.spawned
+    })
 }
 
 /// One payload to verify.
@@ -215,7 +218,10 @@ where
         {
             return None;
         }
-        if self.in_flight >= self.spawned && self.spawned < self.threads {
+        // A worker starts once a payload is already waiting: an image with
+        // a single compressed cluster (or one at a time, far apart) costs
+        // no thread; see also `wait` and `finish`.
+        if self.in_flight > self.spawned && self.spawned < self.threads {
             self.spawn();
         }
         let seq = self.next;
@@ -224,7 +230,7 @@ where
             d: *d,
             guest: table.guest_offset(index, &self.g),
         };
-        let sent = self.spawned > 0 && self.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+        let sent = self.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok());
         if !sent {
             self.jobs = None;
             return None;
@@ -283,9 +289,14 @@ where
         }
     }
 
-    /// Wait for one outcome; `false` when none can come.
+    /// Wait for one outcome (starting the first worker if none has
+    /// started: entries are piling up behind a queued payload); `false`
+    /// when none can come.
     fn wait(&mut self) -> bool {
-        if self.in_flight == 0 {
+        if self.spawned == 0 && self.threads > 0 {
+            self.spawn();
+        }
+        if self.in_flight == 0 || self.spawned == 0 {
             return false;
         }
         match self.done_rx.recv() {
@@ -375,8 +386,14 @@ where
         }
     }
 
-    /// The walk is over: deliver everything.
+    /// The walk is over: deliver everything. Payloads queued while no
+    /// worker started (one at a time) are left to the audit: cheaper than
+    /// starting a thread for them.
     fn finish(&mut self) {
+        if self.spawned == 0 {
+            self.abandon();
+            return;
+        }
         loop {
             self.collect();
             self.deliver(false);
@@ -500,6 +517,24 @@ mod tests {
         }
     }
 
+    /// A built image of 512-byte clusters (64 entries per L2 table).
+    fn built(clusters: Vec<GuestCluster>) -> Vec<u8> {
+        let model = ImageModel {
+            cluster_bits: 9,
+            clusters,
+            ..ImageModel::default()
+        };
+        model.build().unwrap().bytes
+    }
+
+    /// What the audit side receives from [`walk_l2`] on `threads`, and the
+    /// workers started.
+    fn run(image: &Image<&[u8]>, tables: &[L2Ref], threads: usize) -> (Vec<Got>, usize) {
+        let mut r = Record::default();
+        let workers = walk_l2(image, tables, &mut r, true, Budget::new(u64::MAX), threads);
+        (r.got, workers)
+    }
+
     #[test]
     fn tables_without_compressed_entries_go_whole() {
         // 64 entries per L2 table: tables 1 and 3 hold compressed clusters.
@@ -510,28 +545,11 @@ mod tests {
                 _ => GuestCluster::Data(3),
             })
             .collect();
-        let built = ImageModel {
-            cluster_bits: 9,
-            clusters,
-            ..ImageModel::default()
-        }
-        .build()
-        .unwrap();
-        let image = Image::open(built.bytes.as_slice()).unwrap();
+        let bytes = built(clusters);
+        let image = Image::open(bytes.as_slice()).unwrap();
         let tables = walker::walk_tables(&image, &mut |_: Item<'_>| {});
         assert_eq!(tables.len(), 5);
-        let run = |threads| {
-            let mut r = Record::default();
-            walk_l2(
-                &image,
-                &tables,
-                &mut r,
-                true,
-                Budget::new(u64::MAX),
-                threads,
-            );
-            r.got
-        };
+        let run = |threads| run(&image, &tables, threads).0;
         let one = run(1);
         let compressed_tables = [tables[1].offset, tables[3].offset];
         // What two threads must deliver: the same entries in the same
@@ -553,6 +571,49 @@ mod tests {
         );
         for _ in 0..20 {
             assert_eq!(run(2), want);
+        }
+    }
+
+    /// Workers start once a payload is already waiting: a single
+    /// compressed cluster is verified by the audit itself, with no thread;
+    /// several start the workers.
+    #[test]
+    fn a_single_payload_starts_no_thread() {
+        for compressed in [1usize, 40] {
+            let clusters = (0..200)
+                .map(|i| {
+                    if i % 5 == 0 && i / 5 < compressed {
+                        GuestCluster::Compressed(9)
+                    } else {
+                        GuestCluster::Data(1)
+                    }
+                })
+                .collect();
+            let bytes = built(clusters);
+            let image = Image::open(bytes.as_slice()).unwrap();
+            let tables = walker::walk_tables(&image, &mut |_: Item<'_>| {});
+            let (one, _) = run(&image, &tables, 1);
+            let (two, workers) = run(&image, &tables, 2);
+            // How many start depends on timing; whether any does, not.
+            assert_eq!(
+                workers == 0,
+                compressed == 1,
+                "{compressed} compressed: {workers}"
+            );
+            // The same entries; without workers nothing is verified ahead.
+            let strip = |got: Vec<Got>| -> Vec<Got> {
+                got.into_iter()
+                    .filter(|g| !matches!(g, Got::Whole(_)))
+                    .map(|g| match g {
+                        Got::Entry(at, raw, _) => Got::Entry(at, raw, None),
+                        g => g,
+                    })
+                    .collect()
+            };
+            if workers == 0 {
+                assert!(two.iter().all(|g| !matches!(g, Got::Entry(_, _, Some(_)))));
+            }
+            assert_eq!(strip(one), strip(two));
         }
     }
 }

@@ -36,7 +36,6 @@ pub(super) fn run<S: Source>(
     tracked: usize,
 ) -> Option<(Findings, Stats, TableUses)> {
     let g = *image.geometry();
-    let per = g.refcount_block_entries;
     let mut walk = Walk {
         img: image,
         g,
@@ -50,10 +49,10 @@ pub(super) fn run<S: Source>(
             .map(|df| df.len()),
         v2: image.header().version < 3,
         computed: Counts::new(tracked, opts.max_tracked_clusters),
-        block_offsets: vec![None; image.refcount_table().len()],
+        block_offsets: Vec::new(),
         unknown_blocks: HashSet::new(),
         block: vec![0u8; idx(g.cluster_size)],
-        values: Vec::with_capacity(idx(per)),
+        values: Vec::new(),
         meta: Vec::new(),
         flags: Flags::new(tracked, opts.max_tracked_clusters),
         map: MetadataMap::default(),
@@ -170,8 +169,9 @@ struct Walk<'a, S> {
     /// stored refcount is one (for the copied flags; the refcounts
     /// themselves are compared block by block at the end).
     flags: Flags,
-    /// Refcount block offset per refcount table index (`None`: no block).
-    block_offsets: Vec<Option<u64>>,
+    /// (refcount table index, block offset) of every block read, in index
+    /// order (the walk visits the table in order).
+    block_offsets: Vec<(u64, u64)>,
     /// Refcount table indexes whose block could not be read.
     unknown_blocks: HashSet<u64>,
     /// Scratch for one refcount block and its decoded values.
@@ -327,13 +327,20 @@ impl<'a, S: Source> Walk<'a, S> {
             self.unknown_blocks.insert(t);
             return;
         }
-        if let Some(slot) = self.block_offsets.get_mut(idx(t)) {
-            *slot = Some(off);
-        }
+        self.block_offsets.push((t, off));
         let n = per.min(self.nb.saturating_sub(first));
         self.values.clear();
         refcount::decode_block(&self.block, self.g.refcount_order, n, &mut self.values);
         self.flags.set_ones(first, &self.values);
+    }
+
+    /// The offset of refcount block `t`, if it was read.
+    fn block_offset(&self, t: u64) -> Option<u64> {
+        let i = self
+            .block_offsets
+            .binary_search_by_key(&t, |&(t, _)| t)
+            .ok()?;
+        self.block_offsets.get(i).map(|&(_, off)| off)
     }
 
     /// The first `count` stored refcounts of refcount block `t` (clamped
@@ -347,7 +354,7 @@ impl<'a, S: Source> Walk<'a, S> {
         if self.unknown_blocks.contains(&t) {
             return false;
         }
-        let Some(off) = self.block_offsets.get(idx(t)).copied().flatten() else {
+        let Some(off) = self.block_offset(t) else {
             out.resize(idx(per), 0);
             return true;
         };
@@ -781,14 +788,19 @@ impl<'a, S: Source> Walk<'a, S> {
         let table_len = u64::try_from(self.img.refcount_table().len()).unwrap_or(u64::MAX);
         let cs = self.g.cluster_size;
         let mut highest: Option<u64> = None;
-        let mut block = vec![0u8; idx(cs)];
+        let mut block = std::mem::take(&mut self.block);
+        // The last block the walk read is still decoded (one read less:
+        // small images have one block).
+        let last = std::mem::take(&mut self.values);
+        let last_block = self.block_offsets.last().map(|&(t, _)| t);
         let (mut values, mut needs) = (Vec::new(), Vec::new());
         // The blocks the file stores (or failed to), in order: with the
         // pages of references, the only blocks to look at (a sparse file
         // of terabytes is not walked block by block).
-        let mut stored: Vec<u64> = (0u64..)
-            .zip(&self.block_offsets)
-            .filter_map(|(t, b)| b.map(|_| t))
+        let mut stored: Vec<u64> = self
+            .block_offsets
+            .iter()
+            .map(|&(t, _)| t)
             .chain(self.unknown_blocks.iter().copied())
             .collect();
         stored.sort_unstable();
@@ -816,7 +828,9 @@ impl<'a, S: Source> Walk<'a, S> {
                 .max(next);
                 continue;
             }
-            let known = self.stored_block(t, count, &mut block, &mut values);
+            let cached = last_block == Some(t) && u64::try_from(last.len()) == Ok(count);
+            let known = cached || self.stored_block(t, count, &mut block, &mut values);
+            let values: &[u32] = if cached { &last } else { &values };
             self.computed.segment(idx(first), idx(count), &mut needs);
             let at = |j: usize| first.saturating_add(u64::try_from(j).unwrap_or(u64::MAX));
             if !known {
@@ -828,13 +842,13 @@ impl<'a, S: Source> Walk<'a, S> {
             }
             if let Some(j) = needs
                 .iter()
-                .zip(&values)
+                .zip(values)
                 .rposition(|(&n, &h)| n > 0 || h > 0)
             {
                 highest = Some(at(j));
             }
             if needs != values {
-                for (j, (&need, &have)) in needs.iter().zip(&values).enumerate() {
+                for (j, (&need, &have)) in needs.iter().zip(values).enumerate() {
                     if need != have {
                         self.mismatch(at(j), need, have, table_len);
                     }
