@@ -39,10 +39,13 @@
 # Env:   RUNS=5                  runs per tool and case (medians)
 #        BENCH_SIZE_MIB=512      SIZE above
 #        BENCH_PREALLOC_GIB=256  PREALLOC above (the second image is 4x)
-#        INSNS=auto|0|callgrind  count our instructions: perf stat where it
-#                                counts (auto), or valgrind's callgrind on
-#                                the hot cases (slow: minutes; the column
-#                                then shows callgrind's count)
+#        INSNS=auto|0|callgrind|script  count our instructions: perf stat
+#                                where it counts (auto), or valgrind's
+#                                callgrind on the hot cases (slow: minutes;
+#                                the column then shows callgrind's count);
+#                                `script`: also run scripts/instructions.sh
+#                                over the same images at the end (ours next
+#                                to qemu-img's, under callgrind)
 #        KEEP=1                  keep the images (reused by the next run)
 set -euo pipefail
 
@@ -154,6 +157,11 @@ EOF
 start=$(date +%s)
 make_images
 echo "images made in $(($(date +%s) - start)) s"
+if [ "$INSNS" = script ]; then
+    # After the timed runs (the python below), with the same images.
+    trap 'GUARD=$GUARD KEEP=1 scripts/instructions.sh "$WORK"; cleanup' EXIT
+    INSNS=0
+fi
 
 echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "machine: $(nproc) cores, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"

@@ -196,6 +196,104 @@ fn convert_is_the_same_on_any_thread_count() {
     }
 }
 
+/// The streamed check and conversion (`check -`, `convert -`) decompress
+/// on worker threads: with a spool, the report is the stored file's and
+/// the disk qemu-img's; without one (this layout needs bytes after the
+/// stream passed them), the one-thread answer; for clean and damaged
+/// payloads, on any thread count, fed in 4 KiB and 64 KiB pieces.
+#[test]
+fn streamed_check_and_convert_are_the_same_on_any_thread_count() {
+    use std::sync::Arc;
+
+    use qcow2_guard::convert::StreamConversion;
+    use qcow2_guard::stream::Inspector;
+    use qcow2_guard::{Limits, Source};
+    let dir = tmpdir();
+    for kind in ["zlib", "zstd"] {
+        let clean = compressed(dir.path(), kind);
+        let bad = damaged(&clean, dir.path());
+        for p in [&clean, &bad] {
+            let bytes = std::fs::read(p).expect("read");
+            let one = CheckOptions {
+                threads: 1,
+                ..CheckOptions::default()
+            };
+            let stored = report(p, &one);
+            let streamed = |threads: usize, piece: usize, spool: bool| {
+                let opts = CheckOptions {
+                    threads,
+                    ..CheckOptions::default()
+                };
+                let mut i = if spool {
+                    let spool: Arc<dyn Source> = Arc::new(bytes.clone());
+                    Inspector::with_spool(Limits::default(), opts, spool)
+                } else {
+                    Inspector::new(Limits::default(), opts)
+                };
+                for c in bytes.chunks(piece) {
+                    i.feed(c);
+                }
+                i.finish().report
+            };
+            for piece in [4096, 65536] {
+                let alone = streamed(1, piece, false);
+                for threads in [1, 2, 8] {
+                    let what = format!("{kind}, {threads} threads, {piece}-byte pieces");
+                    assert_eq!(streamed(threads, piece, true), stored, "{what}, spool");
+                    assert_eq!(streamed(threads, piece, false), alone, "{what}");
+                }
+            }
+        }
+        let want_path = dir.path().join(format!("{kind}-qemu.raw"));
+        qemu_img(&["convert", "-O", "raw", s(&clean), s(&want_path)]);
+        let want = std::fs::read(&want_path).expect("read");
+        let convert = |p: &Path, threads: usize, piece: usize, spool: bool| {
+            let bytes = std::fs::read(p).expect("read");
+            let out = dir
+                .path()
+                .join(format!("{kind}-stream-{threads}-{piece}.raw"));
+            let file = std::fs::File::create(&out).expect("create");
+            let sink = FileSink::new(&file);
+            let opts = ConvertOptions {
+                threads,
+                ..ConvertOptions::default()
+            };
+            let mut c = if spool {
+                let spool: Arc<dyn Source> = Arc::new(bytes.clone());
+                StreamConversion::with_spool(&opts, &sink, spool)
+            } else {
+                StreamConversion::new(&opts, &sink)
+            }
+            .expect("positional");
+            let fed = bytes
+                .chunks(piece)
+                .try_for_each(|b| c.feed(b))
+                .and_then(|()| c.finish().map(|_| ()));
+            (
+                fed.map_err(|e| e.to_string()),
+                std::fs::read(&out).expect("read"),
+            )
+        };
+        for piece in [4096, 65536] {
+            let (alone, _) = convert(&clean, 1, piece, false);
+            for threads in 1..=3 {
+                let what = format!("{kind}, {threads} threads, {piece}-byte pieces");
+                let (r, disk) = convert(&clean, threads, piece, true);
+                assert_eq!(r, Ok(()), "{what}");
+                assert!(disk == want, "{what}");
+                assert_eq!(convert(&clean, threads, piece, false).0, alone, "{what}");
+            }
+        }
+        // The damaged image is refused the same way on any thread count.
+        let (refused, _) = convert(&bad, 1, 65536, true);
+        assert!(refused.is_err(), "{kind}: damaged image converted");
+        for threads in [2, 3] {
+            let (r, _) = convert(&bad, threads, 65536, true);
+            assert_eq!(r, refused, "{kind}, {threads} threads");
+        }
+    }
+}
+
 /// A positional sink that records what was written and, on each
 /// `settled(end)`, that every byte below `end` had arrived.
 struct Settling {

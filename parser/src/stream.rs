@@ -90,6 +90,9 @@ use crate::snapshot;
 use crate::source::{be_u64s, Source};
 use crate::Image;
 
+mod decoders;
+use decoders::{Decoders, Done, Job};
+
 /// Bytes the fixed header decoder reads (as [`Image::open_with`] does).
 const HEADER_PROBE: u64 = 112;
 
@@ -392,6 +395,12 @@ pub struct Inspector {
     over_budget: bool,
     decompressed: u64,
     out_buf: Vec<u8>,
+    /// Worker threads decompressing payloads (`CheckOptions::threads` > 1),
+    /// made with the first payload once the cluster size is known.
+    decoders: Option<Decoders>,
+    decoders_made: bool,
+    /// Memo keys of the payloads out with the decoders.
+    in_flight: BTreeSet<(u64, u64)>,
     /// The last bytes fed (see `window`) and where they start.
     hand: Vec<u8>,
     hand_start: u64,
@@ -495,6 +504,9 @@ impl Inspector {
             over_budget: false,
             decompressed: 0,
             out_buf: Vec::new(),
+            decoders: None,
+            decoders_made: false,
+            in_flight: BTreeSet::new(),
             hand: Vec::new(),
             hand_start: 0,
             read_back: Arc::new(Mutex::new(log)),
@@ -531,7 +543,12 @@ impl Inspector {
             .saturating_add(self.payload_bytes)
             .saturating_add(self.pending_count.saturating_mul(PENDING_COST))
             .saturating_add(len64_count(self.seen_l2.len()).saturating_mul(SEEN_COST))
-            .saturating_add(self.memo.len().saturating_mul(MEMO_COST))
+            .saturating_add(
+                self.memo
+                    .len()
+                    .saturating_add(len64_count(self.in_flight.len()))
+                    .saturating_mul(MEMO_COST),
+            )
             .saturating_add(
                 len64_count(self.payloads.len())
                     .saturating_mul(PENDING_COST)
@@ -643,6 +660,8 @@ impl Inspector {
         while let Some((key, need)) = ready.pop() {
             self.act(key, need, chunk, &mut ready, tap);
         }
+        // Outcomes the decoders have ready.
+        self.settle(tap, false);
         self.pos = end;
         // Trim the hand to the window once it holds twice as much (each
         // byte is moved at most once per window's worth of stream).
@@ -761,6 +780,9 @@ impl Inspector {
         if end <= start || self.payloads.contains_key(&key) {
             return;
         }
+        if self.in_flight.contains(&(start, len)) {
+            self.settle(tap, true);
+        }
         if self.memo.knows((start, len)) {
             // Decompressed already for another table: again only for a
             // conversion that maps it here too, if it can still be read.
@@ -808,9 +830,96 @@ impl Inspector {
             return;
         }
         self.decompressed = self.decompressed.saturating_add(cs);
+        let memo = (key.0, len64(&buf));
+        let Some(buf) = self.dispatch(key, memo, buf, tap) else {
+            return;
+        };
         if let Some(outcome) = self.decompress(key, &buf, tap) {
-            self.memo.record((key.0, len64(&buf)), outcome);
+            self.memo.record(memo, outcome);
         }
+    }
+
+    /// Hand a whole payload to the decoder threads; the bytes back when
+    /// it is to be decompressed here (one thread, none started, or
+    /// before the header has passed).
+    fn dispatch(
+        &mut self,
+        key: (u64, u64),
+        memo: (u64, u64),
+        buf: Vec<u8>,
+        tap: &mut dyn Tap,
+    ) -> Option<Vec<u8>> {
+        let Some(f) = self.format.as_ref() else {
+            return Some(buf);
+        };
+        let kind = f.header.compression().unwrap_or(CompressionType::Deflate);
+        let cs = f.geometry.cluster_size;
+        if !self.decoders_made {
+            self.decoders_made = true;
+            self.decoders = Decoders::new(self.opts.threads, cs);
+        }
+        if self.decoders.is_none() {
+            return Some(buf);
+        }
+        // Room first: take back what is done, then wait while full.
+        self.settle(tap, false);
+        while self.decoders.as_ref().is_some_and(Decoders::full) {
+            if !self.settle_one(tap, true) {
+                break;
+            }
+        }
+        let Some(d) = self.decoders.as_mut() else {
+            return Some(buf);
+        };
+        let out = d.buffer(usize::try_from(cs).unwrap_or(usize::MAX));
+        match d.send(Job {
+            key,
+            memo,
+            kind,
+            buf,
+            out,
+        }) {
+            Ok(()) => {
+                self.in_flight.insert(memo);
+                None
+            }
+            Err(job) => {
+                d.recycle(job.out);
+                Some(job.buf)
+            }
+        }
+    }
+
+    /// Take back one decoder outcome (waiting for it with `wait`) and do
+    /// what [`Inspector::verify`] does inline: the tap gets the cluster,
+    /// the memo the outcome. False when there was none.
+    fn settle_one(&mut self, tap: &mut dyn Tap, wait: bool) -> bool {
+        let Some(Done { job, outcome }) = self.decoders.as_mut().and_then(|d| d.next(wait)) else {
+            return false;
+        };
+        self.in_flight.remove(&job.memo);
+        let outcome = match outcome {
+            Some(o) => {
+                if o.is_ok() {
+                    tap.payload(job.key, &job.out);
+                }
+                Some(o)
+            }
+            // The worker could not: here, then.
+            None => self.decompress(job.key, &job.buf, tap),
+        };
+        if let Some(o) = outcome {
+            self.memo.record(job.memo, o);
+        }
+        if let Some(d) = self.decoders.as_mut() {
+            d.recycle(job.out);
+        }
+        true
+    }
+
+    /// Take back the outcomes ready (`all`: every one out).
+    fn settle(&mut self, tap: &mut dyn Tap, all: bool) {
+        while self.settle_one(tap, all) {}
     }
 
     /// Decompress payload `key` (`buf`) into one cluster, which `tap`
@@ -1166,10 +1275,12 @@ impl Inspector {
     /// stream's length. Payloads cut by the end of the file are
     /// decompressed as they are (what the check reads of them).
     pub(crate) fn retained(&mut self, tap: &mut dyn Tap) -> Retained {
+        self.settle(tap, true);
         for (key, buf) in std::mem::take(&mut self.payloads) {
             self.payload_bytes = self.payload_bytes.saturating_sub(len64(&buf));
             self.verify(key, buf, tap);
         }
+        self.settle(tap, true);
         let format = self.format.as_ref();
         Retained {
             store: std::mem::take(&mut self.store),
@@ -1726,15 +1837,31 @@ mod tests {
         .build()
         .unwrap()
         .bytes;
-        let mut i = Inspector::new(Limits::default(), CheckOptions::default());
+        let one = CheckOptions {
+            threads: 1,
+            ..CheckOptions::default()
+        };
+        let mut i = Inspector::new(Limits::default(), one.clone());
         i.feed(&bytes);
         // Header cluster, L1 and refcount tables, blocks, L2 tables: a few
         // clusters, none of the compressed payloads.
         assert!(i.store.bytes <= 6 * 4096, "{}", i.store.bytes);
         assert_eq!(i.memo.ok.len(), 64);
         let got = i.finish();
-        assert_eq!(got.report, whole(&bytes, &CheckOptions::default()));
+        assert_eq!(got.report, whole(&bytes, &one));
         assert_eq!(got.report.stats.decompressed_clusters, 64);
+        // On two decoder threads: at most two payloads each still out when
+        // the feed returns, the rest known; the same report.
+        let two = CheckOptions {
+            threads: 2,
+            ..CheckOptions::default()
+        };
+        let mut i = Inspector::new(Limits::default(), two.clone());
+        i.feed(&bytes);
+        assert!(i.store.bytes <= 6 * 4096, "{}", i.store.bytes);
+        assert!(i.in_flight.len() <= 4, "{}", i.in_flight.len());
+        assert_eq!(i.memo.ok.len() + i.in_flight.len(), 64);
+        assert_eq!(i.finish().report, whole(&bytes, &two));
     }
 
     #[test]

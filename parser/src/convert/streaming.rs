@@ -372,6 +372,7 @@ impl<'s> StreamConversion<'s> {
             decompress: true,
             max_decompressed_bytes: u64::MAX,
             max_tracked_clusters: opts.max_audit_clusters,
+            threads: opts.threads,
             ..CheckOptions::metadata_only(opts.policy.clone())
         };
         let limits = opts.limits();
