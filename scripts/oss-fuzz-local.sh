@@ -10,8 +10,19 @@
 #   SANITIZER=coverage: the coverage build, as OSS-Fuzz's cargo wrapper
 #     makes it (`cargo fuzz build` becomes a plain `cargo build --bins` in
 #     fuzz/ with -C instrument-coverage, copied to the release folder;
-#     reproduced here by a `cargo` shim), in target/oss-fuzz-coverage/;
-#     each binary must also write a profile over its seed corpus.
+#     reproduced here by a `cargo` shim); each binary must also write a
+#     profile over its seed corpus, and the profiles must merge and give
+#     a line-coverage report (llvm-profdata and llvm-cov of the Rust
+#     toolchain: OSS-Fuzz's coverage job does the same).
+#
+# RUSTFLAGS are those OSS-Fuzz's `compile` sets for Rust (cargo-fuzz then
+# adds its own, as there). Builds go to target/oss-fuzz-$SANITIZER/ (not
+# fuzz/target: other flags would rebuild everything there).
+#
+# Not reproduced (no docker here): the base image's own clang, libFuzzer
+# (CUSTOM_LIBFUZZER_PATH) and libc++ (the coverage build's
+# `-C link-arg=-lc++`); libfuzzer-sys builds its bundled libFuzzer with
+# the system's C++ library instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -26,9 +37,10 @@ export FUZZING_LANGUAGE=rust LIB_FUZZING_ENGINE=-fsanitize=fuzzer
 # Stable Rust here: let it accept cargo-fuzz's nightly flags.
 export RUSTC_BOOTSTRAP=1
 
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/oss-fuzz-$SANITIZER}
 if [ "$SANITIZER" = coverage ]; then
-    export CARGO_TARGET_DIR=$root/target/oss-fuzz-coverage
-    export RUSTFLAGS="--cfg fuzzing -C instrument-coverage -C debug-assertions=no"
+    # compile's coverage flags (without its -lc++), then the wrapper's.
+    export RUSTFLAGS="--cfg fuzzing -Cdebuginfo=1 -Cforce-frame-pointers -Cinstrument-coverage -C debug-assertions=no"
     real_cargo=$(command -v cargo)
     mkdir -p "$tmp/bin"
     cat >"$tmp/bin/cargo" <<SHIM
@@ -47,7 +59,13 @@ SHIM
     export PATH=$tmp/bin:$PATH
 fi
 
+if [ "$SANITIZER" = address ]; then
+    export RUSTFLAGS="--cfg fuzzing -Zsanitizer=address -Cdebuginfo=1 -Cforce-frame-pointers"
+fi
+
+start=$(date +%s)
 bash oss-fuzz/build.sh
+echo "build.sh: $(($(date +%s) - start)) s"
 
 targets=$(cd fuzz && cargo fuzz list)
 fail=0
@@ -82,6 +100,23 @@ for t in $targets; do
     fi
     echo "$t: binary $(du -h "$OUT/$t" | cut -f1), seed corpus $n files, runs clean"
 done
+if [ "$SANITIZER" = coverage ] && [ "$fail" = 0 ]; then
+    # What OSS-Fuzz's coverage job does with the profiles: merge them,
+    # then a report per binary (a malformed profile fails here).
+    sysroot=$(rustc --print sysroot)
+    tools=$sysroot/lib/rustlib/x86_64-unknown-linux-gnu/bin
+    if [ -x "$tools/llvm-profdata" ]; then
+        "$tools/llvm-profdata" merge -sparse "$WORK"/*.profraw -o "$WORK/merged.profdata"
+        for t in $targets; do
+            total=$("$tools/llvm-cov" report "$OUT/$t" -instr-profile="$WORK/merged.profdata" \
+                -ignore-filename-regex='/.cargo/|/rustc/' | tail -n 1)
+            [ -n "$total" ] || { echo "$t: no coverage report"; fail=1; }
+            echo "$t coverage (regions, functions, lines): $total"
+        done
+    else
+        echo "llvm-tools missing (rustup component add llvm-tools): profiles not merged"
+    fi
+fi
 extra=$(cd "$OUT" && ls | grep -v -E "^($(echo "$targets" | tr '\n' '|' | sed 's/|$//'))(_seed_corpus\.zip|\.dict|\.options)?$" || true)
 [ -z "$extra" ] || echo "also in OUT: $extra"
 [ "$fail" = 0 ] && echo "OUT is complete: $(ls "$OUT" | wc -l) files"

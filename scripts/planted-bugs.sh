@@ -20,6 +20,10 @@
 #   PLANTED_FRESH  1: no committed corpus at all (no seed check; fuzzing
 #                  starts from nothing, so whatever is caught is caught by
 #                  mutation alone)
+#   PLANTED_TARGETS  fuzz these targets for every bug instead of the bug's
+#                  own list (e.g. to measure one target's strength alone)
+#   PLANTED_WORK   work folder (default: a new temporary one); kept, so a
+#                  second run rebuilds incrementally
 #
 #   nice -n 10 scripts/planted-bugs.sh
 set -euo pipefail
@@ -28,6 +32,7 @@ root=$PWD
 limit=${PLANTED_LIMIT:-60}
 only=${PLANTED_ONLY:-}
 fresh=${PLANTED_FRESH:-0}
+only_targets=${PLANTED_TARGETS:-}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
@@ -55,10 +60,10 @@ ln -s "$work/target" "$src/fuzz/target"
 bugs=$(cat <<'EOF'
 sector_count_without_plus_one|parser/src/compressed.rs|sectors: extra.saturating_add(1),|sectors: extra,|structured mutate
 compressed_past_eof_unchecked|parser/src/compressed.rs|if self.end() > file_len && !self.tail_cut_by_eof(file_len) {|if false && self.end() > file_len {|decompress mutate
-deflate_short_output_accepted|parser/src/compressed.rs|TINFLStatus::Done if written == want => Ok(()),|TINFLStatus::Done => Ok(()),|decompress
+deflate_short_output_accepted|parser/src/compressed.rs|Ok(Status::StreamEnd) if written == want => Ok(()),|Ok(Status::StreamEnd) => Ok(()),|decompress
 l2_reserved_bits_ignored|parser/src/l1l2.rs|if raw & reserved != 0 {|if raw & reserved & 0 != 0 {|mutate
 snapshot_l1_not_walked|parser/src/walker.rs|self.l1_entries(visit, &be_u64s(&raw), start, refs, L1Table::Snapshot);|let _ = (refs, be_u64s(&raw));|structured mutate
-refcount_order_7_accepted|parser/src/header.rs|if self.refcount_order > 6 {|if self.refcount_order > 7 {|header tables structured
+refcount_order_7_accepted|parser/src/header.rs|if self.refcount_order > 6 {|if self.refcount_order > 7 {|header tables structured mutate
 extended_l2_zero_bits_ignored|parser/src/l1l2.rs|} else if zero & bit != 0 {|} else if zero & bit & 0 != 0 {|mutate
 backing_fall_through_skipped|parser/src/read.rs|ExtentKind::Unallocated => self.read_backing_range(e.guest_offset, buf),|ExtentKind::Unallocated => {\n                buf.fill(0);\n                Ok(())\n            }|mutate read
 l1_reserved_bit_8_ignored|parser/src/l1l2.rs|pub const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;|pub const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_00ff;|mutate
@@ -70,6 +75,8 @@ compressed_copied_flag_accepted|parser/src/l1l2.rs|if copied {|if false && copie
 subcluster_bitmap_check_overstrict|parser/src/l1l2.rs|if alloc & zero != 0 {|if alloc != 0 && zero != 0 {|structured mutate
 subcluster_allocated_without_host_accepted|parser/src/l1l2.rs|if alloc != 0 && host.is_none() {|if alloc == u32::MAX && host.is_none() {|structured tables
 l1_too_small_off_by_one|parser/src/header.rs|if l1_size < needed {|if l1_size.saturating_add(1) < needed {|structured header tables
+zstd_frame_end_unchecked|parser/src/compressed.rs|if hint != 0 {|if false && hint != 0 {|decompress structured
+stream_payload_from_chunk_start|parser/src/stream.rs|let take = chunk.part(have.max(chunk.start), key.1);|let take = chunk.part(chunk.start, key.1);|stream
 EOF
 )
 
@@ -100,6 +107,7 @@ bin=$work/target/x86_64-unknown-linux-gnu/release
 while IFS='|' read -r name file old new targets; do
     [ -z "$name" ] && continue
     [ -n "$only" ] && [[ $name != *"$only"* ]] && continue
+    [ -n "$only_targets" ] && targets=$only_targets
     total=$((total + 1))
     cp "$pristine/$file" "$src/$file"
     if ! apply "$src/$file" "$old" "$new" 2>"$work/apply.log"; then

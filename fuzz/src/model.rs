@@ -42,19 +42,37 @@ pub enum Edit {
     Byte { at: u32, value: u8 },
     /// Cut the file at `at % len`.
     Truncate { at: u32 },
-    /// Add a small signed `delta` to header field `field % header fields`
-    /// (the fields named `header.*`): values next to the valid ones
-    /// (refcount_order 4 + 3, l1_size - 1) are where off-by-one rules
-    /// break, and a random 64-bit value almost never lands there.
+    /// Add a small signed delta, `delta % 9` (-8..=8), to header field
+    /// `field % header fields` (the fields named `header.*`): values next
+    /// to the valid ones (refcount_order 4 + 3, l1_size - 1) are where
+    /// off-by-one rules break, and a random 64-bit value almost never
+    /// lands there (nor a random `i8`: 1 in 256 for a given delta).
     Nudge { field: u8, delta: i8 },
 }
+
+/// Cluster bits a model draws, by `FuzzImage::cluster_bits % 16`: every
+/// size from 512 B to 64 KiB, small ones more often. A run's work grows
+/// with the cluster size, not the guest data: every L2 table and refcount
+/// block is walked whole (8,192 entries at 64 KiB) by the walker, the
+/// check and the oracles, so a 64 KiB image costs about six times a
+/// 512 B one (callgrind, non-ASan: 1.1 M instructions per run at 512 B,
+/// 6.5 M at 64 KiB). Drawn uniformly, the 14..=16 sizes took over half
+/// the time.
+const CLUSTER_BITS: [u32; 16] = [9, 9, 9, 9, 10, 10, 10, 11, 11, 12, 12, 13, 13, 14, 15, 16];
+
+/// Snapshot counts a model draws, by `FuzzImage::snapshots % 8`. Each
+/// snapshot's L1 table names every L2 table again, so the walker, the
+/// metadata map, the check and the oracles walk them all once more: with
+/// 0..=4 drawn uniformly, a run walked each table three times on average.
+const SNAPSHOTS: [u64; 8] = [0, 0, 0, 1, 1, 2, 3, 4];
 
 /// The structured target's input: an image model plus edits.
 #[derive(Debug, Arbitrary)]
 pub struct FuzzImage {
     /// Version 2 (else 3).
     pub v2: bool,
-    /// Cluster bits, folded into 9..=16 (14..=16 with extended L2).
+    /// Cluster bits, drawn from `CLUSTER_BITS` (9..=16, small ones more
+    /// often; at least 14 with extended L2).
     pub cluster_bits: u8,
     /// Refcount order, folded into 0..=6 (4 for v2).
     pub refcount_order: u8,
@@ -68,7 +86,7 @@ pub struct FuzzImage {
     pub feature_table: bool,
     /// The guest clusters, in order.
     pub clusters: Vec<FuzzCluster>,
-    /// Internal snapshots, folded into 0..=4.
+    /// Internal snapshots, drawn from `SNAPSHOTS` (0..=4, few more often).
     pub snapshots: u8,
     /// Edits of the encoded bytes (`structured` only).
     pub edits: Vec<Edit>,
@@ -80,8 +98,7 @@ impl FuzzImage {
     pub fn model(&self) -> ImageModel {
         let v3 = !self.v2;
         let extended_l2 = v3 && self.extended_l2;
-        // 512 B..64 KiB clusters keep images (and runs) small.
-        let mut cluster_bits = 9 + u32::from(self.cluster_bits % 8);
+        let mut cluster_bits = CLUSTER_BITS[usize::from(self.cluster_bits) % CLUSTER_BITS.len()];
         if extended_l2 {
             cluster_bits = cluster_bits.max(14);
         }
@@ -128,7 +145,8 @@ impl FuzzImage {
             lazy_refcounts: v3 && self.lazy_refcounts,
             feature_table: self.feature_table,
             clusters,
-            snapshots: (0..u64::from(self.snapshots % 5).min(max_snapshots))
+            snapshots: (0..SNAPSHOTS[usize::from(self.snapshots) % SNAPSHOTS.len()]
+                .min(max_snapshots))
                 .map(|i| SnapshotModel {
                     name: format!("snap{i}"),
                 })
@@ -165,7 +183,7 @@ pub fn apply(bytes: &mut Vec<u8>, fields: &[Field], edit: &Edit) {
                 .filter(|&i| fields[i].name.starts_with("header."))
                 .collect();
             if let Some(&i) = header.get(usize::from(field) % header.len().max(1)) {
-                let add = i64::from(delta) as u64;
+                let add = i64::from(delta % 9) as u64;
                 update(bytes, i as u16, &|v| v.wrapping_add(add));
             }
         }

@@ -58,6 +58,15 @@ pub enum Known {
     /// entry's host offset (`corrupt` with `unaligned`, that cluster fails
     /// with it).
     Unaligned { l1: bool, index: u16, by: u16 },
+    /// Set a header field just past the range QEMU opens (measured with
+    /// qemu-img 10.0.2, see `crate::reference`): `field % 3` picks
+    /// refcount_order (v3: 7 + `by % 4`; `invalid_refcount_order`),
+    /// cluster_bits (8, or 22 + `by % 4`; `invalid_cluster_bits`) or
+    /// version (1, or 4 + `by % 4`; `unsupported_version`): the image
+    /// must not open, and fail with that code. Off-by-one acceptance at a
+    /// bound is the bug; a random 32-bit value almost never sits next to
+    /// one.
+    HeaderPastBound { field: u8, by: u8 },
 }
 
 /// The target's input.
@@ -470,6 +479,20 @@ pub fn mutate(data: &[u8]) {
             }
         }
         Known::Unaligned { .. } => {}
+        Known::HeaderPastBound { field, by } => {
+            let by = u64::from(by % 4);
+            let low = by % 2 == 0;
+            let (at, value, code) = match field % 3 {
+                0 if lay.v3 => (96, 7 + by, "invalid_refcount_order"),
+                0 => (0, 0, ""),
+                1 => (20, if low { 8 } else { 22 + by }, "invalid_cluster_bits"),
+                _ => (4, if low { 1 } else { 4 + by }, "unsupported_version"),
+            };
+            if !code.is_empty() {
+                put_be(&mut bytes, at, 4, value);
+                verdict = Verdicts::OpenOrCheck(code);
+            }
+        }
     }
 
     let ctx = || format!("{:?}\n{model:?}", input.known);

@@ -151,6 +151,20 @@ pub fn check(data: &[u8]) {
         Ok(img) => {
             let full = checked_reads(&img);
             let _ = full.verdict.passes();
+            // The payloads verified on worker threads: the same report
+            // (only images with compressed payloads start workers).
+            if full.stats.compressed_clusters > 0 || full.stats.decompressed_clusters > 0 {
+                let threaded = CheckOptions {
+                    decompress: true,
+                    threads: 3,
+                    ..check_options()
+                };
+                assert_eq!(
+                    qcow2_guard::check(&img, &threaded),
+                    full,
+                    "the threaded check reports otherwise"
+                );
+            }
             // Metadata only (what convert runs first), and with room to
             // track a single host cluster: refused unless the file has at
             // most one cluster.
@@ -389,7 +403,8 @@ pub fn structured(data: &[u8]) {
             let i = (0..guest.len()).find(|&i| guest[i] != built.guest[i]);
             panic!("guest byte {i:#x?} of a built image differs\n{model:?}");
         }
-        let mut via = Vec::new();
+        // Room for the whole disk: read_to_end then never grows the buffer.
+        let mut via = Vec::with_capacity(built.guest.len());
         img.reader()
             .read_to_end(&mut via)
             .unwrap_or_else(|e| panic!("GuestReader on a built image: {e}\n{model:?}"));

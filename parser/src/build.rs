@@ -26,7 +26,6 @@ use miniz_oxide::deflate::core::{
 };
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 
 use crate::compressed::Descriptor;
 use crate::extensions::{qemu_feature_names, Extensions};
@@ -233,15 +232,59 @@ impl Alloc {
     }
 }
 
-/// Most streams [`ImageModel::build`] keeps memoised per thread (a few
-/// MiB at most: streams are under one cluster, and patterns compress well).
+/// Most streams [`ImageModel::build`] keeps memoised per thread.
 const MEMO_STREAMS: usize = 4096;
+
+/// Bytes of memoised streams kept per thread (streams are under one
+/// cluster, and patterns compress to a few hundred bytes).
+const MEMO_BYTES: usize = 4 << 20;
 
 /// Key: (zstd, seed, guest index, cluster size).
 type StreamKey = (bool, u8, usize, u64);
 
+/// The per-thread memo of compressed streams: the streams back to back
+/// in one buffer, found by key. Both are allocated once, at full
+/// capacity, and emptied (never shrunk or grown) when full, so a build
+/// that compresses a new stream allocates nothing that outlives it:
+/// libFuzzer runs an input a second time, to look for a leak, whenever a
+/// run ends with more allocations than frees.
+struct Memo {
+    index: HashMap<StreamKey, (usize, usize)>,
+    bytes: Vec<u8>,
+}
+
+impl Memo {
+    fn new() -> Memo {
+        Memo {
+            index: HashMap::with_capacity(MEMO_STREAMS),
+            bytes: Vec::with_capacity(MEMO_BYTES),
+        }
+    }
+
+    fn get(&self, key: &StreamKey) -> Option<Vec<u8>> {
+        let &(start, len) = self.index.get(key)?;
+        self.bytes
+            .get(start..start.saturating_add(len))
+            .map(<[u8]>::to_vec)
+    }
+
+    fn insert(&mut self, key: StreamKey, stream: &[u8]) {
+        if stream.len() > MEMO_BYTES {
+            return;
+        }
+        if self.index.len() >= MEMO_STREAMS
+            || self.bytes.len().saturating_add(stream.len()) > MEMO_BYTES
+        {
+            self.index.clear();
+            self.bytes.clear();
+        }
+        self.index.insert(key, (self.bytes.len(), stream.len()));
+        self.bytes.extend_from_slice(stream);
+    }
+}
+
 thread_local! {
-    static STREAMS: RefCell<HashMap<StreamKey, Arc<[u8]>>> = RefCell::new(HashMap::new());
+    static STREAMS: RefCell<Option<Memo>> = const { RefCell::new(None) };
 }
 
 /// Compress one cluster's content.
@@ -322,7 +365,7 @@ struct Stream {
     guest_index: usize,
     /// Offset from the start of the area.
     rel: u64,
-    data: Arc<[u8]>,
+    data: Vec<u8>,
 }
 
 impl ImageModel {
@@ -392,7 +435,7 @@ impl ImageModel {
     /// the stream depends only on the compression, the seed, the index and
     /// the cluster size, and fuzzing builds the same few thousand streams
     /// over and over (compressing was half of a build's time).
-    fn compressed(&self, index: usize, g: &Geometry) -> Result<Arc<[u8]>, InvalidModel> {
+    fn compressed(&self, index: usize, g: &Geometry) -> Result<Vec<u8>, InvalidModel> {
         let seed = match self.clusters.get(index) {
             Some(GuestCluster::Compressed(s)) => *s,
             _ => return Err(bad("not a compressed cluster")),
@@ -403,16 +446,15 @@ impl ImageModel {
             index,
             g.cluster_size,
         );
-        if let Some(hit) = STREAMS.with(|m| m.borrow().get(&key).cloned()) {
+        let hit = STREAMS.with(|m| m.borrow().as_ref().and_then(|m| m.get(&key)));
+        if let Some(hit) = hit {
             return Ok(hit);
         }
-        let stream: Arc<[u8]> = compress(self.compression, &self.content(index, g)?).into();
+        let stream = compress(self.compression, &self.content(index, g)?);
         STREAMS.with(|m| {
-            let mut m = m.borrow_mut();
-            if m.len() >= MEMO_STREAMS {
-                m.clear();
-            }
-            m.insert(key, Arc::clone(&stream));
+            m.borrow_mut()
+                .get_or_insert_with(Memo::new)
+                .insert(key, &stream);
         });
         Ok(stream)
     }
@@ -1019,6 +1061,40 @@ mod tests {
             deflate(&noise),
             miniz_oxide::deflate::compress_to_vec(&noise, 1)
         );
+    }
+
+    #[test]
+    fn memoised_streams_build_the_same_image() {
+        for compression in [CompressionType::Deflate, CompressionType::Zstd] {
+            let m = ImageModel {
+                cluster_bits: 12,
+                compression,
+                clusters: every_kind(),
+                ..ImageModel::default()
+            };
+            STREAMS.with(|m| *m.borrow_mut() = None);
+            let fresh = m.build().unwrap();
+            // The second build takes every stream from the memo.
+            assert_eq!(m.build().unwrap(), fresh);
+        }
+    }
+
+    #[test]
+    fn the_memo_empties_itself_without_growing() {
+        let mut memo = Memo::new();
+        let (keys, bytes) = (memo.index.capacity(), memo.bytes.capacity());
+        let stream = vec![7u8; 1000];
+        for i in 0..=MEMO_STREAMS {
+            memo.insert((false, 0, i, 512), &stream);
+        }
+        // Full at MEMO_STREAMS (or MEMO_BYTES): emptied, then the last one.
+        assert_eq!(memo.get(&(false, 0, 0, 512)), None);
+        assert_eq!(memo.get(&(false, 0, MEMO_STREAMS, 512)), Some(stream));
+        assert_eq!(memo.index.capacity(), keys);
+        assert_eq!(memo.bytes.capacity(), bytes);
+        // A stream larger than the whole memo is not kept.
+        memo.insert((true, 0, 0, 1 << 21), &vec![0u8; MEMO_BYTES + 1]);
+        assert_eq!(memo.get(&(true, 0, 0, 1 << 21)), None);
     }
 
     #[test]
