@@ -439,13 +439,11 @@ impl ReadBackLog {
     /// Replace the two ranges with the smallest gap between them by one
     /// range covering both.
     fn merge_closest(&mut self) {
-        let ranges = self.ranges();
-        let closest = ranges
-            .windows(2)
-            .filter_map(|w| match w {
-                [a, b] => Some((b.0.saturating_sub(a.1), *a, *b)),
-                _ => None,
-            })
+        let closest = self
+            .ranges
+            .iter()
+            .zip(self.ranges.iter().skip(1))
+            .map(|(&a, &b)| (b.0.saturating_sub(a.1), a, b))
             .min_by_key(|c| c.0);
         if let Some((_, a, b)) = closest {
             self.ranges.remove(&a);
