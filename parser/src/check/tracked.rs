@@ -114,6 +114,30 @@ impl Counts {
         self.add_slow(p, o, refs);
     }
 
+    /// Add `refs` to counts `i .. i + n`, which lie in one page (`n` at
+    /// most 64 and the run inside one aligned block of 64 clusters).
+    #[inline]
+    pub(super) fn add_run(&mut self, i: usize, n: usize, refs: u32) {
+        let p = i >> PAGE_BITS;
+        let o = i & (PAGE - 1);
+        if let Some(Page::Narrow(v)) = self.pages.get_mut(p) {
+            if let Some(run) = v.get_mut(o..o.saturating_add(n)) {
+                // No count passes a byte: add in place.
+                let top = u8::MAX.saturating_sub(u8::try_from(refs).unwrap_or(u8::MAX));
+                if refs <= u32::from(u8::MAX) && run.iter().all(|&x| x <= top) {
+                    let r = u8::try_from(refs).unwrap_or(0);
+                    for x in run.iter_mut() {
+                        *x = x.saturating_add(r);
+                    }
+                    return;
+                }
+            }
+        }
+        for j in i..i.saturating_add(n) {
+            self.add(j, refs);
+        }
+    }
+
     fn add_slow(&mut self, p: usize, o: usize, refs: u32) {
         let len = self.room.page_len(p);
         if o >= len {
@@ -332,6 +356,23 @@ impl Flags {
         }
     }
 
+    /// The (holds metadata, stored refcount is one) words of the 64
+    /// clusters holding cluster `i`: bit `i % 64` of each is `i`'s flag.
+    #[inline]
+    pub(super) fn words(&self, i: u64) -> (u64, u64) {
+        let Ok(i) = usize::try_from(i) else {
+            return (0, 0);
+        };
+        let w = ((i & (PAGE - 1)) >> 6) << 1;
+        match self.pages.get(i >> PAGE_BITS) {
+            Some(Some(page)) => (
+                page.get(w | META).copied().unwrap_or(0),
+                page.get(w | ONE).copied().unwrap_or(0),
+            ),
+            _ => (0, 0),
+        }
+    }
+
     /// (holds metadata, stored refcount is one) of cluster `i`.
     #[inline]
     pub(super) fn get(&self, i: u64) -> (bool, bool) {
@@ -393,6 +434,35 @@ mod tests {
         assert_eq!(seg, [0, 0, 0, 7, 0]);
         assert!(c.none_in(2, PAGE - 2) && !c.none_in(0, 2) && !c.none_in(PAGE, 3));
         assert!(!c.over());
+    }
+
+    #[test]
+    fn add_run_is_add_per_cluster() {
+        // Runs on empty, narrow and wide pages, near a byte's limit, at the
+        // file's end (the last page is short), with 1, 2 and 200 references.
+        let n = PAGE + 40;
+        let mut a = Counts::new(n, u64::MAX);
+        let mut b = Counts::new(n, u64::MAX);
+        let runs = [
+            (0usize, 64usize, 1u32),
+            (3, 61, 2),
+            (10, 5, 200),
+            (8, 8, 60),
+            (128, 64, 1),
+            (130, 2, 70_000),
+            (130, 10, 1),
+            (PAGE + 32, 8, 2),
+            (PAGE + 38, 10, 1),
+        ];
+        for (i, len, refs) in runs {
+            a.add_run(i, len, refs);
+            for j in i..i + len {
+                b.add(j, refs);
+            }
+            for j in 0..n {
+                assert_eq!(a.get(j), b.get(j), "run {i}+{len}, cluster {j}");
+            }
+        }
     }
 
     #[test]

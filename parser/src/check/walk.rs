@@ -593,43 +593,85 @@ impl<'a, S: Source> Walk<'a, S> {
         // A data cluster at `host <= last` lies in the file.
         let last = self.file_len.checked_sub(cs);
         let zero_ok = !self.v2;
-        let mut at = t.offset;
-        for (index, &raw) in (0u64..).zip(words) {
-            let here = at;
-            at = at.saturating_add(8);
+        // A plain data entry: no reserved or compressed bit, aligned, in
+        // the file.
+        let plain = |raw: u64| {
+            let host = raw & OFFSET_MASK;
+            raw & !(OFFSET_MASK | OFLAG_COPIED) == 0
+                && host & in_cluster == 0
+                && host != 0
+                && last.is_some_and(|l| host <= l)
+        };
+        let mut i = 0usize;
+        while let Some(&raw) = words.get(i) {
+            let index = u64::try_from(i).unwrap_or(u64::MAX);
+            let here = t.offset.saturating_add(index.saturating_mul(8));
             if raw == 0 || (raw == OFLAG_ZERO && zero_ok) {
                 if raw == 0 && active {
                     self.cur.unallocated = true;
                 }
+                i = i.saturating_add(1);
                 continue;
             }
-            let host = raw & OFFSET_MASK;
-            if raw & !(OFFSET_MASK | OFLAG_COPIED) == 0
-                && host & in_cluster == 0
-                && host != 0
-                && last.is_some_and(|l| host <= l)
-            {
+            if plain(raw) {
+                let host = raw & OFFSET_MASK;
                 let c = g.cluster_index(host);
+                // The run of entries naming the next host clusters with
+                // the same flags, within the 64 clusters of one flags
+                // word: judged together by the same rules (tables written
+                // in order, and preallocated ones, are mostly such runs).
+                let room = 64usize.saturating_sub(usize::try_from(c % 64).unwrap_or(0));
+                let rest = words.get(i..).unwrap_or(&[]);
+                let mut n = 1usize;
+                let mut next = raw;
+                for &w in rest.iter().take(room).skip(1) {
+                    match next.checked_add(cs) {
+                        Some(x) if x == w => {
+                            next = x;
+                            n = n.saturating_add(1);
+                        }
+                        _ => break,
+                    }
+                }
+                // The last entry is plain, so are those between.
+                if n > 1 && !plain(next) {
+                    n = 1;
+                }
                 let copied = raw & OFLAG_COPIED != 0;
-                let (meta, one) = self.flags.get(c);
-                if !meta && (!active || copied == one) {
+                let (meta, one) = self.flags.words(c);
+                let mask = u64::MAX
+                    .checked_shr(64u32.saturating_sub(u32::try_from(n).unwrap_or(64)))
+                    .unwrap_or(0)
+                    .checked_shl(u32::try_from(c % 64).unwrap_or(0))
+                    .unwrap_or(0);
+                let one_ok = if copied {
+                    one & mask == mask
+                } else {
+                    one & mask == 0
+                };
+                if meta & mask == 0 && (!active || one_ok) {
+                    let len = u64::try_from(n).unwrap_or(u64::MAX).saturating_mul(cs);
                     if active {
-                        self.stats.allocated_clusters =
-                            self.stats.allocated_clusters.saturating_add(1);
-                        if self.next_contiguous.is_some_and(|n| n != host) {
+                        self.stats.allocated_clusters = self
+                            .stats
+                            .allocated_clusters
+                            .saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+                        if self.next_contiguous.is_some_and(|x| x != host) {
                             self.stats.fragmented_clusters =
                                 self.stats.fragmented_clusters.saturating_add(1);
                         }
-                        self.next_contiguous = Some(host.saturating_add(cs));
-                        self.cur.mapped = self.cur.mapped.saturating_add(cs);
-                        self.cur.data(host, cs);
+                        self.next_contiguous = Some(host.saturating_add(len));
+                        self.cur.mapped = self.cur.mapped.saturating_add(len);
+                        self.cur.data(host, len);
                     }
-                    self.computed.add(idx(c), t.refs);
+                    self.computed.add_run(idx(c), n, t.refs);
+                    i = i.saturating_add(n);
                     continue;
                 }
             }
             let cluster = Cluster::decode(raw, None, here, g, false);
             self.l2_entry(t, index, here, raw, cluster);
+            i = i.saturating_add(1);
         }
     }
 
@@ -1008,8 +1050,30 @@ mod tests {
                     .map_or(0, u64::from_be_bytes)
             };
             let hosts: Vec<u64> = (0..24).map(|i| word(&bytes, i) & OFFSET_MASK).collect();
+            let put = |b: &mut Vec<u8>, i: u64, w: u64| {
+                if let Some(slot) = b.get_mut(at(i)..at(i) + 8) {
+                    slot.copy_from_slice(&w.to_be_bytes());
+                }
+            };
             for i in 0..24u64 {
                 if next() % 3 != 0 {
+                    continue;
+                }
+                // Runs of entries naming consecutive clusters (the fast
+                // loop judges such runs together): from an existing
+                // cluster, over whatever follows it (data of other
+                // entries, metadata, clusters with other refcounts), or
+                // from the file's second-to-last cluster on past its end.
+                if next() % 6 == 0 {
+                    let copied = if next() % 3 == 0 { 0 } else { OFLAG_COPIED };
+                    let from = if next() % 2 == 0 {
+                        hosts[usize::try_from(next() % 24).unwrap_or(0)].max(cs)
+                    } else {
+                        (len.saturating_sub(2 * cs) & !(cs - 1)).max(cs)
+                    };
+                    for j in 0..(2 + next() % 6).min(24 - i) {
+                        put(&mut bytes, i + j, copied | (from + j * cs));
+                    }
                     continue;
                 }
                 let raw = word(&bytes, i);
@@ -1032,9 +1096,7 @@ mod tests {
                     _ => [OFLAG_ZERO, OFLAG_ZERO | OFLAG_COPIED, OFLAG_ZERO | other]
                         [usize::try_from(next() % 3).unwrap_or(0)],
                 };
-                if let Some(w) = bytes.get_mut(at(i)..at(i) + 8) {
-                    w.copy_from_slice(&hostile.to_be_bytes());
-                }
+                put(&mut bytes, i, hostile);
             }
             let (Some(fast), Some(general)) = (audit(&bytes, false), audit(&bytes, true)) else {
                 continue;
