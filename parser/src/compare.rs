@@ -21,7 +21,10 @@ pub const SECTOR: u64 = 512;
 /// One image to compare.
 #[derive(Clone, Copy)]
 pub struct Side<'a> {
-    /// Its block status.
+    /// Its block status. A qcow2 image with a backing image attached
+    /// ([`crate::Image::set_backing`]) says so
+    /// ([`MapLayer::reads_below`]): its unallocated ranges are then read
+    /// and compared, not taken for zeros.
     pub map: &'a dyn MapLayer,
     /// Its guest data.
     pub data: &'a dyn Backing,
@@ -249,6 +252,50 @@ mod tests {
         let c = raw_cmp(a, b, false);
         assert_eq!(c.outcome, Outcome::ContentMismatch(4608));
         assert!(!c.size_mismatch);
+    }
+
+    /// An image read through its backing image: its unallocated ranges
+    /// are the backing image's bytes, not zeros, though its own tables
+    /// hold nothing there (the side's map is the image alone). Before
+    /// `MapLayer::reads_below`, both sides counted as zeros there and the
+    /// comparison with an all-zero disk said "identical".
+    #[test]
+    fn an_image_reading_its_backing_image_is_not_zeros_where_unallocated() {
+        use crate::build::{GuestCluster, ImageModel};
+        use crate::qemu_map::Qcow2Layer;
+        use std::sync::Arc;
+        let built = ImageModel {
+            cluster_bits: 12,
+            clusters: vec![GuestCluster::Unallocated, GuestCluster::Zero],
+            ..ImageModel::default()
+        }
+        .build()
+        .unwrap();
+        let mut top = crate::Image::open(built.bytes.as_slice()).unwrap();
+        top.set_backing(Arc::new(RawBacking(vec![7u8; 8192])));
+        let layer = Qcow2Layer::new(&top);
+        let zeros = RawBacking(vec![0u8; 8192]);
+        let sevens = RawBacking([vec![7u8; 4096], vec![0u8; 4096]].concat());
+        let with = |other: &RawBacking<Vec<u8>>| {
+            compare(
+                Side {
+                    map: &layer,
+                    data: &top,
+                },
+                Side {
+                    map: other,
+                    data: other,
+                },
+                false,
+            )
+            .unwrap()
+            .outcome
+        };
+        assert_eq!(with(&zeros), Outcome::ContentMismatch(0));
+        assert_eq!(with(&sevens), Outcome::Identical);
+        // Past the shorter side's end too: the longer one is read.
+        let short = RawBacking(vec![0u8; 0]);
+        assert_eq!(with(&short), Outcome::ContentMismatch(0));
     }
 
     #[test]

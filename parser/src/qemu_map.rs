@@ -136,6 +136,15 @@ pub trait MapLayer {
     /// The status of the bytes from `offset` (below [`MapLayer::map_size`]),
     /// for at most `max` bytes (`max >= 1`).
     fn block_status(&self, offset: u64, max: u64) -> Result<LayerStatus>;
+
+    /// Whether the layer's guest reads fall through to a backing image of
+    /// its own where it holds nothing (a qcow2 image opened with a backing
+    /// image attached). Where such a layer is the last of a chain, an
+    /// unallocated range is not known to read as zeros: the backing
+    /// image's bytes are read there.
+    fn reads_below(&self) -> bool {
+        false
+    }
 }
 
 /// A qcow2 image as a [`MapLayer`].
@@ -208,6 +217,10 @@ pub fn metadata_preallocated<S: Source>(image: &Image<S>) -> bool {
 impl<S: Source> MapLayer for Qcow2Layer<'_, S> {
     fn map_size(&self) -> u64 {
         self.image.virtual_size() & !511
+    }
+
+    fn reads_below(&self) -> bool {
+        self.image.backing().is_some()
     }
 
     fn block_status(&self, pos: u64, max: u64) -> Result<LayerStatus> {
@@ -368,8 +381,9 @@ pub(crate) fn entry_at(chain: &[&dyn MapLayer], pos: u64, end: u64) -> Result<Ma
             length: bytes,
             depth,
             present,
-            // Not allocated anywhere below: reads as zeros.
-            zero: st.zero || !present,
+            // Not allocated anywhere below: reads as zeros, unless the
+            // last layer reads from a backing image the chain leaves out.
+            zero: st.zero || (!present && !layer.reads_below()),
             data: st.data,
             compressed: st.compressed,
             offset: st.offset,
