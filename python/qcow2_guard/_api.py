@@ -203,6 +203,7 @@ def check(
     max_virtual_size: Optional[int] = None,
     metadata_only: bool = False,
     threads: Optional[int] = None,
+    data_file: Optional[PathOrFile] = None,
 ) -> Report:
     """Audit an image completely: the safety policy, every structure,
     refcount and (unless ``metadata_only``) compressed cluster; what
@@ -218,14 +219,24 @@ def check(
     ``threads`` (1 to 64; default: the available cores, at most 4) is the
     CLI's ``--threads``: threads decompressing payloads; the report is the
     same for any value. The GIL is released while the library works.
+
+    ``data_file`` is the image's external data file (a path, bytes or a
+    file object; needs ``allow_data_file``), the CLI's ``--data-file``:
+    the check then also finds guest data mapped past its end. It is read
+    only when handed in here; the name inside the image is never opened.
+    ``ValueError`` when the image has no external data file.
     """
+    if data_file is not None and not allow_data_file:
+        raise ValueError("data_file= needs allow_data_file=True")
     src, filename, _ = _source(source)
+    data = _source(data_file)[0] if data_file is not None else None
     doc = _native.check_image(
         src,
         filename,
         _policy(allow_backing, allow_data_file, allow_encryption, max_virtual_size),
         metadata_only,
         _threads(threads),
+        data,
     )
     return Report(doc)
 

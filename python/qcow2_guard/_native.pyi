@@ -13,6 +13,7 @@ def check_image(
     options: _Policy,
     metadata_only: bool,
     threads: Optional[int],
+    data_file: Optional[_Source] = None,
 ) -> Dict[str, Any]: ...
 def info_image(
     source: _Source,

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
 use serde_json::{json, Value};
@@ -276,9 +276,11 @@ fn raise_as(
 
 /// Check an image: the `check --json` document (without `exit-code`).
 /// Never fails on the image's content (problems are findings); fails with
-/// `OSError` when the source cannot be opened.
+/// `OSError` when the source or `data_file` cannot be opened, and with
+/// `ValueError` when a `data_file` is handed in for an image that has
+/// none (as `check --data-file` refuses it).
 #[pyfunction]
-#[pyo3(signature = (source, filename, options, metadata_only, threads))]
+#[pyo3(signature = (source, filename, options, metadata_only, threads, data_file=None))]
 fn check_image(
     py: Python<'_>,
     source: &Bound<'_, PyAny>,
@@ -286,11 +288,17 @@ fn check_image(
     options: PolicyOptions,
     metadata_only: bool,
     threads: Option<usize>,
+    data_file: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let input = Input::extract(source)?;
+    let data_file = data_file.map(Input::extract).transpose()?;
     let (policy, limits) = options.policy_and_limits();
-    let doc = py.detach(move || -> io::Result<Value> {
-        let src = input.open()?;
+    let doc = py.detach(move || -> Result<Value, CheckFailure> {
+        let src = input.open().map_err(CheckFailure::Open)?;
+        let data_file = match data_file {
+            Some(d) => Some(d.open().map_err(CheckFailure::Open)?),
+            None => None,
+        };
         let defaults = CheckOptions::default();
         let opts = CheckOptions {
             policy,
@@ -299,7 +307,13 @@ fn check_image(
             ..defaults
         };
         Ok(match Image::open_with(src, limits) {
-            Ok(image) => {
+            Ok(mut image) => {
+                if let Some(df) = data_file {
+                    if !image.header().has_data_file() {
+                        return Err(CheckFailure::NoDataFile);
+                    }
+                    image.set_data_file(Arc::new(df));
+                }
                 let rep = check(&image, &opts);
                 qcow2_guard::json::check(filename, Some(&image), &rep, metadata_only)
             }
@@ -310,8 +324,21 @@ fn check_image(
                 metadata_only,
             ),
         })
-    })?;
-    to_py(py, &doc)
+    });
+    match doc {
+        Ok(doc) => to_py(py, &doc),
+        Err(CheckFailure::NoDataFile) => Err(PyValueError::new_err(
+            "data_file= given but the image has no external data file",
+        )),
+        // As OSError's subclass for the errno (FileNotFoundError, ...).
+        Err(CheckFailure::Open(e)) => Err(e.into()),
+    }
+}
+
+/// Why [`check_image`] failed (the image's content never makes it fail).
+enum CheckFailure {
+    Open(io::Error),
+    NoDataFile,
 }
 
 /// What `qemu-img info --output=json` shows (plus feature names and the

@@ -4,6 +4,7 @@ builds both) and against qemu-img, for paths, file objects and bytes."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from pathlib import Path
@@ -171,3 +172,31 @@ def test_threads_like_the_cli(tmp: Path):
         with pytest.raises(ValueError):
             qcow2_guard.convert(img, bad_out, threads=bad)  # type: ignore[arg-type]
     assert not bad_out.exists()
+
+
+def test_data_file_like_the_cli(tmp: Path):
+    """``data_file=`` is the CLI's ``check --data-file``: with it the check
+    finds guest data mapped past the data file's end (``past_eof``), which
+    QEMU reads as zeros and ``qemu-img check`` calls clean; without it the
+    tables are checked alone. Same report as the CLI; misuse raises."""
+    img, data = tmp / "df.qcow2", tmp / "df.data"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data},cluster_size=65536", str(img), "1M")
+    qemu_io(img, "write -P 0xaa 0 64k", "write -P 0xbb 128k 4k")
+    os.truncate(data, 132 * 1024)
+    assert qemu_img("check", str(img), check=False).returncode == 0
+
+    alone = qcow2_guard.check(img, allow_data_file=True)
+    assert alone.verdict is Verdict.OK, alone.findings
+    for given in (data, str(data), data.read_bytes()):
+        r = qcow2_guard.check(img, allow_data_file=True, data_file=given)
+        assert r.verdict is Verdict.CORRUPT
+        assert {f.code for f in r.findings} == {"past_eof"}
+    code, doc = guard("check", "--json", "--allow-data-file", "--data-file", str(data), str(img))
+    assert code == 2 and without_exit(doc) == r.to_dict()
+
+    with pytest.raises(ValueError):
+        qcow2_guard.check(img, data_file=data)
+    with pytest.raises(ValueError):
+        qcow2_guard.check(SAMPLE, allow_data_file=True, data_file=data)
+    with pytest.raises(FileNotFoundError):
+        qcow2_guard.check(img, allow_data_file=True, data_file=tmp / "missing.data")
