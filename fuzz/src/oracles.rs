@@ -20,7 +20,7 @@ use qcow2_guard::qemu_map::{MapFile, MapLayer as _, Qcow2Layer};
 use qcow2_guard::read::RawBacking;
 use qcow2_guard::stream::SpoolFile;
 use qcow2_guard::walker::{self, Item, L2Entry};
-use qcow2_guard::{qemu_map, Error, ExtentKind, Header, Image, Policy, Severity, Source};
+use qcow2_guard::{qemu_map, Error, ExtentKind, Header, Image, Limits, Policy, Severity, Source};
 
 use crate::sparse::Sparse;
 use crate::{check_options, consume, WORK};
@@ -126,6 +126,91 @@ pub fn walk<S: Source>(img: &Image<S>) -> u64 {
         }
     }
     failures
+}
+
+/// FNV-1a of `data`: the `tables` target's draws (no input format of its
+/// own: the input is the image).
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// An image `img` opened from `data` with [`Limits::fuzzing`], opened
+/// again under tighter limits drawn from the bytes:
+/// - a total budget ([`Limits::max_total_bytes`]) below what the open
+///   charged is refused with `total_limit_exceeded` (the charges come in
+///   a fixed order, so the drawn budget decides which structure's charge
+///   fails); exactly what it charged opens;
+/// - one cap lowered (which and to what drawn from the bytes): the image
+///   opens with the same header, snapshots and bitmaps, or is refused
+///   (`Error::is_refusal`: over a limit, never "malformed"). With a
+///   lowered cache budget the tables walk again with the same failures
+///   (the L2 cache evicts, the answers do not change).
+pub fn tighter_limits<S: Source>(img: &Image<S>, data: &[u8], failures: u64) {
+    let h = fnv(data);
+    let charged = img.charged_bytes();
+    if let Some(below) = h.checked_rem(charged) {
+        let mut l = Limits::fuzzing();
+        l.max_total_bytes = below;
+        match Image::open_with(data, l.clone()) {
+            Ok(_) => panic!("opened under a total budget of {below} < {charged} charged"),
+            Err(e) => assert_eq!(e.code(), "total_limit_exceeded", "{e}"),
+        }
+        l.max_total_bytes = charged;
+        if let Err(e) = Image::open_with(data, l) {
+            panic!("refused under a total budget of exactly what it charged: {e}");
+        }
+    }
+    let hd = img.header();
+    let mut l = Limits::fuzzing();
+    let v = h >> 8;
+    // A cap near what the image needs: at it or just below.
+    let near = |need: u64| need.saturating_sub((v >> 4) & 1);
+    let g = img.geometry();
+    match v % 9 {
+        0 => l.max_l1_entries = near(u64::from(hd.l1_size)),
+        1 => {
+            l.max_refcount_table_bytes =
+                near(u64::from(hd.refcount_table_clusters).saturating_mul(g.cluster_size))
+        }
+        2 => l.max_snapshots = near(u64::from(hd.nb_snapshots)),
+        3 => {
+            l.max_snapshot_table_bytes =
+                near(img.snapshots().iter().map(|s| s.entry_len).sum::<u64>())
+        }
+        4 => l.max_snapshot_extra_data = (v >> 5) & 0x3f,
+        5 => l.max_bitmaps = near(img.bitmaps().len() as u64),
+        6 => l.max_bitmap_directory_bytes = (v >> 5) & 0xff,
+        7 => l.max_backing_file_name = near(u64::from(hd.backing_file_size)),
+        _ => l.max_cache_bytes = (v >> 5) % (4 * g.cluster_size),
+    }
+    match Image::open_with(data, l.clone()) {
+        Ok(tight) => {
+            assert_eq!(tight.header(), hd, "under {l:?}");
+            assert_eq!(tight.snapshots(), img.snapshots(), "under {l:?}");
+            assert_eq!(tight.bitmaps(), img.bitmaps(), "under {l:?}");
+            if l.max_cache_bytes != Limits::fuzzing().max_cache_bytes {
+                assert_eq!(walk(&tight), failures, "walked with a cache of {l:?}");
+            }
+        }
+        Err(e) => assert!(e.is_refusal(), "under {l:?}: {e}"),
+    }
+}
+
+/// The bitmap directory entries of an image opened from `data` encode
+/// back to the bytes they were read from (an entry without extra data,
+/// whose name is valid UTF-8: the parser keeps it lossily).
+pub fn bitmaps_encode<S: Source>(img: &Image<S>, data: &[u8]) {
+    for b in img.bitmaps() {
+        if b.extra_data_size != 0 || b.name.contains('\u{fffd}') {
+            continue;
+        }
+        let enc = b.encode();
+        let at = usize::try_from(b.entry_offset).expect("an offset in memory");
+        let stored = data.get(at..at + enc.len());
+        assert_eq!(stored, Some(&enc[..]), "bitmap entry at {at:#x}: {b:?}");
+    }
 }
 
 /// The oracles of the `read` target on guest range `off .. off + len`

@@ -15,8 +15,8 @@ use qcow2_guard::{CompressionType, Geometry, Header, Image, Limits, Policy};
 
 use crate::model::{apply, FuzzImage};
 use crate::oracles::{
-    chain_map_agrees, checked_reads, clean_without_backing, compare_reads, conversions_agree,
-    overwrite_agrees, refusal_is_typed, streaming_agrees, walk,
+    bitmaps_encode, chain_map_agrees, checked_reads, clean_without_backing, compare_reads,
+    conversions_agree, overwrite_agrees, refusal_is_typed, streaming_agrees, tighter_limits, walk,
 };
 use crate::sparse::Sparse;
 use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
@@ -74,7 +74,9 @@ pub fn tables(data: &[u8]) {
     match Image::open_with(data, Limits::fuzzing()) {
         Ok(img) => {
             reference::entries_agree(&img, data);
-            walk(&img);
+            let failures = walk(&img);
+            bitmaps_encode(&img, data);
+            tighter_limits(&img, data, failures);
         }
         Err(e) => consume(&e),
     }
@@ -164,6 +166,24 @@ pub fn check(data: &[u8]) {
                     full,
                     "the threaded check reports otherwise"
                 );
+            }
+            // A decompression budget of k < n clusters, where n payloads
+            // verified: the budget runs out (reported once, as a warning)
+            // and at most k are verified.
+            let n = full.stats.decompressed_clusters;
+            if n > 0 && !full.has(code::DECOMPRESS_BUDGET) {
+                let k = data.len() as u64 % n;
+                let small = CheckOptions {
+                    max_decompressed_bytes: k * img.geometry().cluster_size,
+                    ..check_options()
+                };
+                let r = qcow2_guard::check(&img, &small);
+                assert_eq!(
+                    r.counts.get(code::DECOMPRESS_BUDGET),
+                    Some(&1),
+                    "budget of {k} of {n}"
+                );
+                assert!(r.stats.decompressed_clusters <= k, "budget of {k} of {n}");
             }
             // Metadata only (what convert runs first), and with room to
             // track a single host cluster: refused unless the file has at
@@ -362,6 +382,13 @@ pub fn structured(data: &[u8]) {
         return;
     };
     let model = input.model();
+    // The model as drawn, when it breaks a rule: the encoder refuses it.
+    if let Some((raw, rule)) = input.unfolded(&model) {
+        match raw.build() {
+            Ok(_) => panic!("the encoder builds a model that breaks \"{rule}\"\n{raw:?}"),
+            Err(e) => assert!(e.to_string().starts_with("invalid image model: "), "{e}"),
+        }
+    }
     let built = model
         .build()
         .unwrap_or_else(|e| panic!("the encoder rejects a folded model: {e}\n{model:?}"));
