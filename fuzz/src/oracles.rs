@@ -198,6 +198,79 @@ pub fn tighter_limits<S: Source>(img: &Image<S>, data: &[u8], failures: u64) {
     }
 }
 
+/// `data` as a [`Source`] whose read number `fail_at` (from 0) fails with
+/// an I/O error: the OS failing once.
+pub struct Flaky<'a> {
+    data: &'a [u8],
+    reads: AtomicU64,
+    fail_at: u64,
+}
+
+impl<'a> Flaky<'a> {
+    /// `data`, failing its read number `fail_at`.
+    pub fn new(data: &'a [u8], fail_at: u64) -> Flaky<'a> {
+        Flaky {
+            data,
+            reads: AtomicU64::new(0),
+            fail_at,
+        }
+    }
+
+    /// Reads asked of it so far (the failed one included).
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+}
+
+impl Source for Flaky<'_> {
+    fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if self.reads.fetch_add(1, Ordering::Relaxed) == self.fail_at {
+            return Err(std::io::Error::other("injected I/O failure"));
+        }
+        Source::read_exact_at(&self.data, offset, buf)
+    }
+}
+
+/// An image `img` opened from `data`, opened again over a source whose
+/// read number k fails ([`Flaky`], k drawn from the bytes): when k is one
+/// of the reads the open makes, the open fails with an I/O error (never a
+/// format error, never success); when it comes later, reading the first
+/// 256 KiB of the disk gives the bytes `img` gives, or an I/O error, or
+/// the error `img` gives (a failure is never read as other bytes).
+pub fn io_failures_surface<S: Source>(img: &Image<S>, data: &[u8]) {
+    let h = fnv(data).rotate_left(29);
+    let counting = Flaky::new(data, u64::MAX);
+    let opened = Image::open_with(&counting, Limits::fuzzing());
+    assert!(opened.is_ok(), "a counting source does not open");
+    let n = counting.reads();
+    if let Some(k) = h.checked_rem(n) {
+        match Image::open_with(Flaky::new(data, k), Limits::fuzzing()) {
+            Ok(_) => panic!("opened though read {k} of {n} failed"),
+            Err(e) => assert!(e.is_io(), "read {k} of {n} failed: {e}"),
+        }
+    }
+    let k = n + (h >> 32) % 8;
+    let flaky = match Image::open_with(Flaky::new(data, k), Limits::fuzzing()) {
+        Ok(f) => f,
+        Err(e) => panic!("opened, then not when read {k} (after {n}) fails: {e}"),
+    };
+    let len = img.virtual_size().min(256 << 10) as usize;
+    let (mut want, mut got) = (vec![0u8; len], vec![0u8; len]);
+    let want_r = img.read_at(0, &mut want).map_err(|e| e.code());
+    match flaky.read_at(0, &mut got) {
+        Ok(()) => {
+            assert_eq!(want_r, Ok(()), "read {k} failing, the read succeeds");
+            assert!(want == got, "read {k} failing, the read gives other bytes");
+        }
+        Err(e) if e.is_io() => {}
+        Err(e) => assert_eq!(want_r, Err(e.code()), "read {k} failing: {e}"),
+    }
+}
+
 /// The bitmap directory entries of an image opened from `data` encode
 /// back to the bytes they were read from (an entry without extra data,
 /// whose name is valid UTF-8: the parser keeps it lossily).

@@ -16,7 +16,8 @@ use qcow2_guard::{CompressionType, Geometry, Header, Image, Limits, Policy};
 use crate::model::{apply, FuzzImage};
 use crate::oracles::{
     bitmaps_encode, chain_map_agrees, checked_reads, clean_without_backing, compare_reads,
-    conversions_agree, overwrite_agrees, refusal_is_typed, streaming_agrees, tighter_limits, walk,
+    conversions_agree, io_failures_surface, overwrite_agrees, refusal_is_typed, streaming_agrees,
+    tighter_limits, walk,
 };
 use crate::sparse::Sparse;
 use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
@@ -77,6 +78,7 @@ pub fn tables(data: &[u8]) {
             let failures = walk(&img);
             bitmaps_encode(&img, data);
             tighter_limits(&img, data, failures);
+            io_failures_surface(&img, data);
         }
         Err(e) => consume(&e),
     }
