@@ -10,6 +10,9 @@
 #       bitmap directory patched one rule at a time (granularity, name,
 #       type, flags, extra data, duplicate name, table size/place,
 #       nb_bitmaps, padding, a cut directory)
+#   tables/, check/, read/, stream/, convert/: v3-c512-snapshots-disk-1m
+#       (a snapshot whose disk size needs more L1 entries than it has;
+#       convert/ also converts that snapshot, flags 8)
 #   convert/: v3-c4k-prealloc (preallocation=metadata: data clusters in
 #       holes) as flags 0, 0x10 (sparse file, tight bounds) and 0xa0
 #       (streamed); the v3-c512 image with a data file and a snapshot that
@@ -135,6 +138,16 @@ variants = {
 }
 for k, v in variants.items():
     put(v, f"v3-c512-bitmaps-bm-{k}", "tables", "check")
+
+# snapshot-disk-1m: the first snapshot's extra data says its disk was
+# 1 MiB, its L1 table has the one entry a 32 KiB disk needs
+# (snapshot_l1_too_small); converting that snapshot (flags 8) is refused.
+snap = bytearray(open(os.path.join(out, "tables", "v3-c512-snapshots.qcow2"), "rb").read())
+s0 = u64(snap, 64)
+assert u32(snap, s0 + 36) >= 16  # extra data: vm_state_size, disk_size
+struct.pack_into(">Q", snap, s0 + 40 + 8, 1 << 20)
+image(bytes(snap), "v3-c512-snapshots-disk-1m")
+put(bytes([8]) + bytes(snap), "v3-c512-snapshots-disk-1m-f8", "convert")
 
 # convert: [flags] [image].
 pre = open(os.path.join(work, "prealloc.qcow2"), "rb").read()

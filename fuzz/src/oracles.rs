@@ -139,9 +139,9 @@ fn fnv(data: &[u8]) -> u64 {
 /// An image `img` opened from `data` with [`Limits::fuzzing`], opened
 /// again under tighter limits drawn from the bytes:
 /// - a total budget ([`Limits::max_total_bytes`]) below what the open
-///   charged is refused with `total_limit_exceeded` (the charges come in
-///   a fixed order, so the drawn budget decides which structure's charge
-///   fails); exactly what it charged opens;
+///   charged is refused with `total_limit_exceeded` (budgets just short
+///   of each structure's charge, and one drawn from the bytes); exactly
+///   what it charged opens;
 /// - one cap lowered (which and to what drawn from the bytes): the image
 ///   opens with the same header, snapshots and bitmaps, or is refused
 ///   (`Error::is_refusal`: over a limit, never "malformed"). With a
@@ -150,24 +150,51 @@ fn fnv(data: &[u8]) -> u64 {
 pub fn tighter_limits<S: Source>(img: &Image<S>, data: &[u8], failures: u64) {
     let h = fnv(data);
     let charged = img.charged_bytes();
-    if let Some(below) = h.checked_rem(charged) {
+    let hd = img.header();
+    let g = img.geometry();
+    // Budgets just short of where each structure's charge ends, in the
+    // order the format lists them (the first cluster, the backing file
+    // name, the L1 and refcount tables, the snapshot table, the bitmap
+    // directory; then the caches), so every charge is the one that fails
+    // for some budget; and one drawn below the total. Any budget below
+    // the total must be refused, whatever the order.
+    let mut ends = vec![img.file_len().min(g.cluster_size)];
+    for n in [
+        u64::from(hd.backing_file_size),
+        u64::from(hd.l1_size) * 8,
+        u64::from(hd.refcount_table_clusters) * g.cluster_size,
+        img.snapshots().iter().map(|s| s.entry_len).sum(),
+        img.extensions()
+            .bitmaps
+            .as_ref()
+            .filter(|_| !img.bitmaps().is_empty())
+            .map_or(0, |b| b.directory_size),
+    ] {
+        let last = ends.last().copied().unwrap_or(0);
+        ends.push(last.saturating_add(n));
+    }
+    let mut budgets: Vec<u64> = ends.iter().map(|e| e.saturating_sub(1)).collect();
+    budgets.extend([ends.last().copied().unwrap_or(0), charged.saturating_sub(1)]);
+    budgets.extend(h.checked_rem(charged));
+    budgets.sort_unstable();
+    budgets.dedup();
+    for below in budgets.into_iter().filter(|&b| b < charged) {
         let mut l = Limits::fuzzing();
         l.max_total_bytes = below;
         match Image::open_with(data, l.clone()) {
             Ok(_) => panic!("opened under a total budget of {below} < {charged} charged"),
             Err(e) => assert_eq!(e.code(), "total_limit_exceeded", "{e}"),
         }
-        l.max_total_bytes = charged;
-        if let Err(e) = Image::open_with(data, l) {
-            panic!("refused under a total budget of exactly what it charged: {e}");
-        }
     }
-    let hd = img.header();
+    let mut l = Limits::fuzzing();
+    l.max_total_bytes = charged;
+    if let Err(e) = Image::open_with(data, l) {
+        panic!("refused under a total budget of exactly what it charged: {e}");
+    }
     let mut l = Limits::fuzzing();
     let v = h >> 8;
     // A cap near what the image needs: at it or just below.
     let near = |need: u64| need.saturating_sub((v >> 4) & 1);
-    let g = img.geometry();
     match v % 9 {
         0 => l.max_l1_entries = near(u64::from(hd.l1_size)),
         1 => {
