@@ -740,6 +740,26 @@ pub fn conversions_agree<S: Source>(conversion: &Conversion<S>, clean: bool) -> 
         assert!(!clean, "a clean image fails to convert: {e}");
         return None;
     }
+    // The sequential sink now holds the whole disk: a write anywhere but
+    // at its end, and a finish at another size, are refused (and write
+    // nothing); a streaming conversion refuses it outright.
+    if size > 0 {
+        assert!(
+            sequential.write_at(0, &[1]).is_err(),
+            "a write out of order"
+        );
+    }
+    assert!(
+        sequential.finish(size + 1).is_err(),
+        "a finish short of the size"
+    );
+    assert!(
+        matches!(
+            StreamConversion::new(&ConvertOptions::default(), &sequential),
+            Err(ConvertError::Sink(_))
+        ),
+        "a streaming conversion into a sequential sink"
+    );
     let out = sequential.into_inner().expect("sequential sink");
     assert!(out == reference, "sequential output differs from read_at");
     let (mem, _) = positional.state.into_inner().expect("sink lock");

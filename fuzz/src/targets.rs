@@ -488,7 +488,9 @@ pub const MAX_CONVERT_DISK: u64 = 4 << 20;
 /// of output. See [`conversions_agree`] and [`streaming_agrees`] for the
 /// oracles.
 pub fn convert(data: &[u8]) {
-    use qcow2_guard::convert::{prepare, ConvertOptions, Inputs};
+    use qcow2_guard::convert::{
+        code as convert_code, prepare, ConvertError, ConvertOptions, Inputs,
+    };
     use qcow2_guard::snapshot::SnapshotSelector;
     let Some((&flags, image)) = data.split_first() else {
         return;
@@ -566,7 +568,23 @@ pub fn convert(data: &[u8]) {
             add(Inputs::new(image), flags, image, backing.as_ref()),
             &opts,
         ) {
-            Ok(conversion) => conversions_agree(&conversion, checked_clean),
+            Ok(conversion) => {
+                // Accepted with its external data file handed in: the same
+                // inputs without it are refused for that, whatever the
+                // policy allows.
+                if flags & 4 != 0 && conversion.image().header().has_data_file() {
+                    let without = add(Inputs::new(image), flags & !4, image, backing.as_ref());
+                    match prepare(without, &opts) {
+                        Err(ConvertError::Refused { findings, .. }) => assert_eq!(
+                            findings.first().map(|f| f.code),
+                            Some(convert_code::DATA_FILE_MISSING)
+                        ),
+                        Err(e) => panic!("without its data file: {e}"),
+                        Ok(_) => panic!("accepted without its data file"),
+                    }
+                }
+                conversions_agree(&conversion, checked_clean)
+            }
             Err(e) => {
                 refusal_is_typed(&e, checked_clean);
                 None
