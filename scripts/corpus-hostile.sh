@@ -10,6 +10,9 @@
 #       bitmap directory patched one rule at a time (granularity, name,
 #       type, flags, extra data, duplicate name, table size/place,
 #       nb_bitmaps, padding, a cut directory)
+#   tables/, check/, read/, stream/, convert/: v3-c512-luks (crypt_method
+#       LUKS and a crypto header extension: the header placed, never
+#       parsed)
 #   tables/, check/, read/, stream/, convert/: v3-c512-snapshots-disk-1m
 #       (a snapshot whose disk size needs more L1 entries than it has;
 #       convert/ also converts that snapshot, flags 8)
@@ -17,7 +20,9 @@
 #       holes) as flags 0, 0x10 (sparse file, tight bounds) and 0xa0
 #       (streamed); the v3-c512 image with a data file and a snapshot that
 #       it does not have (flags 4, 8, 0x18); the data-file image as its own
-#       qcow2 backing image (flags 5: a backing image with a data file); the
+#       qcow2 backing image (flags 5), and padded to its 32 KiB disk so that
+#       its bytes serve as its data file (flags 4, and 5: a backing image
+#       with a data file, refused); the
 #       snapshot image with its snapshot named snapshot.id=1 (0x18); the
 #       backing image over itself as a sparse raw backing image (0x12: the
 #       two-layer map chain); v3-c512-shared-l2-4m* (flag 0x10: over the
@@ -149,6 +154,24 @@ struct.pack_into(">Q", snap, s0 + 40 + 8, 1 << 20)
 image(bytes(snap), "v3-c512-snapshots-disk-1m")
 put(bytes([8]) + bytes(snap), "v3-c512-snapshots-disk-1m-f8", "convert")
 
+# luks: v3-c512 marked LUKS-encrypted (crypt_method 2) with a crypto
+# header extension naming one cluster appended at the end of the file
+# (a LUKS magic, nothing else: the encryption header is placed, never
+# parsed, and the policy refuses the image).
+d = bytearray(open(os.path.join(out, "tables", "v3-c512.qcow2"), "rb").read())
+o = u32(d, 100)
+while True:
+    t, ln = struct.unpack(">II", d[o:o + 8])
+    if t == 0:
+        break
+    o += 8 + ((ln + 7) & ~7)
+assert o + 32 <= 512 and not any(d[o:o + 32])
+hdr = (len(d) + 511) & ~511
+struct.pack_into(">IIQQ", d, o, 0x0537BE77, 16, hdr, 512)
+struct.pack_into(">I", d, 32, 2)
+d += bytes(hdr - len(d)) + b"LUKS\xba\xbe" + bytes(506)
+image(bytes(d), "v3-c512-luks")
+
 # convert: [flags] [image].
 pre = open(os.path.join(work, "prealloc.qcow2"), "rb").read()
 for f in (0, 0x10, 0xa0):
@@ -158,6 +181,13 @@ for f in (4, 8, 0x18):
     put(bytes([f]) + plain, f"v3-c512-f{f}", "convert")
 df = open(os.path.join(out, "tables", "v3-c512-datafile.qcow2"), "rb").read()
 put(bytes([5]) + df, "v3-c512-datafile-f5", "convert")
+# The same padded to its 32 KiB disk, so that its own bytes serve as its
+# (raw) data file: converted with it (flags 4; without it, refused as
+# missing), and handed in as its own backing image too (flags 5: a
+# backing image with a data file, refused).
+df32 = df + bytes(max(0, (32 << 10) - len(df)))
+for f in (4, 5):
+    put(bytes([f]) + df32, f"v3-c512-datafile-32k-f{f}", "convert")
 snap = open(os.path.join(out, "tables", "v3-c512-snapshots.qcow2"), "rb").read()
 put(bytes([0x18]) + snap, "v3-c512-snapshots-f24", "convert")
 bk = open(os.path.join(out, "tables", "v3-c512-backing.qcow2"), "rb").read()

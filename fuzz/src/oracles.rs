@@ -146,7 +146,8 @@ fn fnv(data: &[u8]) -> u64 {
 ///   opens with the same header, snapshots and bitmaps, or is refused
 ///   (`Error::is_refusal`: over a limit, never "malformed"). With a
 ///   lowered cache budget the tables walk again with the same failures
-///   (the L2 cache evicts, the answers do not change).
+///   (the L2 cache evicts, the answers do not change); so they do with a
+///   cache of one table, when the L1 table has several entries.
 pub fn tighter_limits<S: Source>(img: &Image<S>, data: &[u8], failures: u64) {
     let h = fnv(data);
     let charged = img.charged_bytes();
@@ -222,6 +223,15 @@ pub fn tighter_limits<S: Source>(img: &Image<S>, data: &[u8], failures: u64) {
             }
         }
         Err(e) => assert!(e.is_refusal(), "under {l:?}: {e}"),
+    }
+    // A cache of one L2 table, when there are several: it opens (it
+    // charges less), and the walk evicts and fails where it failed.
+    if hd.l1_size >= 2 {
+        let one = Limits::fuzzing().with_max_cache_bytes(g.cluster_size);
+        match Image::open_with(data, one) {
+            Ok(tight) => assert_eq!(walk(&tight), failures, "walked with one cached table"),
+            Err(e) => panic!("refused with one cached table: {e}"),
+        }
     }
 }
 
