@@ -14,7 +14,9 @@
 #   tables/, check/, read/, stream/, convert/: v3-c512-luks (crypt_method
 #       LUKS and a crypto header extension: the header placed, never
 #       parsed; tables/ and check/ also with it past the end of the file
-#       and off a cluster boundary); v3-c512-four-l2 (four L2 tables: the
+#       and off a cluster boundary, and of length 0);
+#       v3-c512-incompat-bit40 (an unknown incompatible feature);
+#       v3-c512-four-l2 (four L2 tables: the
 #       tables target's one-table cache evicts)
 #   tables/, check/, read/, stream/, convert/: v3-c512-snapshots-disk-1m
 #       (a snapshot whose disk size needs more L1 entries than it has;
@@ -192,6 +194,11 @@ image(luks(hdr, 512), "v3-c512-luks")
 # cluster boundary: refused on open.
 put(luks(hdr, 1024), "v3-c512-luks-past-eof", "tables", "check")
 put(luks(hdr + 8, 256), "v3-c512-luks-unaligned", "tables", "check")
+put(luks(hdr, 0), "v3-c512-luks-empty", "tables", "check")
+# An incompatible feature bit no version defines (bit 40): refused.
+b = bytearray(open(os.path.join(out, "tables", "v3-c512.qcow2"), "rb").read())
+struct.pack_into(">Q", b, 72, u64(b, 72) | 1 << 40)
+put(bytes(b), "v3-c512-incompat-bit40", "tables", "check")
 
 # convert: [flags] [image].
 pre = open(os.path.join(work, "prealloc.qcow2"), "rb").read()

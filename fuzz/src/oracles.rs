@@ -184,7 +184,11 @@ pub fn tighter_limits<S: Source>(img: &Image<S>, data: &[u8], failures: u64) {
         l.max_total_bytes = below;
         match Image::open_with(data, l.clone()) {
             Ok(_) => panic!("opened under a total budget of {below} < {charged} charged"),
-            Err(e) => assert_eq!(e.code(), "total_limit_exceeded", "{e}"),
+            Err(e) => {
+                consume(&e);
+                assert!(e.is_refusal(), "{e}");
+                assert_eq!(e.code(), "total_limit_exceeded", "{e}");
+            }
         }
     }
     let mut l = Limits::fuzzing();
@@ -273,9 +277,10 @@ impl Source for Flaky<'_> {
 }
 
 /// An image `img` opened from `data`, opened again over a source whose
-/// read number k fails ([`Flaky`], k drawn from the bytes): when k is one
-/// of the reads the open makes, the open fails with an I/O error (never a
-/// format error, never success); when it comes later, reading the first
+/// read number k fails ([`Flaky`]): when k is one of the reads the open
+/// makes (each of the first 16 in turn), the open fails with an I/O error
+/// (never a format error, never success); when it comes later (k drawn
+/// from the bytes), reading the first
 /// 256 KiB of the disk gives the bytes `img` gives, or an I/O error, or
 /// the error `img` gives (a failure is never read as other bytes).
 pub fn io_failures_surface<S: Source>(img: &Image<S>, data: &[u8]) {
@@ -284,7 +289,7 @@ pub fn io_failures_surface<S: Source>(img: &Image<S>, data: &[u8]) {
     let opened = Image::open_with(&counting, Limits::fuzzing());
     assert!(opened.is_ok(), "a counting source does not open");
     let n = counting.reads();
-    if let Some(k) = h.checked_rem(n) {
+    for k in 0..n.min(16) {
         match Image::open_with(Flaky::new(data, k), Limits::fuzzing()) {
             Ok(_) => panic!("opened though read {k} of {n} failed"),
             Err(e) => assert!(e.is_io(), "read {k} of {n} failed: {e}"),
@@ -305,6 +310,48 @@ pub fn io_failures_surface<S: Source>(img: &Image<S>, data: &[u8]) {
         }
         Err(e) if e.is_io() => {}
         Err(e) => assert_eq!(want_r, Err(e.code()), "read {k} failing: {e}"),
+    }
+}
+
+/// qemu-img's snapshot selectors (`-l`) over the snapshots of `img`:
+/// `snapshot.id=ID`, `snapshot.name=NAME` and both together select the
+/// first snapshot with that ID, name, or both; a bare `ID` the first with
+/// that ID (else the first with that name); a `snapshot.` form that is
+/// not `key=value` is taken as a bare ID or name; an exact selector with
+/// neither selects nothing. (A value holding a comma is left out: the
+/// form has no quoting.)
+pub fn snapshot_selectors<S: Source>(img: &Image<S>) {
+    use qcow2_guard::snapshot::SnapshotSelector;
+    let snaps = img.snapshots();
+    let find = |sel: &str| SnapshotSelector::parse(sel).find(snaps);
+    let first = |f: &dyn Fn(&qcow2_guard::snapshot::Snapshot) -> bool| snaps.iter().position(f);
+    let none = SnapshotSelector::Exact {
+        id: None,
+        name: None,
+    };
+    assert_eq!(none.find(snaps), None, "an exact selector with neither");
+    for s in snaps.iter().take(8) {
+        let by_id = first(&|t| t.id == s.id);
+        let by_name = first(&|t| t.name == s.name);
+        if !s.id.contains(',') {
+            assert_eq!(find(&format!("snapshot.id={}", s.id)), by_id, "{s:?}");
+            if !s.name.contains(',') {
+                let both = first(&|t| t.id == s.id && t.name == s.name);
+                let sel = format!("snapshot.id={},snapshot.name={}", s.id, s.name);
+                assert_eq!(find(&sel), both, "{sel}");
+            }
+        }
+        if !s.name.contains(',') {
+            assert_eq!(find(&format!("snapshot.name={}", s.name)), by_name, "{s:?}");
+        }
+        if !s.id.starts_with("snapshot.") {
+            assert_eq!(find(&s.id), by_id, "{s:?}");
+        }
+        let odd = format!("snapshot.{}", s.name);
+        if !s.name.starts_with("id=") && !s.name.starts_with("name=") {
+            let want = first(&|t| t.id == odd).or_else(|| first(&|t| t.name == odd));
+            assert_eq!(find(&odd), want, "{odd}");
+        }
     }
 }
 

@@ -16,8 +16,8 @@ use qcow2_guard::{CompressionType, Geometry, Header, Image, Limits, Policy};
 use crate::model::{apply, FuzzImage};
 use crate::oracles::{
     bitmaps_encode, chain_map_agrees, checked_reads, clean_without_backing, compare_reads,
-    conversions_agree, io_failures_surface, overwrite_agrees, refusal_is_typed, streaming_agrees,
-    tighter_limits, walk,
+    conversions_agree, io_failures_surface, overwrite_agrees, refusal_is_typed, snapshot_selectors,
+    streaming_agrees, tighter_limits, walk,
 };
 use crate::sparse::Sparse;
 use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
@@ -79,6 +79,7 @@ pub fn tables(data: &[u8]) {
             bitmaps_encode(&img, data);
             tighter_limits(&img, data, failures);
             io_failures_surface(&img, data);
+            snapshot_selectors(&img);
         }
         Err(e) => consume(&e),
     }
@@ -133,6 +134,7 @@ pub fn read(data: &[u8]) {
             let e = img
                 .read_at(offset, &mut buf)
                 .expect_err("a read past the end of the disk succeeds");
+            consume(&e);
             assert_eq!(e.code(), "out_of_virtual_bounds", "{e}");
             assert!(img.map(offset, len).is_err(), "map past the end");
             return;
