@@ -25,7 +25,7 @@ use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
 /// `header`: the fixed header and the extensions, from raw bytes.
 ///
 /// Oracle: a decoded header encodes back to bytes that decode to the same
-/// header.
+/// header, and its compression type has qemu-img's name.
 pub fn header(data: &[u8]) {
     if data.len() > MAX_INPUT {
         return;
@@ -37,6 +37,14 @@ pub fn header(data: &[u8]) {
     };
     let again = Header::decode(&h.encode()).expect("an encoded header decodes");
     assert_eq!(again, h, "header round trip");
+    // The compression type byte as qemu-img names it (docs/interop/
+    // qcow2.rst: 0 zlib, 1 zstd, no other).
+    let named = match h.compression_type {
+        0 => Some("zlib"),
+        1 => Some("zstd"),
+        _ => None,
+    };
+    assert_eq!(h.compression().map(CompressionType::as_str), named);
     let limits = Limits::fuzzing();
     let file_len = data.len() as u64;
     // QEMU's own caps (the default limits) first, then the fuzzing ones.
