@@ -155,6 +155,91 @@ impl FuzzImage {
     }
 }
 
+impl FuzzImage {
+    /// The model as drawn, nothing folded into range (raw cluster bits,
+    /// refcount order and snapshot count; version 2 with whatever else was
+    /// drawn; subclusters without extended L2), or `None` when it is
+    /// valid by [`model_rules`] (then [`FuzzImage::model`] builds the same
+    /// kind of image, and building this one could take a 2 MiB-cluster
+    /// disk). The guest clusters are the folded model's.
+    pub fn unfolded(&self, folded: &ImageModel) -> Option<(ImageModel, &'static str)> {
+        let v3 = !self.v2;
+        let mut clusters = folded.clusters.clone();
+        if let Some(FuzzCluster::Subclusters { alloc, zero, seed }) = self.clusters.first() {
+            if let Some(c) = clusters.first_mut() {
+                *c = GuestCluster::Subclusters {
+                    alloc: *alloc,
+                    zero: *zero,
+                    seed: *seed,
+                };
+            }
+        }
+        let m = ImageModel {
+            version: if v3 { 3 } else { 2 },
+            cluster_bits: u32::from(self.cluster_bits),
+            refcount_order: u32::from(self.refcount_order),
+            extended_l2: self.extended_l2,
+            compression: if self.zstd {
+                CompressionType::Zstd
+            } else {
+                CompressionType::Deflate
+            },
+            lazy_refcounts: self.lazy_refcounts,
+            feature_table: self.feature_table,
+            clusters,
+            snapshots: (0..self.snapshots)
+                .map(|i| SnapshotModel {
+                    name: format!("snap{i}"),
+                })
+                .collect(),
+        };
+        model_rules(&m).map(|rule| (m, rule))
+    }
+}
+
+/// The encoder's rules for a model, stated again from the format (the
+/// header rules and the refcount width), not from `build.rs`: the first
+/// one `m` breaks, or `None`.
+pub fn model_rules(m: &ImageModel) -> Option<&'static str> {
+    let v2 = m.version == 2;
+    let subclusters = m
+        .clusters
+        .iter()
+        .any(|c| matches!(c, GuestCluster::Subclusters { .. }));
+    // References to a data cluster: the active L1 table and each snapshot.
+    let refs = m.snapshots.len() as u64 + 1;
+    [
+        (m.version != 2 && m.version != 3, "version"),
+        (!(9..=21).contains(&m.cluster_bits), "cluster_bits"),
+        (m.refcount_order > 6, "refcount_order"),
+        (
+            v2 && (m.refcount_order != 4
+                || m.extended_l2
+                || m.compression != CompressionType::Deflate
+                || m.lazy_refcounts),
+            "version 2 features",
+        ),
+        (
+            m.extended_l2 && m.cluster_bits < 14,
+            "extended L2 cluster size",
+        ),
+        (
+            !m.extended_l2 && subclusters,
+            "subclusters without extended L2",
+        ),
+        (
+            m.refcount_order <= 6 && refs > refcount::max_value(m.refcount_order),
+            "refcount width",
+        ),
+        (
+            m.snapshots.iter().any(|s| s.name.len() > 1024),
+            "snapshot name",
+        ),
+    ]
+    .into_iter()
+    .find_map(|(broken, rule)| broken.then_some(rule))
+}
+
 pub fn apply(bytes: &mut Vec<u8>, fields: &[Field], edit: &Edit) {
     let field = |i: u16| fields.get(usize::from(i) % fields.len().max(1));
     let update = |bytes: &mut Vec<u8>, i: u16, f: &dyn Fn(u64) -> u64| {

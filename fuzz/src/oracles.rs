@@ -20,7 +20,7 @@ use qcow2_guard::qemu_map::{MapFile, MapLayer as _, Qcow2Layer};
 use qcow2_guard::read::RawBacking;
 use qcow2_guard::stream::SpoolFile;
 use qcow2_guard::walker::{self, Item, L2Entry};
-use qcow2_guard::{qemu_map, Error, ExtentKind, Header, Image, Policy, Severity, Source};
+use qcow2_guard::{qemu_map, Error, ExtentKind, Header, Image, Limits, Policy, Severity, Source};
 
 use crate::sparse::Sparse;
 use crate::{check_options, consume, WORK};
@@ -126,6 +126,255 @@ pub fn walk<S: Source>(img: &Image<S>) -> u64 {
         }
     }
     failures
+}
+
+/// FNV-1a of `data`: the `tables` target's draws (no input format of its
+/// own: the input is the image).
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// An image `img` opened from `data` with [`Limits::fuzzing`], opened
+/// again under tighter limits drawn from the bytes:
+/// - a total budget ([`Limits::max_total_bytes`]) below what the open
+///   charged is refused with `total_limit_exceeded` (budgets just short
+///   of each structure's charge, and one drawn from the bytes); exactly
+///   what it charged opens;
+/// - each cap in turn lowered to just below or at what the image needs
+///   (drawn from the bytes): the image opens with the same header,
+///   snapshots and bitmaps, or is refused (`Error::is_refusal`: over a
+///   limit, never "malformed"). With a lowered cache budget the tables
+///   walk again (one input in four) with the same failures (the L2 cache
+///   evicts, the answers do not change); so they do with a cache of one
+///   table, when the L1 table has several entries.
+pub fn tighter_limits<S: Source>(img: &Image<S>, data: &[u8], failures: u64) {
+    let h = fnv(data);
+    let charged = img.charged_bytes();
+    let hd = img.header();
+    let g = img.geometry();
+    // Budgets just short of where each structure's charge ends, in the
+    // order the format lists them (the first cluster, the backing file
+    // name, the L1 and refcount tables, the snapshot table, the bitmap
+    // directory; then the caches), so every charge is the one that fails
+    // for some budget; and one drawn below the total. Any budget below
+    // the total must be refused, whatever the order.
+    let mut ends = vec![img.file_len().min(g.cluster_size)];
+    for n in [
+        u64::from(hd.backing_file_size),
+        u64::from(hd.l1_size) * 8,
+        u64::from(hd.refcount_table_clusters) * g.cluster_size,
+        img.snapshots().iter().map(|s| s.entry_len).sum(),
+        img.extensions()
+            .bitmaps
+            .as_ref()
+            .filter(|_| !img.bitmaps().is_empty())
+            .map_or(0, |b| b.directory_size),
+    ] {
+        let last = ends.last().copied().unwrap_or(0);
+        ends.push(last.saturating_add(n));
+    }
+    let mut budgets: Vec<u64> = ends.iter().map(|e| e.saturating_sub(1)).collect();
+    budgets.extend([ends.last().copied().unwrap_or(0), charged.saturating_sub(1)]);
+    budgets.extend(h.checked_rem(charged));
+    budgets.sort_unstable();
+    budgets.dedup();
+    for below in budgets.into_iter().filter(|&b| b < charged) {
+        let mut l = Limits::fuzzing();
+        l.max_total_bytes = below;
+        match Image::open_with(data, l.clone()) {
+            Ok(_) => panic!("opened under a total budget of {below} < {charged} charged"),
+            Err(e) => {
+                consume(&e);
+                assert!(e.is_refusal(), "{e}");
+                assert_eq!(e.code(), "total_limit_exceeded", "{e}");
+            }
+        }
+    }
+    let mut l = Limits::fuzzing();
+    l.max_total_bytes = charged;
+    if let Err(e) = Image::open_with(data, l) {
+        panic!("refused under a total budget of exactly what it charged: {e}");
+    }
+    let v = h >> 8;
+    // Each cap in turn, near what the image needs: just below it, or at
+    // it (drawn); the cache budget drawn below 4 clusters.
+    for cap in 0..9 {
+        let near = |need: u64| need.saturating_sub(1 - ((v >> cap) & 1));
+        let mut l = Limits::fuzzing();
+        match cap {
+            0 => l.max_l1_entries = near(u64::from(hd.l1_size)),
+            1 => {
+                l.max_refcount_table_bytes =
+                    near(u64::from(hd.refcount_table_clusters).saturating_mul(g.cluster_size))
+            }
+            2 => l.max_snapshots = near(u64::from(hd.nb_snapshots)),
+            3 => {
+                l.max_snapshot_table_bytes =
+                    near(img.snapshots().iter().map(|s| s.entry_len).sum::<u64>())
+            }
+            4 => l.max_snapshot_extra_data = (v >> 9) & 0x3f,
+            5 => l.max_bitmaps = near(img.bitmaps().len() as u64),
+            6 => l.max_bitmap_directory_bytes = (v >> 15) & 0xff,
+            7 => l.max_backing_file_name = near(u64::from(hd.backing_file_size)),
+            _ => l.max_cache_bytes = (v >> 23) % (4 * g.cluster_size),
+        }
+        match Image::open_with(data, l.clone()) {
+            Ok(tight) => {
+                assert_eq!(tight.header(), hd, "under {l:?}");
+                assert_eq!(tight.snapshots(), img.snapshots(), "under {l:?}");
+                assert_eq!(tight.bitmaps(), img.bitmaps(), "under {l:?}");
+                if cap == 8 && v.is_multiple_of(4) {
+                    assert_eq!(walk(&tight), failures, "walked with a cache of {l:?}");
+                }
+            }
+            Err(e) => {
+                consume(&e);
+                assert!(e.is_refusal(), "under {l:?}: {e}");
+            }
+        }
+    }
+    // A cache of one L2 table, when there are several: it opens (it
+    // charges less), and the walk evicts and fails where it failed.
+    if hd.l1_size >= 2 {
+        let one = Limits::fuzzing().with_max_cache_bytes(g.cluster_size);
+        match Image::open_with(data, one) {
+            Ok(tight) => assert_eq!(walk(&tight), failures, "walked with one cached table"),
+            Err(e) => panic!("refused with one cached table: {e}"),
+        }
+    }
+}
+
+/// `data` as a [`Source`] whose read number `fail_at` (from 0) fails with
+/// an I/O error: the OS failing once.
+pub struct Flaky<'a> {
+    data: &'a [u8],
+    reads: AtomicU64,
+    fail_at: u64,
+}
+
+impl<'a> Flaky<'a> {
+    /// `data`, failing its read number `fail_at`.
+    pub fn new(data: &'a [u8], fail_at: u64) -> Flaky<'a> {
+        Flaky {
+            data,
+            reads: AtomicU64::new(0),
+            fail_at,
+        }
+    }
+
+    /// Reads asked of it so far (the failed one included).
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+}
+
+impl Source for Flaky<'_> {
+    fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if self.reads.fetch_add(1, Ordering::Relaxed) == self.fail_at {
+            return Err(std::io::Error::other("injected I/O failure"));
+        }
+        Source::read_exact_at(&self.data, offset, buf)
+    }
+}
+
+/// An image `img` opened from `data`, opened again over a source whose
+/// read number k fails ([`Flaky`]): when k is one of the reads the open
+/// makes (each of the first 16 in turn), the open fails with an I/O error
+/// (never a format error, never success); when it comes later (k drawn
+/// from the bytes), reading the first
+/// 256 KiB of the disk gives the bytes `img` gives, or an I/O error, or
+/// the error `img` gives (a failure is never read as other bytes).
+pub fn io_failures_surface<S: Source>(img: &Image<S>, data: &[u8]) {
+    let h = fnv(data).rotate_left(29);
+    let counting = Flaky::new(data, u64::MAX);
+    let opened = Image::open_with(&counting, Limits::fuzzing());
+    assert!(opened.is_ok(), "a counting source does not open");
+    let n = counting.reads();
+    for k in 0..n.min(16) {
+        match Image::open_with(Flaky::new(data, k), Limits::fuzzing()) {
+            Ok(_) => panic!("opened though read {k} of {n} failed"),
+            Err(e) => assert!(e.is_io(), "read {k} of {n} failed: {e}"),
+        }
+    }
+    let k = n + (h >> 32) % 8;
+    let flaky = match Image::open_with(Flaky::new(data, k), Limits::fuzzing()) {
+        Ok(f) => f,
+        Err(e) => panic!("opened, then not when read {k} (after {n}) fails: {e}"),
+    };
+    let len = img.virtual_size().min(256 << 10) as usize;
+    let (mut want, mut got) = (vec![0u8; len], vec![0u8; len]);
+    let want_r = img.read_at(0, &mut want).map_err(|e| e.code());
+    match flaky.read_at(0, &mut got) {
+        Ok(()) => {
+            assert_eq!(want_r, Ok(()), "read {k} failing, the read succeeds");
+            assert!(want == got, "read {k} failing, the read gives other bytes");
+        }
+        Err(e) if e.is_io() => {}
+        Err(e) => assert_eq!(want_r, Err(e.code()), "read {k} failing: {e}"),
+    }
+}
+
+/// qemu-img's snapshot selectors (`-l`) over the snapshots of `img`:
+/// `snapshot.id=ID`, `snapshot.name=NAME` and both together select the
+/// first snapshot with that ID, name, or both; a bare `ID` the first with
+/// that ID (else the first with that name); a `snapshot.` form that is
+/// not `key=value` is taken as a bare ID or name; an exact selector with
+/// neither selects nothing. (A value holding a comma is left out: the
+/// form has no quoting.)
+pub fn snapshot_selectors<S: Source>(img: &Image<S>) {
+    use qcow2_guard::snapshot::SnapshotSelector;
+    let snaps = img.snapshots();
+    let find = |sel: &str| SnapshotSelector::parse(sel).find(snaps);
+    let first = |f: &dyn Fn(&qcow2_guard::snapshot::Snapshot) -> bool| snaps.iter().position(f);
+    let none = SnapshotSelector::Exact {
+        id: None,
+        name: None,
+    };
+    assert_eq!(none.find(snaps), None, "an exact selector with neither");
+    for s in snaps.iter().take(8) {
+        let by_id = first(&|t| t.id == s.id);
+        let by_name = first(&|t| t.name == s.name);
+        if !s.id.contains(',') {
+            assert_eq!(find(&format!("snapshot.id={}", s.id)), by_id, "{s:?}");
+            if !s.name.contains(',') {
+                let both = first(&|t| t.id == s.id && t.name == s.name);
+                let sel = format!("snapshot.id={},snapshot.name={}", s.id, s.name);
+                assert_eq!(find(&sel), both, "{sel}");
+            }
+        }
+        if !s.name.contains(',') {
+            assert_eq!(find(&format!("snapshot.name={}", s.name)), by_name, "{s:?}");
+        }
+        if !s.id.starts_with("snapshot.") {
+            assert_eq!(find(&s.id), by_id, "{s:?}");
+        }
+        let odd = format!("snapshot.{}", s.name);
+        if !s.name.starts_with("id=") && !s.name.starts_with("name=") {
+            let want = first(&|t| t.id == odd).or_else(|| first(&|t| t.name == odd));
+            assert_eq!(find(&odd), want, "{odd}");
+        }
+    }
+}
+
+/// The bitmap directory entries of an image opened from `data` encode
+/// back to the bytes they were read from (an entry without extra data,
+/// whose name is valid UTF-8: the parser keeps it lossily).
+pub fn bitmaps_encode<S: Source>(img: &Image<S>, data: &[u8]) {
+    for b in img.bitmaps() {
+        if b.extra_data_size != 0 || b.name.contains('\u{fffd}') {
+            continue;
+        }
+        let enc = b.encode();
+        let at = usize::try_from(b.entry_offset).expect("an offset in memory");
+        let stored = data.get(at..at + enc.len());
+        assert_eq!(stored, Some(&enc[..]), "bitmap entry at {at:#x}: {b:?}");
+    }
 }
 
 /// The oracles of the `read` target on guest range `off .. off + len`
@@ -555,6 +804,26 @@ pub fn conversions_agree<S: Source>(conversion: &Conversion<S>, clean: bool) -> 
         assert!(!clean, "a clean image fails to convert: {e}");
         return None;
     }
+    // The sequential sink now holds the whole disk: a write anywhere but
+    // at its end, and a finish at another size, are refused (and write
+    // nothing); a streaming conversion refuses it outright.
+    if size > 0 {
+        assert!(
+            sequential.write_at(0, &[1]).is_err(),
+            "a write out of order"
+        );
+    }
+    assert!(
+        sequential.finish(size + 1).is_err(),
+        "a finish short of the size"
+    );
+    assert!(
+        matches!(
+            StreamConversion::new(&ConvertOptions::default(), &sequential),
+            Err(ConvertError::Sink(_))
+        ),
+        "a streaming conversion into a sequential sink"
+    );
     let out = sequential.into_inner().expect("sequential sink");
     assert!(out == reference, "sequential output differs from read_at");
     let (mem, _) = positional.state.into_inner().expect("sink lock");

@@ -578,6 +578,20 @@ pub fn entries_agree<S: Source>(img: &Image<S>, data: &[u8]) {
         };
         let g = img.geometry();
         let per = if extended { 16 } else { 8 };
+        // The parser's table holds the cluster's words as they are: one
+        // entry per `per` bytes, each the file's bytes at its offset.
+        assert_eq!(
+            table.len() as u64,
+            cs / per,
+            "L2 table at {off:#x}: entries"
+        );
+        assert!(!table.is_empty());
+        assert_eq!(
+            table.memory() as u64,
+            cs,
+            "L2 table at {off:#x}: bytes held"
+        );
+        let mut words = table.entries();
         for j in 0..cs / per {
             let e_at = off + j * per;
             let (Some(raw), bitmap) = (at_u64(e_at), extended.then(|| at_u64(e_at + 8))) else {
@@ -586,6 +600,11 @@ pub fn entries_agree<S: Source>(img: &Image<S>, data: &[u8]) {
             let Some(bitmap) = bitmap.map_or(Some(None), |b| b.map(Some)) else {
                 break;
             };
+            assert_eq!(
+                words.next(),
+                Some((raw, bitmap, e_at)),
+                "the parser's L2 table at {off:#x}, entry {j}"
+            );
             work = work.saturating_sub(1);
             if work == 0 {
                 return;

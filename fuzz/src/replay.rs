@@ -132,8 +132,33 @@ fn sparse_copy_reads_as_zeros(path: &Path, data: &[u8]) {
         f.set_len(data.len() as u64).expect("size the sparse copy");
     }
     let src = FileSource::open(&tmp).expect("open the sparse copy");
+    let shrink = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tmp)
+        .expect("open the sparse copy for writing");
+    let cut = FileSource::open(&tmp).expect("open the sparse copy again");
     let _ = std::fs::remove_file(&tmp);
     raw_map_reads_as_zeros(path, src, data);
+    // The copy cut in half while open: its holes are no longer found,
+    // its tail no longer read (an I/O error, never zeros).
+    if data.len() >= 2 {
+        shrink
+            .set_len(data.len() as u64 / 2)
+            .expect("cut the sparse copy");
+        let (r, _) = map_records(&RawBacking(&cut), data.len() as u64);
+        assert_eq!(
+            r,
+            Err("io_error"),
+            "{}: map of a file that shrank",
+            path.display()
+        );
+        let mut last = [0u8];
+        assert!(
+            cut.read_exact_at(data.len() as u64 - 1, &mut last).is_err(),
+            "{}: read of a byte the file no longer has",
+            path.display()
+        );
+    }
     raw_map_reads_as_zeros(
         path,
         FileSource::open(path).expect("open corpus file"),
@@ -148,6 +173,19 @@ fn sparse_copy_reads_as_zeros(path: &Path, data: &[u8]) {
 fn raw_map_reads_as_zeros(path: &Path, src: FileSource, data: &[u8]) {
     let mut back = vec![0u8; data.len()];
     src.read_exact_at(0, &mut back).expect("read the file");
+    // Past the end: a read fails, no data run.
+    let len = data.len() as u64;
+    assert!(
+        src.read_exact_at(len, &mut [0u8]).is_err(),
+        "{}: read past the end",
+        path.display()
+    );
+    assert_eq!(
+        src.data_run(len).ok(),
+        Some(None),
+        "{}: data past the end",
+        path.display()
+    );
     assert!(
         back == data,
         "{}: the file reads back other bytes",

@@ -15,8 +15,9 @@ use qcow2_guard::{CompressionType, Geometry, Header, Image, Limits, Policy};
 
 use crate::model::{apply, FuzzImage};
 use crate::oracles::{
-    chain_map_agrees, checked_reads, clean_without_backing, compare_reads, conversions_agree,
-    overwrite_agrees, refusal_is_typed, streaming_agrees, walk,
+    bitmaps_encode, chain_map_agrees, checked_reads, clean_without_backing, compare_reads,
+    conversions_agree, io_failures_surface, overwrite_agrees, refusal_is_typed, snapshot_selectors,
+    streaming_agrees, tighter_limits, walk,
 };
 use crate::sparse::Sparse;
 use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
@@ -24,7 +25,7 @@ use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
 /// `header`: the fixed header and the extensions, from raw bytes.
 ///
 /// Oracle: a decoded header encodes back to bytes that decode to the same
-/// header.
+/// header, and its compression type has qemu-img's name.
 pub fn header(data: &[u8]) {
     if data.len() > MAX_INPUT {
         return;
@@ -36,6 +37,14 @@ pub fn header(data: &[u8]) {
     };
     let again = Header::decode(&h.encode()).expect("an encoded header decodes");
     assert_eq!(again, h, "header round trip");
+    // The compression type byte as qemu-img names it (docs/interop/
+    // qcow2.rst: 0 zlib, 1 zstd, no other).
+    let named = match h.compression_type {
+        0 => Some("zlib"),
+        1 => Some("zstd"),
+        _ => None,
+    };
+    assert_eq!(h.compression().map(CompressionType::as_str), named);
     let limits = Limits::fuzzing();
     let file_len = data.len() as u64;
     // QEMU's own caps (the default limits) first, then the fuzzing ones.
@@ -74,7 +83,11 @@ pub fn tables(data: &[u8]) {
     match Image::open_with(data, Limits::fuzzing()) {
         Ok(img) => {
             reference::entries_agree(&img, data);
-            walk(&img);
+            let failures = walk(&img);
+            bitmaps_encode(&img, data);
+            tighter_limits(&img, data, failures);
+            io_failures_surface(&img, data);
+            snapshot_selectors(&img);
         }
         Err(e) => consume(&e),
     }
@@ -129,6 +142,7 @@ pub fn read(data: &[u8]) {
             let e = img
                 .read_at(offset, &mut buf)
                 .expect_err("a read past the end of the disk succeeds");
+            consume(&e);
             assert_eq!(e.code(), "out_of_virtual_bounds", "{e}");
             assert!(img.map(offset, len).is_err(), "map past the end");
             return;
@@ -164,6 +178,24 @@ pub fn check(data: &[u8]) {
                     full,
                     "the threaded check reports otherwise"
                 );
+            }
+            // A decompression budget of k < n clusters, where n payloads
+            // verified: the budget runs out (reported once, as a warning)
+            // and at most k are verified.
+            let n = full.stats.decompressed_clusters;
+            if n > 0 && !full.has(code::DECOMPRESS_BUDGET) {
+                let k = data.len() as u64 % n;
+                let small = CheckOptions {
+                    max_decompressed_bytes: k * img.geometry().cluster_size,
+                    ..check_options()
+                };
+                let r = qcow2_guard::check(&img, &small);
+                assert_eq!(
+                    r.counts.get(code::DECOMPRESS_BUDGET),
+                    Some(&1),
+                    "budget of {k} of {n}"
+                );
+                assert!(r.stats.decompressed_clusters <= k, "budget of {k} of {n}");
             }
             // Metadata only (what convert runs first), and with room to
             // track a single host cluster: refused unless the file has at
@@ -362,6 +394,13 @@ pub fn structured(data: &[u8]) {
         return;
     };
     let model = input.model();
+    // The model as drawn, when it breaks a rule: the encoder refuses it.
+    if let Some((raw, rule)) = input.unfolded(&model) {
+        match raw.build() {
+            Ok(_) => panic!("the encoder builds a model that breaks \"{rule}\"\n{raw:?}"),
+            Err(e) => assert!(e.to_string().starts_with("invalid image model: "), "{e}"),
+        }
+    }
     let built = model
         .build()
         .unwrap_or_else(|e| panic!("the encoder rejects a folded model: {e}\n{model:?}"));
@@ -459,7 +498,9 @@ pub const MAX_CONVERT_DISK: u64 = 4 << 20;
 /// of output. See [`conversions_agree`] and [`streaming_agrees`] for the
 /// oracles.
 pub fn convert(data: &[u8]) {
-    use qcow2_guard::convert::{prepare, ConvertOptions, Inputs};
+    use qcow2_guard::convert::{
+        code as convert_code, prepare, ConvertError, ConvertOptions, Inputs,
+    };
     use qcow2_guard::snapshot::SnapshotSelector;
     let Some((&flags, image)) = data.split_first() else {
         return;
@@ -537,7 +578,23 @@ pub fn convert(data: &[u8]) {
             add(Inputs::new(image), flags, image, backing.as_ref()),
             &opts,
         ) {
-            Ok(conversion) => conversions_agree(&conversion, checked_clean),
+            Ok(conversion) => {
+                // Accepted with its external data file handed in: the same
+                // inputs without it are refused for that, whatever the
+                // policy allows.
+                if flags & 4 != 0 && conversion.image().header().has_data_file() {
+                    let without = add(Inputs::new(image), flags & !4, image, backing.as_ref());
+                    match prepare(without, &opts) {
+                        Err(ConvertError::Refused { findings, .. }) => assert_eq!(
+                            findings.first().map(|f| f.code),
+                            Some(convert_code::DATA_FILE_MISSING)
+                        ),
+                        Err(e) => panic!("without its data file: {e}"),
+                        Ok(_) => panic!("accepted without its data file"),
+                    }
+                }
+                conversions_agree(&conversion, checked_clean)
+            }
             Err(e) => {
                 refusal_is_typed(&e, checked_clean);
                 None
