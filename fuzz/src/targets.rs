@@ -230,7 +230,7 @@ pub fn check(data: &[u8]) {
 /// refusal is never followed by `ok` or `leaks`; the inspector never
 /// holds more than [`Limits::max_retained_bytes`]. With a spool and a
 /// retention budget of 1 KiB to 128 KiB (drawn from the seed), the report
-/// is the same again.
+/// is the same again; without a spool, the same or `needs_random_access`.
 pub fn stream(data: &[u8]) {
     use qcow2_guard::stream::{Early, Finished, Inspector};
     if data.len() > MAX_INPUT.saturating_add(4) {
@@ -305,6 +305,19 @@ pub fn stream(data: &[u8]) {
         "chunked, with a spool, retaining at most {} bytes",
         budget.max_retained_bytes
     );
+    // The same budget without a spool: what does not fit is lost, so the
+    // report is the whole-file check's or `needs_random_access` (nothing
+    // judged), never another verdict.
+    let lost = run_with(&budget, &sizes, false);
+    if lost.report.verdict == Verdict::NeedsRandomAccess {
+        assert!(!lost.report.checked && lost.report.has(code::NEEDS_RANDOM_ACCESS));
+    } else {
+        assert_eq!(
+            lost.report, whole,
+            "chunked, without a spool, retaining at most {} bytes",
+            budget.max_retained_bytes
+        );
+    }
 }
 
 /// The piece sizes of a stream of `len` bytes, drawn from `seed`: mostly

@@ -102,8 +102,13 @@ const PENDING_COST: u64 = 64;
 const SEEN_COST: u64 = 16;
 const MEMO_COST: u64 = 16;
 
-/// Ranges not kept that are remembered with their reason.
+/// Ranges not kept that are remembered with their reason, at most (fewer
+/// under a small budget: a quarter of it, but always one, so that a range
+/// the stream passed is never forgotten); their room is set aside in the
+/// budget, so remembering one never takes the inspector past it.
 const MAX_MISSES: usize = 4096;
+/// Bytes counted per remembered miss.
+const MISS_COST: u64 = 24;
 
 /// Ranges the read-back log holds apart, at most (fewer under a small
 /// budget: a quarter of it); past that the two closest are merged, so a
@@ -392,6 +397,8 @@ pub struct Inspector {
     refused: Option<Vec<Finding>>,
     open_error: Option<Report>,
     missed: Vec<(u64, u64, Why)>,
+    /// How many misses `missed` holds at most (see [`MAX_MISSES`]).
+    miss_cap: usize,
     over_budget: bool,
     decompressed: u64,
     out_buf: Vec<u8>,
@@ -481,6 +488,9 @@ impl Inspector {
     /// [`Verdict::NeedsRandomAccess`].
     pub fn new(limits: Limits, opts: CheckOptions) -> Inspector {
         let log = ReadBackLog::within(limits.max_retained_bytes);
+        let miss_cap = usize::try_from(limits.max_retained_bytes / 4 / MISS_COST)
+            .unwrap_or(MAX_MISSES)
+            .clamp(1, MAX_MISSES);
         let mut me = Inspector {
             limits,
             opts,
@@ -499,6 +509,7 @@ impl Inspector {
             refused: None,
             open_error: None,
             missed: Vec::new(),
+            miss_cap,
             over_budget: false,
             decompressed: 0,
             out_buf: Vec::new(),
@@ -550,7 +561,7 @@ impl Inspector {
             .saturating_add(
                 len64_count(self.payloads.len())
                     .saturating_mul(PENDING_COST)
-                    .saturating_add(len64_count(self.missed.len()).saturating_mul(24)),
+                    .saturating_add(len64_count(self.missed.len()).saturating_mul(MISS_COST)),
             )
             .saturating_add(
                 self.read_back
@@ -560,9 +571,11 @@ impl Inspector {
             )
     }
 
-    /// Whether `extra` more bytes fit in the budget. With a spool, the
-    /// read-back log's unused capacity is set aside: it grows inside
-    /// reads, where the budget is not consulted.
+    /// Whether `extra` more bytes fit in the budget. The room of the
+    /// misses not yet remembered is set aside (a miss is remembered
+    /// exactly when something did not fit), and so, with a spool, is the
+    /// read-back log's unused capacity: it grows inside reads, where the
+    /// budget is not consulted.
     fn fits(&self, extra: u64) -> bool {
         let log_room = if self.spool.is_some() {
             let room = self.read_back.lock().map_or(0, |l| l.room());
@@ -570,9 +583,12 @@ impl Inspector {
         } else {
             0
         };
+        let miss_room =
+            len64_count(self.miss_cap.saturating_sub(self.missed.len())).saturating_mul(MISS_COST);
         self.retained_bytes()
             .saturating_add(extra)
             .saturating_add(log_room)
+            .saturating_add(miss_room)
             <= self.limits.max_retained_bytes
     }
 
@@ -969,12 +985,14 @@ impl Inspector {
     }
 
     /// Remember why `start .. end` was not kept (the first
-    /// [`MAX_MISSES`] ranges: only to word the findings).
+    /// [`MAX_MISSES`] ranges, fewer under a small budget: to word the
+    /// findings, and for a streaming conversion to know that a range was
+    /// passed).
     fn miss(&mut self, start: u64, end: u64, why: Why) {
         if why == Why::Budget {
             self.over_budget = true;
         }
-        if self.missed.len() < MAX_MISSES {
+        if self.missed.len() < self.miss_cap {
             self.missed.push((start, end, why));
         }
     }
@@ -1358,7 +1376,7 @@ impl Inspector {
                 .map(|m| m.2);
             let budget = match known {
                 Some(why) => why == Why::Budget,
-                None => self.over_budget && self.missed.len() >= MAX_MISSES,
+                None => self.over_budget && self.missed.len() >= self.miss_cap,
             };
             let why = if budget {
                 format!(
