@@ -19,7 +19,7 @@ use crate::oracles::{
     overwrite_agrees, refusal_is_typed, streaming_agrees, walk,
 };
 use crate::sparse::Sparse;
-use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
+use crate::{check_options, consume, frames, qemu_decompress, reference, MAX_INPUT};
 
 /// `header`: the fixed header and the extensions, from raw bytes.
 ///
@@ -299,7 +299,10 @@ pub fn chunk_sizes(seed: &[u8], len: usize) -> Vec<usize> {
 ///
 /// Input format (documented for seed makers):
 /// - byte 0: cluster_bits = 9 + (byte % 13), i.e. 9..=21;
-/// - byte 1: bit 0 set = zstd, clear = deflate;
+/// - byte 1: bit 0 set = zstd, clear = deflate; bit 1 set = built mode:
+///   the rest is a [`frames::Recipe`] (cluster_bits 9 + (byte 0 % 8)), a
+///   valid frame or stream built by the C library and edited near its end,
+///   header or checksum, judged by [`frames::built`];
 /// - bytes 2..10: an L2 entry (big-endian) whose descriptor bits are decoded;
 /// - the rest: the host file the descriptor points into (offset 0 = the
 ///   first byte after the 10-byte prefix).
@@ -312,12 +315,19 @@ pub fn decompress(data: &[u8]) {
     if data.len() > MAX_INPUT || data.len() < 10 {
         return;
     }
-    let cluster_bits = 9 + u32::from(data[0] % 13);
     let kind = if data[1] & 1 != 0 {
         CompressionType::Zstd
     } else {
         CompressionType::Deflate
     };
+    if data[1] & 2 != 0 {
+        let cluster_bits = 9 + u32::from(data[0] % 8);
+        if let Ok(recipe) = frames::Recipe::arbitrary_take_rest(Unstructured::new(&data[2..])) {
+            frames::built(cluster_bits, kind, &recipe);
+        }
+        return;
+    }
+    let cluster_bits = 9 + u32::from(data[0] % 13);
     let entry = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
     let file = &data[10..];
     let g = Geometry::new(cluster_bits, false, 4);
