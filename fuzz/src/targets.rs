@@ -199,13 +199,86 @@ pub fn check(data: &[u8]) {
 /// holds more than [`Limits::max_retained_bytes`]. With a spool and a
 /// retention budget of 1 KiB to 128 KiB (drawn from the seed), the report
 /// is the same again.
+///
+/// Model mode: when the bytes after the seed are not a qcow2 file (no
+/// magic), they are a [`FuzzImage`]: the image is built by the project's
+/// encoder (L2 tables before the data and compressed payloads, as QEMU
+/// writes them), edited, and fed in the seed's chunks cut once more
+/// inside every compressed payload (one byte in, and in the middle), so
+/// payloads that arrive over several chunks come from mutation alone,
+/// without a committed seed. Unedited, the report must also be `ok`.
 pub fn stream(data: &[u8]) {
-    use qcow2_guard::stream::{Early, Finished, Inspector};
     if data.len() > MAX_INPUT.saturating_add(4) {
         return;
     }
     let (seed, image) = data.split_at(data.len().min(4));
-    let sizes = chunk_sizes(seed, image.len());
+    if image.len() >= 4 && image[..4] != *b"QFI\xfb" {
+        let Ok(input) = FuzzImage::arbitrary_take_rest(Unstructured::new(image)) else {
+            return;
+        };
+        let model = input.model();
+        let built = model
+            .build()
+            .unwrap_or_else(|e| panic!("the encoder rejects a folded model: {e}\n{model:?}"));
+        let g = built.geometry;
+        let cuts: Vec<u64> = built
+            .fields
+            .iter()
+            .filter(|f| f.name == "l2_entry")
+            .filter_map(|f| {
+                let at = usize::try_from(f.offset).ok()?;
+                let word = u64::from_be_bytes(built.bytes.get(at..at + 8)?.try_into().ok()?);
+                (word & (1 << 62) != 0).then(|| Descriptor::decode(word, &g))
+            })
+            .flat_map(|d| [d.start() + 1, d.start() + d.span() / 2])
+            .collect();
+        let mut bytes = built.bytes;
+        for edit in input.edits.iter().take(16) {
+            apply(&mut bytes, &built.fields, edit);
+        }
+        let cuts: Vec<u64> = cuts.into_iter().filter(|&c| c < bytes.len() as u64).collect();
+        let sizes = cut_sizes(&chunk_sizes(seed, bytes.len()), &cuts);
+        let report = stream_in(seed, &bytes, &sizes);
+        if input.edits.is_empty() {
+            assert!(
+                report.verdict == Verdict::Ok,
+                "a built image does not check clean: {:?} {:?}\n{model:?}",
+                report.verdict,
+                report.findings
+            );
+        }
+        return;
+    }
+    stream_in(seed, image, &chunk_sizes(seed, image.len()));
+}
+
+/// Chunk sizes `sizes` with the stream also cut at the offsets `cuts`.
+fn cut_sizes(sizes: &[usize], cuts: &[u64]) -> Vec<usize> {
+    let mut ends: Vec<u64> = sizes
+        .iter()
+        .scan(0u64, |at, &n| {
+            *at += n as u64;
+            Some(*at)
+        })
+        .chain(cuts.iter().copied())
+        .collect();
+    ends.sort_unstable();
+    ends.dedup();
+    let mut at = 0;
+    ends.into_iter()
+        .filter(|&e| e > 0)
+        .map(|e| {
+            let n = (e - at) as usize;
+            at = e;
+            n
+        })
+        .collect()
+}
+
+/// The body of `stream` on one image fed in chunks of `sizes`; the
+/// whole-file check's report, which every run matched.
+fn stream_in(seed: &[u8], image: &[u8], sizes: &[usize]) -> Report {
+    use qcow2_guard::stream::{Early, Finished, Inspector};
     let limits = Limits::fuzzing();
     let opts = check_options();
     let whole = match Image::open_with(image, limits.clone()) {
@@ -251,9 +324,9 @@ pub fn stream(data: &[u8]) {
         "in one chunk: {:?}",
         one.read_back
     );
-    let with = run(&sizes, true);
+    let with = run(sizes, true);
     assert_eq!(with.report, whole, "chunked, with a spool");
-    let without = run(&sizes, false);
+    let without = run(sizes, false);
     if without.report.verdict == Verdict::NeedsRandomAccess {
         assert!(!without.read_back.is_empty() && !with.read_back.is_empty());
         assert!(!without.report.checked);
@@ -267,12 +340,13 @@ pub fn stream(data: &[u8]) {
     // the inspector never holds more than the budget.
     let mut budget = limits.clone();
     budget.max_retained_bytes = 1 << (10 + seed.first().map_or(0, |b| b % 8));
-    let small = run_with(&budget, &sizes, true);
+    let small = run_with(&budget, sizes, true);
     assert_eq!(
         small.report, whole,
         "chunked, with a spool, retaining at most {} bytes",
         budget.max_retained_bytes
     );
+    whole
 }
 
 /// The piece sizes of a stream of `len` bytes, drawn from `seed`: mostly
