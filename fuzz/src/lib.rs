@@ -11,6 +11,8 @@
 //!   `mutate` target and its known mutations.
 //! - [`reference`]: a second, table-driven statement of the acceptance
 //!   rules for header fields and entry bits (`header`, `tables`).
+//! - [`frames`]: zstd frames and deflate streams built from the input
+//!   (`decompress`'s built mode) and what each must decode to.
 //! - [`model`]: the structured model the `structured` and `mutate`
 //!   targets draw.
 //! - [`replay`]: the corpus replay.
@@ -23,6 +25,7 @@
 use qcow2_guard::check::CheckOptions;
 use qcow2_guard::Error;
 
+pub mod frames;
 pub mod model;
 pub mod mutate;
 pub mod oracles;

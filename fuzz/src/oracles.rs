@@ -956,7 +956,7 @@ fn compare_variants<S: Source>(
     if img.backing().is_some() {
         return;
     }
-    let cut = size / 2 & !511;
+    let cut = (size / 2) & !511;
     let short = RawBacking(out.0[..cut as usize].to_vec());
     assert_eq!(
         cmp(image, raw(&short), true).outcome,

@@ -20,16 +20,44 @@ use crate::oracles::{
     streaming_agrees, tighter_limits, walk,
 };
 use crate::sparse::Sparse;
-use crate::{check_options, consume, qemu_decompress, reference, MAX_INPUT};
+use crate::{check_options, consume, frames, qemu_decompress, reference, MAX_INPUT};
 
 /// `header`: the fixed header and the extensions, from raw bytes.
 ///
 /// Oracle: a decoded header encodes back to bytes that decode to the same
-/// header, and its compression type has qemu-img's name.
+/// header, and its compression type has qemu-img's name; the acceptance
+/// reference agrees with the parser.
+///
+/// Model mode: input without the qcow2 magic is a [`FuzzImage`] (at most
+/// 8 guest clusters), built by the encoder and edited (its `Nudge` edits
+/// put header fields a few steps past their valid values, where
+/// off-by-one bounds break): every header then starts valid, and only
+/// the edited fields are near a bound, which raw bytes reach slowly (every
+/// other field has to be valid at the same time).
 pub fn header(data: &[u8]) {
     if data.len() > MAX_INPUT {
         return;
     }
+    if data.len() >= 4 && data[..4] != *b"QFI\xfb" {
+        let Ok(input) = FuzzImage::arbitrary_take_rest(Unstructured::new(data)) else {
+            return;
+        };
+        let mut model = input.model();
+        model.clusters.truncate(8);
+        let built = model
+            .build()
+            .unwrap_or_else(|e| panic!("the encoder rejects a folded model: {e}\n{model:?}"));
+        let mut bytes = built.bytes;
+        for edit in input.edits.iter().take(16) {
+            apply(&mut bytes, &built.fields, edit);
+        }
+        header_bytes(&bytes);
+        return;
+    }
+    header_bytes(data);
+}
+
+fn header_bytes(data: &[u8]) {
     reference::header_agrees(data);
     let h = match Header::decode(data) {
         Ok(h) => h,
@@ -231,13 +259,93 @@ pub fn check(data: &[u8]) {
 /// holds more than [`Limits::max_retained_bytes`]. With a spool and a
 /// retention budget of 1 KiB to 128 KiB (drawn from the seed), the report
 /// is the same again; without a spool, the same or `needs_random_access`.
+///
+/// Model mode: when the bytes after the seed are not a qcow2 file (no
+/// magic), they are a [`FuzzImage`]: the image is built by the project's
+/// encoder (L2 tables before the data and compressed payloads, as QEMU
+/// writes them), edited, and fed in the seed's chunks cut once more
+/// inside every compressed payload (one byte in, and in the middle), so
+/// payloads that arrive over several chunks come from mutation alone,
+/// without a committed seed. Unedited, the report must also be `ok`.
 pub fn stream(data: &[u8]) {
-    use qcow2_guard::stream::{Early, Finished, Inspector};
     if data.len() > MAX_INPUT.saturating_add(4) {
         return;
     }
     let (seed, image) = data.split_at(data.len().min(4));
-    let sizes = chunk_sizes(seed, image.len());
+    if image.len() >= 4 && image[..4] != *b"QFI\xfb" {
+        let Ok(input) = FuzzImage::arbitrary_take_rest(Unstructured::new(image)) else {
+            return;
+        };
+        let model = input.model();
+        let built = model
+            .build()
+            .unwrap_or_else(|e| panic!("the encoder rejects a folded model: {e}\n{model:?}"));
+        let g = built.geometry;
+        let cuts: Vec<u64> = built
+            .fields
+            .iter()
+            .filter(|f| f.name == "l2_entry")
+            .filter_map(|f| {
+                let at = usize::try_from(f.offset).ok()?;
+                let word = u64::from_be_bytes(built.bytes.get(at..at + 8)?.try_into().ok()?);
+                (word & (1 << 62) != 0).then(|| Descriptor::decode(word, &g))
+            })
+            .flat_map(|d| [d.start() + 1, d.start() + d.span() / 2])
+            .collect();
+        let mut bytes = built.bytes;
+        for edit in input.edits.iter().take(16) {
+            apply(&mut bytes, &built.fields, edit);
+        }
+        let cuts: Vec<u64> = cuts
+            .into_iter()
+            .filter(|&c| c < bytes.len() as u64)
+            .collect();
+        let sizes = cut_sizes(&chunk_sizes(seed, bytes.len()), &cuts);
+        let report = stream_in(seed, &bytes, &sizes, input.edits.is_empty());
+        if input.edits.is_empty() {
+            assert!(
+                report.verdict == Verdict::Ok,
+                "a built image does not check clean: {:?} {:?}\n{model:?}",
+                report.verdict,
+                report.findings
+            );
+        }
+        return;
+    }
+    stream_in(seed, image, &chunk_sizes(seed, image.len()), false);
+}
+
+/// Chunk sizes `sizes` with the stream also cut at the offsets `cuts`.
+fn cut_sizes(sizes: &[usize], cuts: &[u64]) -> Vec<usize> {
+    let mut ends: Vec<u64> = sizes
+        .iter()
+        .scan(0u64, |at, &n| {
+            *at += n as u64;
+            Some(*at)
+        })
+        .chain(cuts.iter().copied())
+        .collect();
+    ends.sort_unstable();
+    ends.dedup();
+    let mut at = 0;
+    ends.into_iter()
+        .filter(|&e| e > 0)
+        .map(|e| {
+            let n = (e - at) as usize;
+            at = e;
+            n
+        })
+        .collect()
+}
+
+/// The body of `stream` on one image fed in chunks of `sizes`; the
+/// whole-file check's report, which every run matched. `forward`: the
+/// image is laid out as QEMU writes one (every table before what it
+/// points to, compressed payloads after their L2 table), so it streams
+/// without a spool: no byte is read back, the report is the whole
+/// check's.
+fn stream_in(seed: &[u8], image: &[u8], sizes: &[usize], forward: bool) -> Report {
+    use qcow2_guard::stream::{Early, Finished, Inspector};
     let limits = Limits::fuzzing();
     let opts = check_options();
     let whole = match Image::open_with(image, limits.clone()) {
@@ -283,9 +391,15 @@ pub fn stream(data: &[u8]) {
         "in one chunk: {:?}",
         one.read_back
     );
-    let with = run(&sizes, true);
+    let with = run(sizes, true);
     assert_eq!(with.report, whole, "chunked, with a spool");
-    let without = run(&sizes, false);
+    let without = run(sizes, false);
+    assert!(
+        !forward || without.read_back.is_empty(),
+        "an image in QEMU's order needs bytes back without a spool: {:?} ({:?})",
+        without.read_back,
+        without.report.verdict
+    );
     if without.report.verdict == Verdict::NeedsRandomAccess {
         assert!(!without.read_back.is_empty() && !with.read_back.is_empty());
         assert!(!without.report.checked);
@@ -299,7 +413,7 @@ pub fn stream(data: &[u8]) {
     // the inspector never holds more than the budget.
     let mut budget = limits.clone();
     budget.max_retained_bytes = 1 << (10 + seed.first().map_or(0, |b| b % 8));
-    let small = run_with(&budget, &sizes, true);
+    let small = run_with(&budget, sizes, true);
     assert_eq!(
         small.report, whole,
         "chunked, with a spool, retaining at most {} bytes",
@@ -308,7 +422,7 @@ pub fn stream(data: &[u8]) {
     // The same budget without a spool: what does not fit is lost, so the
     // report is the whole-file check's or `needs_random_access` (nothing
     // judged), never another verdict.
-    let lost = run_with(&budget, &sizes, false);
+    let lost = run_with(&budget, sizes, false);
     if lost.report.verdict == Verdict::NeedsRandomAccess {
         assert!(!lost.report.checked && lost.report.has(code::NEEDS_RANDOM_ACCESS));
     } else {
@@ -318,6 +432,7 @@ pub fn stream(data: &[u8]) {
             budget.max_retained_bytes
         );
     }
+    whole
 }
 
 /// The piece sizes of a stream of `len` bytes, drawn from `seed`: mostly
@@ -344,7 +459,10 @@ pub fn chunk_sizes(seed: &[u8], len: usize) -> Vec<usize> {
 ///
 /// Input format (documented for seed makers):
 /// - byte 0: cluster_bits = 9 + (byte % 13), i.e. 9..=21;
-/// - byte 1: bit 0 set = zstd, clear = deflate;
+/// - byte 1: bit 0 set = zstd, clear = deflate; bit 1 set = built mode:
+///   the rest is a [`frames::Recipe`] (cluster_bits 9 + (byte 0 % 8)), a
+///   valid frame or stream built by the C library and edited near its end,
+///   header or checksum, judged by [`frames::built`];
 /// - bytes 2..10: an L2 entry (big-endian) whose descriptor bits are decoded;
 /// - the rest: the host file the descriptor points into (offset 0 = the
 ///   first byte after the 10-byte prefix).
@@ -357,12 +475,19 @@ pub fn decompress(data: &[u8]) {
     if data.len() > MAX_INPUT || data.len() < 10 {
         return;
     }
-    let cluster_bits = 9 + u32::from(data[0] % 13);
     let kind = if data[1] & 1 != 0 {
         CompressionType::Zstd
     } else {
         CompressionType::Deflate
     };
+    if data[1] & 2 != 0 {
+        let cluster_bits = 9 + u32::from(data[0] % 8);
+        if let Ok(recipe) = frames::Recipe::arbitrary_take_rest(Unstructured::new(&data[2..])) {
+            frames::built(cluster_bits, kind, &recipe);
+        }
+        return;
+    }
+    let cluster_bits = 9 + u32::from(data[0] % 13);
     let entry = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
     let file = &data[10..];
     let g = Geometry::new(cluster_bits, false, 4);
