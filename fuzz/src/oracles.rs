@@ -948,14 +948,9 @@ fn compare_variants<S: Source>(
     }
     drop(flipped);
 
-    // The cut: only without a backing image. A `Side` is one map layer:
-    // the image's own tables call an unallocated range zeros, while its
-    // reads (with the backing image handed in) give the backing bytes, and
-    // `compare` skips the longer side's zero ranges without reading them.
-    // (The CLI never hands a backing image to `compare`.)
-    if img.backing().is_some() {
-        return;
-    }
+    // The cut, with or without a backing image handed in (its unallocated
+    // ranges read the backing image's bytes: `MapLayer::reads_below`
+    // keeps `compare` from taking them for zeros).
     let cut = (size / 2) & !511;
     let short = RawBacking(out.0[..cut as usize].to_vec());
     assert_eq!(
