@@ -101,14 +101,7 @@ fn zstd_frame(content: &[u8], r: &Recipe, flushes: &[usize]) -> Option<Vec<u8>> 
         .ok()?;
     cctx.set_pledged_src_size(Some(content.len() as u64)).ok()?;
     let mut out: Vec<u8> = Vec::with_capacity(zstd_safe::compress_bound(content.len()) + 256);
-    let mut at = 0;
-    let points = flushes
-        .iter()
-        .copied()
-        .chain(std::iter::once(content.len()));
-    for p in points {
-        let p = p.clamp(at, content.len());
-        let last = p == content.len();
+    for (at, p, last) in pieces(content.len(), flushes) {
         let directive = if last {
             EndDirective::ZSTD_e_end
         } else {
@@ -126,12 +119,26 @@ fn zstd_frame(content: &[u8], r: &Recipe, flushes: &[usize]) -> Option<Vec<u8>> 
                 break;
             }
         }
+    }
+    Some(out)
+}
+
+/// The pieces `(start, end, last)` of a `len`-byte content cut at the
+/// flush points `flushes` (in order; clamped into the content), the last
+/// piece ending at `len`.
+fn pieces(len: usize, flushes: &[usize]) -> Vec<(usize, usize, bool)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for p in flushes.iter().copied().chain(std::iter::once(len)) {
+        let p = p.clamp(at, len);
+        let last = p == len;
+        out.push((at, p, last));
         at = p;
         if last {
             break;
         }
     }
-    Some(out)
+    out
 }
 
 /// A raw-deflate stream (4 KiB window, as QEMU writes) of `content`.
@@ -139,14 +146,7 @@ fn deflate_stream(content: &[u8], r: &Recipe, flushes: &[usize]) -> Option<Vec<u
     let mut z =
         Compress::new_with_window_bits(Compression::new(u32::from(r.level % 10)), false, 12);
     let mut out: Vec<u8> = Vec::with_capacity(content.len() + content.len() / 8 + 1024);
-    let mut at = 0;
-    let points = flushes
-        .iter()
-        .copied()
-        .chain(std::iter::once(content.len()));
-    for p in points {
-        let p = p.clamp(at, content.len());
-        let last = p == content.len();
+    for (at, p, last) in pieces(content.len(), flushes) {
         let flush = match (last, r.full_flush) {
             (true, _) => FlushCompress::Finish,
             (false, true) => FlushCompress::Full,
@@ -167,10 +167,6 @@ fn deflate_stream(content: &[u8], r: &Recipe, flushes: &[usize]) -> Option<Vec<u
                 _ if !last && input.is_empty() && room > 0 => break,
                 _ => {}
             }
-        }
-        at = p;
-        if last {
-            break;
         }
     }
     Some(out)
