@@ -110,6 +110,11 @@ const MAX_MISSES: usize = 4096;
 /// Bytes counted per remembered miss.
 const MISS_COST: u64 = 24;
 
+/// The length of byte range `(start, end)`.
+fn span(key: (u64, u64)) -> u64 {
+    key.1.saturating_sub(key.0)
+}
+
 /// Ranges the read-back log holds apart, at most (fewer under a small
 /// budget: a quarter of it); past that the two closest are merged, so a
 /// layout that sends every read to the spool cannot grow it.
@@ -389,6 +394,9 @@ pub struct Inspector {
     pending_count: u64,
     /// Compressed payloads arriving: (start, end) -> bytes so far.
     payloads: BTreeMap<(u64, u64), Vec<u8>>,
+    /// The whole spans of `payloads`: a payload's room is taken in the
+    /// budget when it is admitted, not as its bytes arrive (payloads
+    /// admitted one after another would otherwise overcommit it).
     payload_bytes: u64,
     memo: Memo,
     seen_l2: HashSet<u64>,
@@ -648,8 +656,8 @@ impl Inspector {
         let flying: Vec<(u64, u64)> = self.payloads.range(..(end, 0)).map(|(k, _)| *k).collect();
         for (n, key) in flying.into_iter().enumerate() {
             if n >= MAX_IN_FLIGHT {
-                if let Some(buf) = self.payloads.remove(&key) {
-                    self.payload_bytes = self.payload_bytes.saturating_sub(len64(&buf));
+                if self.payloads.remove(&key).is_some() {
+                    self.payload_bytes = self.payload_bytes.saturating_sub(span(key));
                 }
                 if self.spool.is_none() {
                     self.miss(key.0, key.1, Why::Budget);
@@ -661,10 +669,9 @@ impl Inspector {
                 let have = key.0.saturating_add(len64(buf));
                 let take = chunk.part(have.max(chunk.start), key.1);
                 buf.extend_from_slice(take);
-                self.payload_bytes = self.payload_bytes.saturating_add(len64(take));
                 if key.0.saturating_add(len64(buf)) >= key.1 {
                     if let Some(buf) = self.payloads.remove(&key) {
-                        self.payload_bytes = self.payload_bytes.saturating_sub(len64(&buf));
+                        self.payload_bytes = self.payload_bytes.saturating_sub(span(key));
                         self.verify(key, buf, tap);
                     }
                 }
@@ -829,7 +836,7 @@ impl Inspector {
         if start.saturating_add(len64(&buf)) >= end {
             self.verify(key, buf, tap);
         } else {
-            self.payload_bytes = self.payload_bytes.saturating_add(len64(&buf));
+            self.payload_bytes = self.payload_bytes.saturating_add(len);
             self.payloads.insert(key, buf);
         }
     }
@@ -1293,7 +1300,7 @@ impl Inspector {
     pub(crate) fn retained(&mut self, tap: &mut dyn Tap) -> Retained {
         self.settle(tap, true);
         for (key, buf) in std::mem::take(&mut self.payloads) {
-            self.payload_bytes = self.payload_bytes.saturating_sub(len64(&buf));
+            self.payload_bytes = self.payload_bytes.saturating_sub(span(key));
             self.verify(key, buf, tap);
         }
         self.settle(tap, true);
