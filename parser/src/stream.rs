@@ -103,9 +103,9 @@ const SEEN_COST: u64 = 16;
 const MEMO_COST: u64 = 16;
 
 /// Ranges not kept that are remembered with their reason, at most (fewer
-/// under a small budget: a quarter of it, but always one, so that a range
-/// the stream passed is never forgotten); their room is set aside in the
-/// budget, so remembering one never takes the inspector past it.
+/// under a small budget: as many as fit in a quarter of it, and at least
+/// one); their room is set aside in the budget, so remembering one never
+/// takes the inspector past it.
 const MAX_MISSES: usize = 4096;
 /// Bytes counted per remembered miss.
 const MISS_COST: u64 = 24;
